@@ -1,0 +1,34 @@
+"""The one error type for bad configs: it names the field, and the file and line when known."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config is malformed or inconsistent.
+
+    Args:
+        field: dotted path of the offending field (``"parallel.tensor.size"``), or ``""`` for the file.
+        message: a plain explanation of what is wrong and what would be right.
+        source: the config file, when the error can be tied to one.
+        line: the line in ``source`` where the field is written, when known.
+    """
+
+    def __init__(self, field: str, message: str, *, source: str | None = None, line: int | None = None):
+        self.field = field
+        self.message = message
+        self.source = source
+        self.line = line
+        super().__init__(str(self))
+
+    def located(self, source: str | None, line: int | None) -> "ConfigError":
+        """Return a copy that names ``source:line`` unless this error already names a place."""
+        if self.source is not None:
+            return self
+        return ConfigError(self.field, self.message, source=source, line=line)
+
+    def __str__(self) -> str:
+        where = ""
+        if self.source:
+            where = f"{self.source}:{self.line}: " if self.line else f"{self.source}: "
+        what = f"{self.field}: " if self.field else ""
+        return f"{where}{what}{self.message}"

@@ -1,0 +1,1 @@
+"""Parallel layout and process-level runtime (distributed init, DeepSpeed mpu, CPU support)."""

@@ -1,0 +1,54 @@
+"""Process-group set-up for one run: torch.distributed, then megatron-core's parallel state.
+
+Works under the ``deepspeed`` launcher, ``torchrun`` and ``torch.multiprocessing`` alike: the rank and the
+rendezvous come from the usual environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``). Without CUDA the backend is gloo and ``adapter.runtime.cpu`` is enabled.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from adapter.runtime import cpu
+from adapter.runtime.layout import ParallelLayout
+
+
+def init_distributed(layout: ParallelLayout, *, seed: int = 1024, timeout_s: int = 600) -> None:
+    """Initialise torch.distributed (if needed) and megatron-core's groups for ``layout``.
+
+    Ranks are ordered tensor-fastest, pipeline-slowest, which is InternEvo's order too.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu.enable()
+    if not dist.is_initialized():
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (layout.tp * layout.pp):
+        raise ValueError(f"world size {world} is not a multiple of tensor ({layout.tp}) × pipeline ({layout.pp})")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,96 @@
+"""The parallel model against its single-rank self, InternEvo's own forward, and transformers' Llama.
+
+One 4-process gloo run builds both families in every layout of ``workers.LAYOUTS`` from the same logical
+weights and packed batches, runs a forward and a forward+backward through megatron-core's schedule, and
+returns logits, losses and (logical) gradients; the tests compare them with the tp=1, pp=1 reference. The
+same run loads the InternEvo-written fixture checkpoints at tp=1 and at tp=2 × pp=2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.model.workers import LAYOUTS
+from tests.spawn import spawn
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "internevo"
+FAMILIES = ["internlm1", "internlm2"]
+RTOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    fixtures = {f: str(FIXTURES / f"{f}_tiny") for f in FAMILIES}
+    return spawn(__import__("tests.model.workers", fromlist=["parity_matrix"]).parity_matrix, 4, FAMILIES,
+                 list(LAYOUTS), fixtures)[0]
+
+
+LAYOUT_CASES = [(f, n) for f in FAMILIES for n in LAYOUTS if n != "reference"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family, layout", LAYOUT_CASES)
+def test_logits_and_losses_match_single_rank(matrix, family, layout):
+    got, ref = matrix[(family, layout)], matrix[(family, "reference")]
+    assert len(got["logits"]) == len(ref["logits"]) == 4
+    for a, b in zip(got["logits"], ref["logits"]):
+        assert a.shape == b.shape and rel(a, b) <= RTOL
+    for a, b in zip(got["losses"], ref["losses"]):
+        assert abs(a - b) / abs(b) <= RTOL
+    # the training pass sees the same losses as the forward-only pass
+    assert got["train_losses"] == pytest.approx(got["losses"], rel=RTOL)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family, layout", LAYOUT_CASES)
+def test_gradients_match_single_rank(matrix, family, layout):
+    got, ref = matrix[(family, layout)]["grads"], matrix[(family, "reference")]["grads"]
+    assert got.keys() == ref.keys() == matrix[(family, "reference")]["weights"].keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        assert rel(got[name], ref[name]) <= RTOL, name
+        assert ref[name].abs().max() > 0, f"{name} got no gradient"
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_is_mean_token_cross_entropy(matrix, family):
+    from tests.model.workers import random_batches
+
+    ref = matrix[(family, "reference")]
+    for logits, batch, loss in zip(ref["logits"], random_batches(0), ref["losses"]):
+        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=-100)
+        assert loss == pytest.approx(expected.item(), rel=1e-6)
+        assert 3.5 < loss < 6.5  # random weights: about ln(128); the test data are not degenerate
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_row_equals_pieces_alone(matrix, family):
+    ref = matrix[(family, "reference")]
+    bounds = ref["cu_seqlens"].tolist()
+    assert len(bounds) > 2
+    for (a, b), piece in zip(zip(bounds[:-1], bounds[1:]), ref["piece_logits"]):
+        assert rel(ref["packed_logits"][:, a:b], piece) <= RTOL
+    assert rel(ref["packed_logits"], ref["logits"][0]) <= RTOL  # what the schedule computed
+    # negative control: without cu_seqlens the second piece attends to the first and changes
+    a, b = bounds[1], bounds[2]
+    assert rel(ref["row_causal_logits"][:, a:b], ref["packed_logits"][:, a:b]) > 1e-3
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["tp1_pp1", "tp2_pp2"])
+def test_internevo_fixture_logits(matrix, family, layout):
+    expected = torch.load(FIXTURES / f"{family}_tiny" / "logits.pt", weights_only=True)
+    got = matrix[(family, f"fixture_{layout}")]
+    assert got.shape == expected.shape
+    assert rel(got, expected) <= RTOL
