@@ -114,8 +114,9 @@ def _checkpoint(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
                                                   cfg.model.num_chunks) for s, e in stage}
     if len(sizes) == 1:
         return None
-    return "approximate", ("the pipeline split is uneven, so InternEvo recomputes a different number of layers "
-                           "per stage; megatron-core's recompute_num_layers is one number (the first stage's)")
+    return "exact", ("the pipeline split is uneven, so InternEvo recomputes a different number of layers per "
+                     "chunk; the model builder gives each chunk its own count (transformer_config.yaml and "
+                     "Megatron-LM's --recompute-num-layers hold one number, the first chunk's)")
 
 
 def _tensor_mode(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:

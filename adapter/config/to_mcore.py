@@ -42,6 +42,9 @@ class ModelOptions:
     rotary_percent: float = 1.0
     share_embeddings_and_output_weights: bool = False
     parallel_output: bool = True
+    recompute_ratio: float = 0.0
+    """InternEvo's ``model.checkpoint``: each chunk recomputes its first ``int(layers * ratio)`` layers. The
+    builder gives every chunk its own count (``TransformerConfig`` holds one number, the first chunk's)."""
 
 
 def pipeline_layout(layout: ParallelLayout) -> list[list[str]] | None:
@@ -147,6 +150,7 @@ def model_options(cfg: InternLMConfig) -> ModelOptions:
         qkv_bias=m.qkv_bias,
         out_proj_bias=m.out_proj_bias,
         parallel_output=m.parallel_output,
+        recompute_ratio=m.checkpoint,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -24,10 +26,10 @@ def build_model_chunks(config: TransformerConfig, options: ModelOptions) -> list
     for vp_stage in range(vpp):
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        spec = block_spec(options.out_proj_bias, get_num_layers_to_build(config, vp_stage=vp_stage))
+        num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
         chunk = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
+            config=chunk_config(config, options.recompute_ratio, num_layers),
+            transformer_layer_spec=block_spec(options.out_proj_bias, num_layers),
             vocab_size=options.vocab_size,
             max_sequence_length=options.max_sequence_length,
             pre_process=pre,
@@ -43,3 +45,20 @@ def build_model_chunks(config: TransformerConfig, options: ModelOptions) -> list
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
+
+
+def chunk_config(config: TransformerConfig, ratio: float, num_layers: int) -> TransformerConfig:
+    """``config`` with InternEvo's recompute rule for a chunk of ``num_layers`` layers.
+
+    InternEvo recomputes the first ``int(num_layers * ratio)`` layers of each chunk, so with an uneven
+    pipeline split the count differs between chunks; megatron-core's ``block`` method recomputes the first
+    ``recompute_num_layers`` layers of its block, so each chunk gets its own copy of the config.
+    """
+    if not 0 < ratio < 1:
+        return config
+    count = int(num_layers * ratio)
+    if count == 0:
+        return dataclasses.replace(config, recompute_granularity=None, recompute_method=None,
+                                   recompute_num_layers=None)
+    return dataclasses.replace(config, recompute_granularity="full", recompute_method="block",
+                               recompute_num_layers=count)

@@ -94,3 +94,14 @@ def test_internevo_fixture_logits(matrix, family, layout):
     got = matrix[(family, f"fixture_{layout}")]
     assert got.shape == expected.shape
     assert rel(got, expected) <= RTOL
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recompute_follows_internevo_rule(matrix, family):
+    # InternEvo recomputes the first int(local_layers * ratio) layers of every chunk
+    uneven = matrix[(family, "pp2_vpp2_uneven_recompute")]["recomputed"]
+    assert uneven == {(0, 0): (0, 1), (0, 1): (0, 1), (1, 0): (1, 2), (1, 1): (1, 2)}
+    full = matrix[(family, "tp2_sp_pp2_vpp2_recompute")]["recomputed"]
+    assert all(n == 1 for n, _ in full.values())  # uniform, one layer per checkpoint: every layer
+    assert matrix[(family, "reference")]["recomputed"] == {(0, 0): (0, 6)}

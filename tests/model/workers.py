@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from adapter.config import RawConfig, normalize, validate
 from tests.conftest import base_sections
 
-#: name → (tensor, pipeline, virtual stages, sequence parallel)
+#: name → (tensor, pipeline, virtual stages, sequence parallel, InternEvo model.checkpoint)
 LAYOUTS = {
-    "reference": (1, 1, 1, False),
-    "tp2": (2, 1, 1, False),
-    "tp2_sp": (2, 1, 1, True),
-    "pp2": (1, 2, 1, False),
-    "pp2_vpp2_uneven": (1, 2, 2, False),
-    "pp4_uneven": (1, 4, 1, False),
-    "tp2_sp_pp2_vpp2": (2, 2, 2, True),
+    "reference": (1, 1, 1, False, False),
+    "tp2": (2, 1, 1, False, False),
+    "tp2_sp": (2, 1, 1, True, False),
+    "pp2": (1, 2, 1, False, False),
+    "pp2_vpp2_uneven": (1, 2, 2, False, False),
+    "pp2_vpp2_uneven_recompute": (1, 2, 2, False, 0.5),
+    "pp4_uneven": (1, 4, 1, False, False),
+    "tp2_sp_pp2_vpp2_recompute": (2, 2, 2, True, True),
 }
 NUM_LAYERS = 6
 
 
 def tiny_config(family: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False, world_size: int = 1,
-                dtype: str = "torch.float32"):
+                dtype: str = "torch.float32", checkpoint: bool | float = False):
     s = base_sections()
-    s["model"].update(num_layers=NUM_LAYERS, num_chunks=vpp, dtype=dtype)
+    s["model"].update(num_layers=NUM_LAYERS, num_chunks=vpp, dtype=dtype, checkpoint=checkpoint)
     if family == "internlm2":
         s["model_type"] = "INTERNLM2_PUBLIC"
         s["model"].update(num_kv_attention_heads=2, no_bias=True, rope_base=1e6)
@@ -102,9 +105,9 @@ def run_layout(family: str, name: str, seed: int = 0) -> dict | None:
     from adapter.model.mapping import chunk_state_dict, logical_from_chunk, model_state
     from adapter.runtime.dist import init_distributed
 
-    tp, pp, vpp, sp = LAYOUTS[name]
-    cfg, layout = tiny_config(family, tp, pp, vpp, sp, world_size=dist.get_world_size() if dist.is_initialized()
-                              else int(__import__("os").environ["WORLD_SIZE"]))
+    tp, pp, vpp, sp, checkpoint = LAYOUTS[name]
+    cfg, layout = tiny_config(family, tp, pp, vpp, sp, world_size=int(os.environ["WORLD_SIZE"]),
+                              checkpoint=checkpoint)
     init_distributed(layout)
     config = transformer_config(cfg, layout, use_cpu_initialization=True)
     chunks = build_model_chunks(config, model_options(cfg))
@@ -144,13 +147,16 @@ def run_layout(family: str, name: str, seed: int = 0) -> dict | None:
         "logits": [r["logits"] for r in reports] if last else None,
         "losses": [float(r["loss"]) for r in reports] if last else None,
         "train_losses": [float(r["loss"]) for r in train_reports] if last else None,
+        "recomputed": {(pp_rank, vp): (c.decoder.config.recompute_num_layers or 0, len(c.decoder.layers))
+                       for vp, c in enumerate(chunks)} if tp_rank == 0 else {},
     }
     gathered = _gather_to_rank0(mine)
     if gathered is None:
         return None
-    merged = {"grads": {}, "logits": None, "losses": None, "train_losses": None}
+    merged = {"grads": {}, "logits": None, "losses": None, "train_losses": None, "recomputed": {}}
     for part in gathered:
         merged["grads"].update(part["grads"])
+        merged["recomputed"].update(part["recomputed"])
         for key in ("logits", "losses", "train_losses"):
             if part[key] is not None:
                 merged[key] = part[key]

@@ -1,0 +1,155 @@
+"""Code that runs inside spawned ranks for the training tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from adapter.config import RawConfig, normalize, validate
+from tests.conftest import base_sections
+from tests.model.workers import random_batches, random_logical
+
+GLOBAL_MICROBATCHES = 8  # per optimizer step, over all data-parallel ranks
+STEPS = 5
+
+#: name → (tensor, pipeline, virtual stages, sequence parallel)
+LAYOUTS = {
+    "dp1": (1, 1, 1, False),
+    "dp2": (1, 1, 1, False),
+    "tp2_sp": (2, 1, 1, True),
+    "pp2_vpp2": (1, 2, 2, False),
+    "dp2_pp2": (1, 2, 1, False),
+}
+
+
+def train_config(family: str, world: int, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False,
+                 dtype: str = "torch.float32", micro_num: int | None = None):
+    s = base_sections()
+    dp = world // (tp * pp)
+    s["model"].update(num_layers=4, num_chunks=vpp, dtype=dtype)
+    if family == "internlm2":
+        s["model_type"] = "INTERNLM2_PUBLIC"
+        s["model"].update(num_kv_attention_heads=2, no_bias=True)
+    s["data"].update(micro_num=micro_num or GLOBAL_MICROBATCHES // dp, micro_bsz=2, seq_len=16, total_steps=10)
+    # Adam's eps 1e-8 turns tensor-parallel rounding noise into visible update noise (CPU_NOTES P8)
+    s["adam"].update(lr=1e-2, adam_eps=1e-4, weight_decay=0.1)
+    s["lr_scheduler"].update(total_steps=10, warmup_ratio=0.2, eta_min=1e-3)
+    s["parallel"] = dict(zero1=-1, tensor=dict(size=tp, mode="msp" if sp else "mtp"),
+                         pipeline=dict(size=pp, interleaved_overlap=True))
+    cfg = normalize(RawConfig(s, f"train_{family}.py", {}))
+    return cfg, validate(cfg, world)
+
+
+def global_batches(step: int):
+    return random_batches(1000 + step, count=GLOBAL_MICROBATCHES)
+
+
+def _build(cfg, layout, seed: int):
+    from megatron.core import parallel_state as ps
+
+    from adapter.config.to_mcore import model_options, transformer_config
+    from adapter.model.build import build_model_chunks
+    from adapter.model.mapping import chunk_state_dict
+    from adapter.runtime.dist import init_distributed
+
+    init_distributed(layout)
+    config = transformer_config(cfg, layout, use_cpu_initialization=True)
+    chunks = build_model_chunks(config, model_options(cfg))
+    logical = random_logical(cfg.model, seed)
+    for vp, chunk in enumerate(chunks):
+        chunk.load_state_dict(chunk_state_dict(logical, cfg.model, layout, ps.get_pipeline_model_parallel_rank(), vp,
+                                               ps.get_tensor_model_parallel_rank()), strict=False)
+    return config, chunks
+
+
+def _logical_weights(cfg, layout, chunks) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from adapter.model.mapping import logical_from_chunk, model_state
+
+    out = {}
+    for vp, chunk in enumerate(chunks):
+        shards = [None] * layout.tp
+        dist.all_gather_object(shards, {k: v.detach().float().clone() for k, v in model_state(chunk).items()},
+                               group=ps.get_tensor_model_parallel_group())
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            out.update(logical_from_chunk(shards, cfg.model, layout, ps.get_pipeline_model_parallel_rank(), vp))
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, out)
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def train_layout(family: str, name: str, dtype: str = "torch.float32") -> dict:
+    """STEPS steps with the adapter's Trainer (DeepSpeed ZeRO-1 + megatron schedule) in layout ``name``."""
+    from megatron.core import parallel_state as ps
+
+    from adapter.train.engine import Trainer
+
+    tp, pp, vpp, sp = LAYOUTS[name]
+    cfg, layout = train_config(family, int(os.environ["WORLD_SIZE"]), tp, pp, vpp, sp, dtype)
+    config, chunks = _build(cfg, layout, seed=0)
+    trainer = Trainer(cfg, layout, chunks, config)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    steps = []
+    for step in range(STEPS):
+        mine = global_batches(step)[dp_rank::dp]
+        result = trainer.train_step(mine)
+        steps.append((result.loss, result.grad_norm, result.lr, result.skipped))
+    return {"steps": steps, "weights": _logical_weights(cfg, layout, chunks)}
+
+
+def train_matrix(family: str, names: list[str], dtype: str = "torch.float32") -> dict | None:
+    out = {name: train_layout(family, name, dtype) for name in names}
+    return out if dist.get_rank() == 0 else None
+
+
+def reference(family: str) -> dict:
+    """The same STEPS steps in one process without DeepSpeed: torch AdamW, clip_grad_norm_, our schedules."""
+    from adapter.model.forward import run_microbatches
+    from adapter.train.schedules import beta2, learning_rate
+
+    cfg, layout = train_config(family, 1)
+    config, chunks = _build(cfg, layout, seed=0)
+    params = list(chunks[0].parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.adam.lr, betas=(cfg.adam.beta1, cfg.adam.beta2), eps=cfg.adam.eps,
+                            weight_decay=cfg.adam.weight_decay)
+    steps = []
+    for step in range(STEPS):
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(step, cfg.adam.lr, cfg.lr_scheduler)
+            g["betas"] = (cfg.adam.beta1, beta2(step, cfg.adam.beta2, cfg.beta2_scheduler))
+        opt.zero_grad(set_to_none=True)
+        reports = run_microbatches(chunks, global_batches(step), config, forward_only=False)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.zero_optimizer.clip_grad_norm)
+        opt.step()
+        steps.append((sum(float(r["loss"]) for r in reports) / len(reports), float(norm), g["lr"], False))
+    return {"steps": steps, "weights": _logical_weights(cfg, layout, chunks)}
+
+
+def accumulation(family: str) -> dict:
+    """micro_num=4 × one piece-aligned row each, against micro_num=1 with the same four rows packed together."""
+    from adapter.model.forward import MicroBatch
+    from adapter.train.engine import Trainer
+
+    rows = []
+    g = torch.Generator().manual_seed(7)
+    for _ in range(4):  # every row: 3 pieces, so every micro-batch has the same number of labelled tokens
+        ids = torch.randint(0, 128, (1, 32), generator=g)
+        labels = torch.randint(0, 128, (1, 32), generator=g)
+        cu = torch.tensor([0, 7, 20, 32], dtype=torch.int32)
+        labels[0, cu[1:] - 1] = -100
+        rows.append(MicroBatch(ids, labels, cu))
+    joined = MicroBatch(torch.cat([r.input_ids for r in rows], 1), torch.cat([r.labels for r in rows], 1),
+                        torch.tensor([0, 7, 20, 32, 39, 52, 64, 71, 84, 96, 103, 116, 128], dtype=torch.int32))
+    out = {}
+    for name, micro_num, batches in (("four", 4, rows), ("one", 1, [joined])):
+        cfg, layout = train_config(family, 1, micro_num=micro_num)
+        config, chunks = _build(cfg, layout, seed=3)
+        result = Trainer(cfg, layout, chunks, config).train_step(batches)
+        out[name] = {"loss": result.loss, "norm": result.grad_norm, "weights": _logical_weights(cfg, layout, chunks)}
+    return out
