@@ -153,3 +153,19 @@ def accumulation(family: str) -> dict:
         result = Trainer(cfg, layout, chunks, config).train_step(batches)
         out[name] = {"loss": result.loss, "norm": result.grad_norm, "weights": _logical_weights(cfg, layout, chunks)}
     return out
+
+
+def single_process_suite() -> dict:
+    """Everything that needs one rank: both references, the adapter at dp=1, and the accumulation check."""
+    return {
+        "reference": {family: reference(family) for family in ("internlm1", "internlm2")},
+        "dp1": train_layout("internlm1", "dp1"),
+        "accumulation": accumulation("internlm1"),
+    }
+
+
+def two_rank_suite() -> dict | None:
+    out = {("internlm1", name): train_layout("internlm1", name) for name in ("dp2", "tp2_sp", "pp2_vpp2")}
+    out[("internlm2", "tp2_sp")] = train_layout("internlm2", "tp2_sp")
+    out[("internlm1", "dp2_bf16")] = train_layout("internlm1", "dp2", dtype="torch.bfloat16")
+    return out if dist.get_rank() == 0 else None
