@@ -239,6 +239,14 @@ def normalize(raw: RawConfig) -> InternLMConfig:
     return cfg
 
 
+def normalize_model(model_type: str, model: dict[str, Any], source: str) -> ModelConfig:
+    """Just the ``model`` section (as InternEvo stores it in ``model_config.pt``, dtype object included)."""
+    values = dict(model)
+    if not isinstance(values.get("dtype", ""), str):
+        values["dtype"] = str(values["dtype"])  # torch.bfloat16 -> "torch.bfloat16"
+    return _model(_Reader(RawConfig({"model_type": model_type, "model": values}, source, {})))
+
+
 def _leaves(given: dict[str, Any]) -> dict[str, Any]:
     """Expand dict values (``monitor``, ``load_ckpt_info``) into dotted leaves for the report."""
     out: dict[str, Any] = {}

@@ -1,0 +1,193 @@
+"""Open, convert and compare checkpoints in any supported format, through the logical state dict.
+
+Formats: ``internevo`` (``model_tp{t}_pp{p}.pt`` folders), ``mcore`` (Megatron-LM's legacy per-rank layout of
+the adapter's megatron-core model) and ``hf`` (transformers ``LlamaForCausalLM`` safetensors; InternLM2's
+official naming is read too). Every conversion goes source → InternEvo's logical (tp=1) tensors → target,
+using only slicing, concatenation and row reordering, so round trips are bit-exact (a ``--dtype`` cast
+aside). Outputs are written into a temporary folder next to the target and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from adapter.atomic import atomic_directory
+from adapter.checkpoint.read_internevo import CheckpointError, read_internevo
+from adapter.config.schema import ModelConfig
+from adapter.runtime.layout import ParallelLayout, partition_uniform
+
+FORMATS = ("internevo", "mcore", "hf")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened for reading: its format, model, saved layout (None for hf) and logical tensors."""
+
+    path: Path
+    format: str
+    model: ModelConfig
+    layout: Optional[ParallelLayout]
+    tensors: dict[str, torch.Tensor]
+    generation: str = ""
+    """Key-naming generation, e.g. ``internevo`` or ``internevo-2023`` (w2/w3 swapped), ``hf-llama``."""
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if any(n.startswith("model_tp") and n.endswith(".pt") for n in names):
+            return "internevo"
+        if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names):
+            return "mcore"
+        if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+            return "hf"
+    raise CheckpointError(f"{path}: not an InternEvo, Megatron (legacy) or Hugging Face checkpoint folder")
+
+
+def open_checkpoint(path: str | Path, model: Optional[ModelConfig] = None) -> Checkpoint:
+    """Read any supported checkpoint. ``model`` (from ``--config``) supplies sizes the files cannot tell."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "internevo":
+        ckpt = read_internevo(path, model)
+        if ckpt.model is None:
+            raise CheckpointError(f"{path}: no model_config.pt, so head counts are unknown; pass --config")
+        tensors = dict(ckpt.logical())
+        return Checkpoint(path, fmt, ckpt.model, ckpt.layout(), tensors,
+                          "internevo-2023 (w2/w3 swapped)" if ckpt.legacy else "internevo")
+    if fmt == "mcore":
+        from adapter.checkpoint.mcore_legacy import read_mcore_legacy
+
+        if model is None:
+            raise CheckpointError(f"{path}: Megatron checkpoints do not record InternLM's sizes; pass --config")
+        layout, tensors = read_mcore_legacy(path, model)
+        return Checkpoint(path, fmt, model, layout, tensors, "mcore-legacy")
+    from adapter.checkpoint.hf_io import read_hf
+
+    model, tensors, generation = read_hf(path, model)
+    return Checkpoint(path, fmt, model, None, tensors, generation)
+
+
+def target_layout(model: ModelConfig, tp: int, pp: int, vpp: int) -> ParallelLayout:
+    """A layout with InternEvo's layer partition; refuses sizes the model cannot be split into."""
+    from adapter.config.errors import ConfigError
+
+    heads, groups = model.num_attention_heads, model.num_kv_attention_heads
+    for what, n in (("attention heads", heads), ("kv heads", groups), ("hidden size", model.hidden_size),
+                    ("MLP width", model.ffn_hidden_size)):
+        if n % tp:
+            raise CheckpointError(f"--tp {tp} does not divide the {what} ({n})")
+    if vpp > 1 and pp == 1:
+        raise CheckpointError("--vpp needs --pp > 1")
+    try:
+        stages = partition_uniform(model.num_layers, pp, vpp)
+    except ConfigError as exc:
+        raise CheckpointError(f"--pp {pp} --vpp {vpp}: {exc.message}") from None
+    return ParallelLayout(tp=tp, pp=pp, vpp=vpp, dp=None, zero1=None, sequence_parallel=False,
+                          stages=tuple(tuple(s) for s in stages))
+
+
+def planned_files(fmt: str, layout: Optional[ParallelLayout]) -> list[str]:
+    if fmt == "internevo":
+        return [f"model_tp{t}_pp{p}.pt" for p in range(layout.pp) for t in range(layout.tp)] + ["model_config.pt"]
+    if fmt == "mcore":
+        from adapter.checkpoint.mcore_legacy import rank_dir
+
+        return [f"iter_0000000/{rank_dir(t, p, layout.pp)}/model_optim_rng.pt"
+                for p in range(layout.pp) for t in range(layout.tp)] + ["latest_checkpointed_iteration.txt"]
+    return ["config.json", "model*.safetensors (an index past the shard size)"]
+
+
+def _progress(items: Iterable, total: int, desc: str) -> Iterable:
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="tensor")
+
+
+def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optional[ParallelLayout], *,
+                     dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Write ``src`` as ``fmt`` into ``dst`` (atomically)."""
+    import dataclasses
+
+    tensors = {k: v.to(dtype) if dtype is not None else v
+               for k, v in _progress(src.tensors.items(), len(src.tensors), "convert")}
+    model = src.model
+    if dtype is not None:
+        model = dataclasses.replace(model, dtype={v: k for k, v in DTYPES.items()}[dtype])
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        if fmt == "internevo":
+            from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
+
+            for p in range(layout.pp):
+                for t in range(layout.tp):
+                    torch.save(shard_state_dict(tensors, model, layout, t, p), tmp / f"model_tp{t}_pp{p}.pt")
+            torch.save(model_config_dict(model), tmp / "model_config.pt")
+        elif fmt == "mcore":
+            from adapter.checkpoint.mcore_legacy import write_mcore_legacy
+
+            write_mcore_legacy(tensors, model, layout, tmp)
+        else:
+            from adapter.checkpoint.hf_io import write_hf
+
+            write_hf(tensors, model, tmp)
+    return Path(dst)
+
+
+def compare(a: Checkpoint, b: Checkpoint, atol: float = 0.0) -> list[str]:
+    """Differences between two checkpoints in logical form; empty when they match."""
+    problems = []
+    for key in sorted(set(a.tensors) ^ set(b.tensors)):
+        problems.append(f"{key}: only in {'first' if key in a.tensors else 'second'}")
+    for key in sorted(set(a.tensors) & set(b.tensors)):
+        x, y = a.tensors[key], b.tensors[key]
+        if x.shape != y.shape:
+            problems.append(f"{key}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
+        elif atol == 0.0:
+            if x.dtype != y.dtype or not torch.equal(x, y):
+                diff = (x.float() - y.float()).abs().max().item()
+                problems.append(f"{key}: differs (max |a-b| = {diff:.3g}, dtypes {x.dtype} / {y.dtype})")
+        else:
+            diff = (x.float() - y.float()).abs().max().item()
+            if diff > atol:
+                problems.append(f"{key}: max |a-b| = {diff:.3g} > atol {atol:g}")
+    return problems
+
+
+def describe(ckpt: Checkpoint, tensors: bool = False) -> dict:
+    """What ``internlm-ckpt inspect`` reports."""
+    layout = ckpt.layout
+    info = {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "generation": ckpt.generation,
+        "family": ckpt.model.family,
+        "tp": layout.tp if layout else None,
+        "pp": layout.pp if layout else None,
+        "vpp": layout.vpp if layout else None,
+        "layers": [[e - s for s, e in stage] for stage in layout.stages] if layout else None,
+        "dtype": str(next(iter(ckpt.tensors.values())).dtype).replace("torch.", ""),
+        "parameters": sum(t.numel() for t in ckpt.tensors.values()),
+        "model": {"hidden_size": ckpt.model.hidden_size, "num_layers": ckpt.model.num_layers,
+                  "num_attention_heads": ckpt.model.num_attention_heads,
+                  "num_kv_attention_heads": ckpt.model.num_kv_attention_heads,
+                  "vocab_size": ckpt.model.vocab_size, "ffn_hidden_size": ckpt.model.ffn_hidden_size},
+    }
+    if tensors:
+        info["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                           for k, v in ckpt.tensors.items()}
+    return info
+
+
+def dumps(info: dict) -> str:
+    return json.dumps(info, indent=2)

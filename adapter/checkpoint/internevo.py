@@ -1,0 +1,160 @@
+"""InternEvo's sharded model files (``model_tp{t}_pp{p}.pt``) ⇄ the logical (tp=1, pp=1) state dict.
+
+What one file holds (InternEvo 0.5.2, modes mtp/msp/fsp; ``INTERNEVO_FORMAT.md`` §3-4, §9):
+
+* the layers of pipeline stage ``p``, numbered from 0 *per chunk*; with ``num_chunks > 1`` every key of
+  chunk ``k`` is prefixed ``"{k}.model."``; the embedding sits in the chunk that starts at layer 0 and the
+  final norm and head in the chunk that ends at the last layer;
+* tensor rank ``t``'s slice of each tensor: column-parallel weights (``Wqkv``/``wqkv``, ``w1``, ``w3``) on
+  rows, row-parallel weights (``out_proj``/``wo``, ``w2``) on columns, the embedding on *hidden* columns,
+  the head on vocabulary rows with the first ranks one row larger when ``V % tp != 0``; norms whole in every
+  file; a row-parallel bias only in the ``t = 0`` file;
+* InternLM1's ``Wqkv`` shard is ``[Q_t; K_t; V_t]`` (each rank's own heads), not a slice of ``[Q; K; V]``;
+  InternLM2's grouped ``wqkv`` shard is a plain slice of whole kv groups.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping
+
+import torch
+
+from adapter.config.schema import ModelConfig
+from adapter.model.mapping import LOGICAL_NAMES
+from adapter.runtime.layout import ParallelLayout
+
+#: Per-layer tensors in InternEvo's file order. InternLM1's ``Wqkv`` comes after ``out_proj``: a state-dict
+#: hook renames ``wqkv`` → ``Wqkv`` by popping and re-inserting the keys.
+_LAYER_PARTS = {
+    "internlm1": ("proj.weight", "proj.bias", "qkv.weight", "qkv.bias", "norm1.weight", "norm1.bias", "norm2.weight",
+                  "norm2.bias", "w1", "w2", "w3"),
+    "internlm2": ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "norm1.weight", "norm1.bias", "norm2.weight",
+                  "norm2.bias", "w1", "w2", "w3"),
+}
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """InternEvo's uneven split: rank ``r`` gets ``n // parts + (r < n % parts)`` (first ranks larger)."""
+    return [n // parts + (r < n % parts) for r in range(parts)]
+
+
+def _slice(t: torch.Tensor, dim: int, parts: int, rank: int, uneven: bool = False) -> torch.Tensor:
+    n = t.shape[dim]
+    sizes = split_sizes(n, parts) if uneven else [n // parts] * parts
+    if not uneven and n % parts:
+        raise ValueError(f"dimension {dim} of a {tuple(t.shape)} tensor does not split into {parts} equal parts")
+    start = sum(sizes[:rank])
+    return t.narrow(dim, start, sizes[rank]).clone()
+
+
+def _qkv_shard(model: ModelConfig, t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    if model.family == "internlm2":
+        return _slice(t, 0, tp, rank)
+    h = model.hidden_size
+    return t.reshape(3, tp, h // tp, *t.shape[1:])[:, rank].reshape(3 * h // tp, *t.shape[1:]).clone()
+
+
+def _qkv_merge(model: ModelConfig, shards: list[torch.Tensor]) -> torch.Tensor:
+    if model.family == "internlm2":
+        return torch.cat(shards, 0)
+    per = [s.reshape(3, s.shape[0] // 3, *s.shape[1:]) for s in shards]
+    merged = torch.cat(per, 1)
+    return merged.reshape(merged.shape[0] * merged.shape[1], *merged.shape[2:])
+
+
+def _present(model: ModelConfig, part: str) -> bool:
+    if part == "qkv.bias":
+        return model.qkv_bias
+    if part == "proj.bias":
+        return model.out_proj_bias
+    if part.endswith(".bias"):  # norm biases
+        return model.norm_type == "layernorm"
+    return True
+
+
+def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
+                     tp_rank: int, pp_rank: int) -> "OrderedDict[str, torch.Tensor]":
+    """The content of ``model_tp{tp_rank}_pp{pp_rank}.pt`` for the logical weights."""
+    names, tp, chunks = LOGICAL_NAMES[model.family], layout.tp, layout.vpp
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for chunk, (start, end) in enumerate(layout.stages[pp_rank]):
+        prefix = f"{chunk}.model." if chunks > 1 else ""
+
+        def local(part: str, j: int) -> str:
+            return prefix + names[part].format(i=j)
+
+        if start == 0:
+            out[prefix + names["embedding"]] = _slice(logical[names["embedding"]], 1, tp, tp_rank)
+        for j, i in enumerate(range(start, end)):
+            for part in _LAYER_PARTS[model.family]:
+                if not _present(model, part):
+                    continue
+                t = logical[names[part].format(i=i)]
+                if part.startswith("qkv"):
+                    out[local(part, j)] = _qkv_shard(model, t, tp, tp_rank)
+                elif part == "proj.weight" or part == "w2":
+                    out[local(part, j)] = _slice(t, 1, tp, tp_rank)
+                elif part == "proj.bias":
+                    if tp_rank == 0:  # a row-parallel bias lives only in the tp-0 file
+                        out[local(part, j)] = t.clone()
+                elif part in ("w1", "w3"):
+                    out[local(part, j)] = _slice(t, 0, tp, tp_rank)
+                else:
+                    out[local(part, j)] = t.clone()
+        if end == model.num_layers:
+            out[prefix + names["final_norm.weight"]] = logical[names["final_norm.weight"]].clone()
+            if model.norm_type == "layernorm":
+                out[prefix + names["final_norm.bias"]] = logical[names["final_norm.bias"]].clone()
+            out[prefix + names["head"]] = _slice(logical[names["head"]], 0, tp, tp_rank, uneven=True)
+    return out
+
+
+def logical_from_shards(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], model: ModelConfig,
+                        layout: ParallelLayout, pp_rank: int) -> dict[str, torch.Tensor]:
+    """The logical tensors of pipeline stage ``pp_rank`` from its files, ``shards[(tp_rank, pp_rank)]``."""
+    names, tp, chunks = LOGICAL_NAMES[model.family], layout.tp, layout.vpp
+    files = [shards[(t, pp_rank)] for t in range(tp)]
+    out: dict[str, torch.Tensor] = {}
+    for chunk, (start, end) in enumerate(layout.stages[pp_rank]):
+        prefix = f"{chunk}.model." if chunks > 1 else ""
+        if start == 0:
+            out[names["embedding"]] = torch.cat([f[prefix + names["embedding"]] for f in files], 1)
+        for j, i in enumerate(range(start, end)):
+            for part in _LAYER_PARTS[model.family]:
+                if not _present(model, part):
+                    continue
+                key = prefix + names[part].format(i=j)
+                logical_key = names[part].format(i=i)
+                if part.startswith("qkv"):
+                    out[logical_key] = _qkv_merge(model, [f[key] for f in files])
+                elif part in ("proj.weight", "w2"):
+                    out[logical_key] = torch.cat([f[key] for f in files], 1)
+                elif part in ("w1", "w3"):
+                    out[logical_key] = torch.cat([f[key] for f in files], 0)
+                else:  # norms (replicated) and the row-parallel bias (tp-0 file only)
+                    out[logical_key] = files[0][key]
+        if end == model.num_layers:
+            out[names["final_norm.weight"]] = files[0][prefix + names["final_norm.weight"]]
+            if model.norm_type == "layernorm":
+                out[names["final_norm.bias"]] = files[0][prefix + names["final_norm.bias"]]
+            out[names["head"]] = torch.cat([f[prefix + names["head"]] for f in files], 0)
+    return out
+
+
+def model_config_dict(model: ModelConfig) -> dict:
+    """``model_config.pt`` content: the model section in InternEvo's own keys, as a plain dict."""
+    out = {
+        "num_layers": model.num_layers, "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads, "vocab_size": model.vocab_size,
+        "mlp_ratio": model.mlp_ratio, "multiple_of": model.multiple_of, "norm_type": model.norm_type,
+        "layer_norm_epsilon": model.layer_norm_epsilon, "checkpoint": model.checkpoint,
+        "num_chunks": model.num_chunks, "use_flash_attn": model.use_flash_attn, "rope_base": model.rope_base,
+        "qk_interleaved": model.qk_interleaved, "embed_grad_scale": model.embed_grad_scale,
+        "parallel_output": model.parallel_output, "embed_split_hidden": True, "apply_post_layer_norm": False,
+        "max_position_embeddings": model.max_position_embeddings,
+        "dtype": {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}[model.dtype],
+    }
+    if model.family == "internlm2":
+        out.update(num_kv_attention_heads=model.num_kv_attention_heads, no_bias=model.no_bias)
+    return out

@@ -1,0 +1,169 @@
+"""Read an InternEvo checkpoint folder at whatever layout it was saved with.
+
+The layout is found from the files themselves: ``model_tp{t}_pp{p}.pt`` names give the tensor and pipeline
+sizes, ``"{k}.model."`` key prefixes the virtual chunks, and the local layer numbers of each file how many
+layers every (stage, chunk) holds, so uneven splits need no metadata. The family comes from the key names
+(``blocks.*`` InternLM1, ``layers.*`` InternLM2); the sizes that weights cannot tell (heads) come from the
+folder's ``model_config.pt`` (read through an allow-list) or from a config file.
+
+Older InternLM1 checkpoints (InternLM 2023) are recognised by shape and renamed on the fly: their MLP had
+``w2`` = up and ``w3`` = down (a ``w3`` of shape ``[H, F]``), and with ``embed_split_hidden=False`` a
+vocabulary-parallel ``embedding.word_embeddings.weight``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from adapter.checkpoint.internevo import logical_from_shards
+from adapter.checkpoint.safe_load import load_metadata, load_tensors
+from adapter.config.schema import ModelConfig
+from adapter.runtime.layout import ParallelLayout
+
+MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
+ISP_FILE = re.compile(r"^model_tp(\d+)_wp(\d+)_pp(\d+)\.pt$")
+_CHUNK = re.compile(r"^(\d+)\.model\.")
+_LAYER = re.compile(r"^(?:blocks|layers)\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, corrupt or inconsistent; the message names the file and tensor."""
+
+
+@dataclass
+class InternEvoCheckpoint:
+    path: Path
+    family: str
+    tp: int
+    pp: int
+    num_chunks: int
+    layers: list[list[int]]
+    """``layers[pp_rank][chunk]``: how many layers that chunk holds."""
+    files: dict[tuple[int, int], Path]
+    model: ModelConfig | None = None
+    legacy: bool = False
+    dtype: torch.dtype | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(sum(row) for row in self.layers)
+
+    def layout(self) -> ParallelLayout:
+        """The saved layout; chunks are numbered chunk-major like InternEvo's partition."""
+        stages: list[list[tuple[int, int]]] = [[] for _ in range(self.pp)]
+        start = 0
+        for chunk in range(self.num_chunks):
+            for p in range(self.pp):
+                n = self.layers[p][chunk]
+                stages[p].append((start, start + n))
+                start += n
+        return ParallelLayout(tp=self.tp, pp=self.pp, vpp=self.num_chunks, dp=None, zero1=None,
+                              sequence_parallel=False, stages=tuple(tuple(s) for s in stages))
+
+    def load_file(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        path = self.files[(tp_rank, pp_rank)]
+        try:
+            sd = load_tensors(path)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path}: expected a dict of tensors")
+        return _modernise(sd, self.family) if self.legacy else sd
+
+    def stage(self, pp_rank: int) -> dict[str, torch.Tensor]:
+        """Logical tensors of one pipeline stage (memory: that stage's share of every tensor file)."""
+        if self.model is None:
+            raise CheckpointError(f"{self.path}: model sizes unknown; no model_config.pt here, pass --config")
+        shards = {(t, pp_rank): self.load_file(t, pp_rank) for t in range(self.tp)}
+        try:
+            return logical_from_shards(shards, self.model, self.layout(), pp_rank)
+        except KeyError as exc:
+            raise CheckpointError(f"{self.files[(0, pp_rank)]}: missing tensor {exc}") from None
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path}: shards of stage {pp_rank} do not fit together: {exc}") from None
+
+    def logical(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for p in range(self.pp):
+            yield from self.stage(p).items()
+
+
+def _modernise(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("mlp.w2.weight"):
+            key = key.replace("mlp.w2.", "mlp.w3.")  # legacy up
+        elif key.endswith("mlp.w3.weight"):
+            key = key.replace("mlp.w3.", "mlp.w2.")  # legacy down
+        elif key.endswith("embedding.word_embeddings.weight"):
+            key = key.replace("embedding.word_embeddings.weight", "embedding.weight")
+        elif key.endswith("rotary_emb.inv_freq"):
+            continue
+        out[key] = value
+    return out
+
+
+def read_internevo(path: str | Path, model: ModelConfig | None = None) -> InternEvoCheckpoint:
+    """Inspect an InternEvo folder: layout, family and (from ``model_config.pt`` unless given) model sizes."""
+    from adapter.config.normalize import normalize_model
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    names = sorted(p.name for p in folder.iterdir())
+    if any(ISP_FILE.match(n) for n in names):
+        raise CheckpointError(f"{folder}: ISP checkpoints (model_tp*_wp*_pp*.pt) are not supported yet")
+    files = {(int(m[1]), int(m[2])): folder / n for n in names if (m := MODEL_FILE.match(n))}
+    if not files:
+        raise CheckpointError(f"{folder}: no model_tp*_pp*.pt files")
+    tp = max(t for t, _ in files) + 1
+    pp = max(p for _, p in files) + 1
+    for t in range(tp):
+        for p in range(pp):
+            if (t, p) not in files:
+                raise CheckpointError(f"{folder}: model_tp{t}_pp{p}.pt is missing (found tp={tp}, pp={pp})")
+    ckpt = InternEvoCheckpoint(folder, "", tp, pp, 1, [], files)
+    layers, family, chunks = [], None, 1
+    for p in range(pp):
+        keys = list(ckpt.load_file(0, p).keys())
+        per_chunk: dict[int, set[int]] = {}
+        for key in keys:
+            m = _CHUNK.match(key)
+            chunk = int(m[1]) if m else 0
+            rest = key[m.end():] if m else key
+            if rest.startswith("blocks."):
+                family = family or "internlm1"
+            elif rest.startswith("layers."):
+                family = family or "internlm2"
+            layer = _LAYER.match(rest)
+            per_chunk.setdefault(chunk, set())
+            if layer:
+                per_chunk[chunk].add(int(layer[1]))
+        chunks = max(chunks, max(per_chunk) + 1)
+        layers.append([len(per_chunk.get(c, ())) for c in range(max(per_chunk) + 1)])
+    if family is None:
+        raise CheckpointError(f"{folder}: no InternLM layer keys (blocks.* or layers.*) in the model files")
+    ckpt.family, ckpt.num_chunks = family, chunks
+    ckpt.layers = [row + [0] * (chunks - len(row)) for row in layers]
+    first = ckpt.load_file(0, 0)
+    w3 = next((v for k, v in first.items() if k.endswith("mlp.w3.weight")), None)
+    w1 = next((v for k, v in first.items() if k.endswith("mlp.w1.weight")), None)
+    ckpt.legacy = (family == "internlm1" and w3 is not None and w1 is not None and w3.shape != w1.shape) or any(
+        k.endswith("embedding.word_embeddings.weight") for k in first)
+    ckpt.dtype = next(iter(first.values())).dtype
+    if model is None and (folder / "model_config.pt").exists():
+        meta = load_metadata(folder / "model_config.pt")
+        model = normalize_model("INTERNLM" if family == "internlm1" else "INTERNLM2_PUBLIC", meta,
+                                str(folder / "model_config.pt"))
+    if model is not None:
+        if model.family != family:
+            raise CheckpointError(f"{folder}: files hold {family} but the config describes {model.family}")
+        if model.num_layers != ckpt.num_layers:
+            raise CheckpointError(f"{folder}: files hold {ckpt.num_layers} layers, the config {model.num_layers}")
+    ckpt.model = model
+    return ckpt

@@ -1,0 +1,112 @@
+"""``internlm-ckpt``: inspect, convert and compare InternLM checkpoints across InternEvo, Megatron and HF."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+DESCRIPTION = """\
+Move InternLM weights between InternEvo's sharded checkpoints (model_tp{t}_pp{p}.pt, any TP/PP and virtual
+chunks), Megatron-LM's per-rank layout of the adapter's megatron-core model, and Hugging Face safetensors
+that transformers' LlamaForCausalLM loads without remote code. The source format, family and layout are
+detected from the files; every conversion goes through InternEvo's logical (tp=1) tensors and is bit-exact.
+Model files are loaded with weights_only=True; InternEvo's model_config.pt through an allow-list.
+"""
+
+EPILOG = """\
+examples:
+  internlm-ckpt inspect llm_ckpts/5000
+  internlm-ckpt inspect llm_ckpts/5000 --tensors
+  internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16
+  internlm-ckpt convert llm_ckpts/5000 resharded --to internevo --tp 2 --pp 4 --vpp 2
+  internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore --tp 4 --pp 2
+  internlm-ckpt convert llm_ckpts/5000 out --to hf --dry-run
+  internlm-ckpt verify llm_ckpts/5000 hf/internlm-7b
+
+--config CONFIG supplies model sizes a folder cannot tell (head counts for Megatron folders, or an
+InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config's layout, else 1.
+
+exit status: 0 ok (verify: the checkpoints match), 1 mismatch or bad checkpoint, 2 bad arguments.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="internlm-ckpt", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,verify}")
+    inspect = sub.add_parser("inspect", help="format, family, layout, dtype and size of a checkpoint")
+    inspect.add_argument("path")
+    inspect.add_argument("--tensors", action="store_true", help="also list every logical tensor")
+    inspect.add_argument("--config", help="InternEvo config with the model sizes")
+    convert = sub.add_parser("convert", help="write a checkpoint in another format or layout",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--to", required=True, choices=("internevo", "mcore", "hf"))
+    convert.add_argument("--tp", type=int, help="target tensor-parallel size")
+    convert.add_argument("--pp", type=int, help="target pipeline-parallel size")
+    convert.add_argument("--vpp", type=int, help="target virtual stages (chunks) per pipeline rank")
+    convert.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights")
+    convert.add_argument("--config", help="InternEvo config: model sizes, and the default target layout")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty target folder")
+    convert.add_argument("--dry-run", action="store_true", help="print the plan (files to read and write) only")
+    verify = sub.add_parser("verify", help="compare two checkpoints tensor by tensor (exit 0 when they match)")
+    verify.add_argument("a")
+    verify.add_argument("b")
+    verify.add_argument("--atol", type=float, default=0.0, help="allowed absolute difference (default: exact)")
+    verify.add_argument("--config", help="InternEvo config with the model sizes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from adapter.atomic import TargetExistsError, check_target
+    from adapter.checkpoint.convert import (DTYPES, compare, describe, dumps, open_checkpoint, planned_files,
+                                            target_layout, write_checkpoint)
+    from adapter.checkpoint.read_internevo import CheckpointError
+    from adapter.config import ConfigError, read_config
+
+    try:
+        cfg = layout_cfg = None
+        if args.config:
+            cfg, layout_cfg = read_config(args.config)
+        model = cfg.model if cfg else None
+        if args.command == "inspect":
+            print(dumps(describe(open_checkpoint(args.path, model), tensors=args.tensors)))
+            return 0
+        if args.command == "verify":
+            problems = compare(open_checkpoint(args.a, model), open_checkpoint(args.b, model), args.atol)
+            for line in problems:
+                print(line)
+            print("match" if not problems else f"{len(problems)} differences", file=sys.stderr)
+            return 0 if not problems else 1
+        src = open_checkpoint(args.src, model)
+        layout = None
+        if args.to != "hf":
+            tp = args.tp or (layout_cfg.tp if layout_cfg else 1)
+            pp = args.pp or (layout_cfg.pp if layout_cfg else 1)
+            vpp = args.vpp or (layout_cfg.vpp if layout_cfg else 1)
+            layout = target_layout(src.model, tp, pp, vpp)
+        check_target(args.dst, args.overwrite)
+        if args.dry_run:
+            print(f"read  {src.path} ({src.format}, {src.generation}, {len(src.tensors)} tensors)")
+            for name in planned_files(args.to, layout):
+                print(f"write {Path(args.dst) / name}")
+            return 0
+        write_checkpoint(src, args.to, args.dst, layout, dtype=DTYPES[args.dtype] if args.dtype else None,
+                         overwrite=args.overwrite)
+        print(args.dst)
+        return 0
+    except (CheckpointError, ConfigError) as exc:
+        print(f"internlm-ckpt: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, CheckpointError) else 2
+    except (TargetExistsError, OSError) as exc:
+        print(f"internlm-ckpt: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The training loop: an InternEvo config in, a trained model, logs and checkpoints out.
+
+Order of things: process groups and megatron's parallel state from the config's layout, the model chunks,
+the DeepSpeed engine (``engine.Trainer``), then per step: this data-parallel rank's batch, forward/backward
+through megatron's schedule, the optimizer step, logging (console progress bar and TensorBoard on the log
+rank) and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from adapter.config.schema import InternLMConfig
+from adapter.runtime.layout import ParallelLayout
+
+
+@dataclass
+class RunOptions:
+    """Launch-time choices that are not part of the InternEvo config."""
+
+    seed: int = 1024
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOPS of one device in the training dtype, for MFU (e.g. 989 for an H100 in bf16)."""
+    max_steps: Optional[int] = None
+    """Stop after this many steps in this launch (``total_steps`` still drives the schedules)."""
+    tensorboard_dir: Optional[str] = None
+
+
+def is_log_rank() -> bool:
+    """InternEvo's log rank: the last pipeline stage, tensor rank 0, data-parallel rank 0."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)
+
+
+def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> list[dict]:
+    """Run training as configured; returns the per-step records (on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    from adapter.checkpoint.save import save_checkpoint
+    from adapter.config.to_mcore import model_options, transformer_config
+    from adapter.data.loader import build_train_batches
+    from adapter.model.build import build_model_chunks
+    from adapter.runtime.dist import init_distributed
+    from adapter.train.batches import piece_lengths, to_microbatches
+    from adapter.train.engine import Trainer
+    from adapter.train.metrics import flops_per_token, mean_attended_length
+
+    init_distributed(layout, seed=options.seed)
+    torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if cfg.model.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    config = transformer_config(cfg, layout, use_cpu_initialization=not torch.cuda.is_available())
+    chunks = build_model_chunks(config, model_options(cfg))
+    trainer = Trainer(cfg, layout, chunks, config)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    logger = _Logger(cfg, options) if is_log_rank() else None
+    data = build_train_batches(cfg.data, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    last_step = cfg.data.total_steps if options.max_steps is None else min(cfg.data.total_steps, options.max_steps)
+    records = []
+    while trainer.step_count < last_step:
+        batch_count, batch = next(data)
+        if any(lo <= batch_count <= hi for lo, hi in cfg.data.skip_batches):
+            continue  # InternEvo counts a skipped batch but does not train on it
+        micro = [b.to(device) for b in to_microbatches(batch, packed=cfg.data.use_packed_dataset,
+                                                        micro_bsz=cfg.data.micro_bsz, seq_len=cfg.data.seq_len)]
+        start = time.perf_counter()
+        result = trainer.train_step(micro)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        flops = flops_per_token(cfg.model, mean_attended_length(piece_lengths(micro))) * result.tokens
+        record = {"step": trainer.step_count, "batch_count": batch_count, "loss": result.loss, "lr": result.lr,
+                  "beta2": result.beta2, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
+                  "skipped": result.skipped, "tokens_per_s": result.tokens / seconds,
+                  "tflops": flops / seconds / 1e12 / dist.get_world_size()}
+        if options.peak_tflops:
+            record["mfu"] = record["tflops"] / options.peak_tflops
+        records.append(record)
+        if logger is not None:
+            logger.log(record)
+        every = cfg.ckpt.checkpoint_every
+        if cfg.ckpt.enable_save_ckpt and not result.skipped and (
+                trainer.step_count == cfg.data.total_steps or (every and trainer.step_count % every == 0)):
+            save_checkpoint(cfg, layout, chunks, trainer.step_count)
+    if logger is not None:
+        logger.close()
+    return records
+
+
+class _Logger:
+    """Console progress bar plus one line per step, and TensorBoard scalars."""
+
+    def __init__(self, cfg: InternLMConfig, options: RunOptions):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=cfg.data.total_steps, desc=cfg.job_name, unit="step", dynamic_ncols=True)
+        folder = options.tensorboard_dir or cfg.tensorboard_folder or os.path.join("runs", cfg.job_name, "tensorboard")
+        self.writer = None
+        if cfg.enable_tb:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(folder)
+
+    def log(self, r: dict) -> None:
+        mfu = f" mfu={r['mfu']:.1%}" if "mfu" in r else ""
+        self.bar.write(f"step {r['step']:>5} loss={r['loss']:.4f} lr={r['lr']:.3g} grad_norm={r['grad_norm']:.3f} "
+                       f"loss_scale={r['loss_scale']:g} tokens/s={r['tokens_per_s']:.0f} "
+                       f"tflops={r['tflops']:.3f}{mfu}{' SKIPPED (inf/nan)' if r['skipped'] else ''}")
+        self.bar.update(0 if r["skipped"] else 1)
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops", "mfu"):
+                if key in r:
+                    self.writer.add_scalar(f"train/{key}", r[key], r["step"])
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
