@@ -1,0 +1,203 @@
+"""The checkpoint bridge: reshard matrix, round trips through every format, bad and hostile inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter.checkpoint.convert import compare, open_checkpoint, target_layout, write_checkpoint
+from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
+from adapter.checkpoint.read_internevo import CheckpointError
+from adapter.checkpoint.safe_load import UnsafeCheckpointError, load_metadata
+from adapter.config import RawConfig, normalize
+from tests.conftest import REPO, base_sections
+from tests.model.workers import random_logical
+
+FIXTURES = REPO.parent / "shared" / "fixtures" / "internevo"
+
+
+def tiny_model(family: str):
+    s = base_sections()
+    s["model"].update(num_layers=6, num_attention_heads=8)
+    if family == "internlm2":
+        s["model_type"] = "INTERNLM2_PUBLIC"
+        s["model"].update(num_kv_attention_heads=4, no_bias=False)
+    return normalize(RawConfig(s, "tiny.py", {})).model
+
+
+def write_internevo(folder: Path, logical, model, tp: int, pp: int, chunks: int) -> Path:
+    layout = target_layout(model, tp, pp, chunks)
+    folder.mkdir(parents=True)
+    for p in range(pp):
+        for t in range(tp):
+            torch.save(shard_state_dict(logical, model, layout, t, p), folder / f"model_tp{t}_pp{p}.pt")
+    torch.save(model_config_dict(model), folder / "model_config.pt")
+    return folder
+
+
+LAYOUTS = [(tp, pp, c) for tp in (1, 2, 4) for pp in (1, 2, 3) for c in (1, 2) if not (c == 2 and pp == 1)]
+
+
+@pytest.mark.parametrize("family", ["internlm1", "internlm2"])
+def test_reshard_matrix_round_trips_bit_exact(tmp_path, family):
+    model = tiny_model(family)
+    logical = random_logical(model, 0)
+    src = open_checkpoint(write_internevo(tmp_path / "src", logical, model, 2, 3, 2))
+    assert src.layout.tp == 2 and src.layout.pp == 3 and src.layout.vpp == 2
+    assert all(torch.equal(src.tensors[k], logical[k]) for k in logical)
+    for i, (tp, pp, chunks) in enumerate(LAYOUTS):
+        out = write_checkpoint(src, "internevo", tmp_path / f"ie{i}", target_layout(model, tp, pp, chunks))
+        back = open_checkpoint(out)
+        assert (back.layout.tp, back.layout.pp, back.layout.vpp) == (tp, pp, chunks)
+        assert back.layout.stages == target_layout(model, tp, pp, chunks).stages
+        assert compare(back, src) == []
+
+
+@pytest.mark.parametrize("family", ["internlm1", "internlm2"])
+def test_internevo_mcore_internevo_is_bit_exact(tmp_path, family):
+    model = tiny_model(family)
+    src = open_checkpoint(write_internevo(tmp_path / "src", random_logical(model, 1), model, 4, 2, 2))
+    mcore = open_checkpoint(write_checkpoint(src, "mcore", tmp_path / "m", target_layout(model, 2, 3, 2)), model)
+    assert (mcore.layout.tp, mcore.layout.pp, mcore.layout.vpp) == (2, 3, 2)
+    back = open_checkpoint(write_checkpoint(mcore, "internevo", tmp_path / "ie", target_layout(model, 4, 2, 2)))
+    assert compare(back, src) == []
+    # the files themselves are identical to the source's, key order included
+    for name in ("model_tp0_pp0.pt", "model_tp3_pp1.pt"):
+        a, b = torch.load(src.path / name, weights_only=True), torch.load(back.path / name, weights_only=True)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fixture_shards_are_reproduced_exactly(tmp_path):
+    for family in ("internlm1", "internlm2"):
+        src = open_checkpoint(FIXTURES / f"{family}_tiny" / "ckpt")
+        out = write_checkpoint(src, "internevo", tmp_path / family, src.layout)
+        a = torch.load(FIXTURES / f"{family}_tiny" / "ckpt" / "model_tp0_pp0.pt", weights_only=True)
+        b = torch.load(out / "model_tp0_pp0.pt", weights_only=True)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_internevo_tensor_parallel_layout_details(tmp_path):
+    """Per-rank facts InternEvo's own files have (INTERNEVO_FORMAT.md §3.1-3.2)."""
+    model = tiny_model("internlm1")
+    logical = random_logical(model, 2)
+    folder = write_internevo(tmp_path / "ie", logical, model, 2, 1, 1)
+    r0 = torch.load(folder / "model_tp0_pp0.pt", weights_only=True)
+    r1 = torch.load(folder / "model_tp1_pp0.pt", weights_only=True)
+    h = model.hidden_size
+    assert r0["embedding.weight"].shape == (model.vocab_size, h // 2)  # split on hidden
+    assert r0["head.weight"].shape == (model.vocab_size // 2, h)  # split on vocabulary
+    assert "blocks.0.mixer.out_proj.bias" in r0 and "blocks.0.mixer.out_proj.bias" not in r1
+    q, k, v = logical["blocks.0.mixer.Wqkv.weight"].chunk(3)
+    assert torch.equal(r1["blocks.0.mixer.Wqkv.weight"], torch.cat([q[h // 2:], k[h // 2:], v[h // 2:]]))
+
+
+def test_uneven_vocab_head_split(tmp_path):
+    s = base_sections()
+    s["model"].update(vocab_size=131)
+    model = normalize(RawConfig(s, "odd.py", {})).model
+    logical = random_logical(model, 3)
+    folder = write_internevo(tmp_path / "ie", logical, model, 2, 1, 1)
+    heads = [torch.load(folder / f"model_tp{t}_pp0.pt", weights_only=True)["head.weight"].shape[0] for t in (0, 1)]
+    assert heads == [66, 65]  # InternEvo gives the extra row to the first ranks
+    assert compare(open_checkpoint(folder), open_checkpoint(write_internevo(tmp_path / "one", logical, model, 1, 1, 1))) == []
+
+
+def test_legacy_2023_internlm1_naming_is_recognised(tmp_path):
+    model = tiny_model("internlm1")
+    logical = random_logical(model, 4)
+    sd = shard_state_dict(logical, model, target_layout(model, 1, 1, 1), 0, 0)
+    legacy = {}
+    for key, value in sd.items():  # 2023 code: w2 = up, w3 = down; vocab-parallel embedding name
+        key = key.replace("mlp.w2.", "mlp.@.").replace("mlp.w3.", "mlp.w2.").replace("mlp.@.", "mlp.w3.")
+        legacy[key.replace("embedding.weight", "embedding.word_embeddings.weight")] = value
+    (tmp_path / "old").mkdir()
+    torch.save(legacy, tmp_path / "old" / "model_tp0_pp0.pt")
+    torch.save(model_config_dict(model), tmp_path / "old" / "model_config.pt")
+    old = open_checkpoint(tmp_path / "old")
+    assert "2023" in old.generation
+    assert all(torch.equal(old.tensors[k], logical[k]) for k in logical)
+
+
+def test_bad_inputs_are_named_and_leave_nothing(tmp_path):
+    model = tiny_model("internlm2")
+    folder = write_internevo(tmp_path / "src", random_logical(model, 5), model, 2, 2, 1)
+    # a missing rank
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    for f in folder.iterdir():
+        if f.name != "model_tp1_pp0.pt":
+            (missing / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match="model_tp1_pp0.pt is missing"):
+        open_checkpoint(missing)
+    # a truncated file
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        (truncated / f.name).write_bytes(data[: len(data) // 2] if f.name == "model_tp1_pp1.pt" else data)
+    with pytest.raises(CheckpointError, match="model_tp1_pp1.pt"):
+        open_checkpoint(truncated)
+    # shards whose shapes do not fit together
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    sd = torch.load(bad / "model_tp1_pp0.pt", weights_only=True)
+    sd["layers.0.feed_forward.w2.weight"] = sd["layers.0.feed_forward.w2.weight"][:-1]
+    torch.save(sd, bad / "model_tp1_pp0.pt")
+    with pytest.raises(CheckpointError, match="do not fit together|w2"):
+        open_checkpoint(bad)
+    # a conversion that fails writes nothing
+    src = open_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="--tp 3"):
+        write_checkpoint(src, "internevo", tmp_path / "out", target_layout(model, 3, 1, 1))
+    assert not (tmp_path / "out").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_malicious_pickles_are_refused_not_run(tmp_path):
+    model = tiny_model("internlm1")
+    folder = write_internevo(tmp_path / "src", random_logical(model, 6), model, 1, 1, 1)
+    _Evil.marker = tmp_path / "pwned"
+    torch.save({"model": _Evil()}, folder / "model_config.pt")
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        load_metadata(folder / "model_config.pt")
+    sd = torch.load(folder / "model_tp0_pp0.pt", weights_only=True)
+    sd["evil"] = _Evil()
+    torch.save(sd, folder / "model_tp0_pp0.pt")
+    with pytest.raises(CheckpointError, match="model_tp0_pp0.pt"):
+        open_checkpoint(folder, model)
+    assert not _Evil.marker.exists()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "adapter.cli.ckpt", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_cli_convert_inspect_verify_dry_run(tmp_path):
+    src = FIXTURES / "internlm2_tiny" / "ckpt"
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    plan = _cli("convert", src, tmp_path / "x", "--to", "internevo", "--tp", "2", "--pp", "2", "--dry-run")
+    assert plan.returncode == 0 and "model_tp1_pp1.pt" in plan.stdout and not (tmp_path / "x").exists()
+    assert _cli("convert", src, tmp_path / "x", "--to", "internevo", "--tp", "2", "--pp", "2").returncode == 0
+    inspect = _cli("inspect", tmp_path / "x")
+    assert inspect.returncode == 0 and '"tp": 2' in inspect.stdout and '"family": "internlm2"' in inspect.stdout
+    assert _cli("verify", src, tmp_path / "x").returncode == 0
+    refused = _cli("convert", src, tmp_path / "x", "--to", "internevo")
+    assert refused.returncode == 1 and "--overwrite" in refused.stderr
+    other = _cli("convert", FIXTURES / "internlm1_tiny" / "ckpt", tmp_path / "y", "--to", "internevo")
+    assert other.returncode == 0
+    differ = _cli("verify", tmp_path / "x", tmp_path / "y")
+    assert differ.returncode == 1
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before  # the source is never modified
+    assert "Traceback" not in refused.stderr + differ.stderr
