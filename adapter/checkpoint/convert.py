@@ -1,7 +1,8 @@
 """Open, convert and compare checkpoints in any supported format, through the logical state dict.
 
-Formats: ``internevo`` (``model_tp{t}_pp{p}.pt`` folders), ``mcore`` (Megatron-LM's legacy per-rank layout of
-the adapter's megatron-core model) and ``hf`` (transformers ``LlamaForCausalLM`` safetensors; InternLM2's
+Formats: ``internevo`` (``model_tp{t}_pp{p}.pt`` folders), ``mcore`` (megatron-core's ``torch_dist``
+distributed checkpoint of the adapter's model, loadable at any layout), ``mcore-legacy`` (Megatron-LM's
+per-rank ``iter_*/mp_rank_*`` layout) and ``hf`` (transformers ``LlamaForCausalLM`` safetensors; InternLM2's
 official naming is read too). Every conversion goes source → InternEvo's logical (tp=1) tensors → target,
 using only slicing, concatenation and row reordering, so round trips are bit-exact (a ``--dtype`` cast
 aside). Outputs are written into a temporary folder next to the target and renamed at the end.
@@ -22,7 +23,7 @@ from adapter.checkpoint.read_internevo import CheckpointError, read_internevo
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
-FORMATS = ("internevo", "mcore", "hf")
+FORMATS = ("internevo", "mcore", "mcore-legacy", "hf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -46,8 +47,10 @@ def detect_format(path: Path) -> str:
         names = {p.name for p in path.iterdir()}
         if any(n.startswith("model_tp") and n.endswith(".pt") for n in names):
             return "internevo"
-        if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names):
+        if "metadata.json" in names and any(n.endswith(".distcp") for n in names):
             return "mcore"
+        if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names):
+            return "mcore-legacy"
         if "config.json" in names and any(n.endswith(".safetensors") for n in names):
             return "hf"
     raise CheckpointError(f"{path}: not an InternEvo, Megatron (legacy) or Hugging Face checkpoint folder")
@@ -65,6 +68,11 @@ def open_checkpoint(path: str | Path, model: Optional[ModelConfig] = None) -> Ch
         return Checkpoint(path, fmt, ckpt.model, ckpt.layout(), tensors,
                           "internevo-2023 (w2/w3 swapped)" if ckpt.legacy else "internevo")
     if fmt == "mcore":
+        from adapter.checkpoint.mcore_dist import read_torch_dist
+
+        model, tensors = read_torch_dist(path, model)
+        return Checkpoint(path, fmt, model, None, tensors, "mcore-torch_dist")
+    if fmt == "mcore-legacy":
         from adapter.checkpoint.mcore_legacy import read_mcore_legacy
 
         if model is None:
@@ -99,11 +107,13 @@ def target_layout(model: ModelConfig, tp: int, pp: int, vpp: int) -> ParallelLay
 def planned_files(fmt: str, layout: Optional[ParallelLayout]) -> list[str]:
     if fmt == "internevo":
         return [f"model_tp{t}_pp{p}.pt" for p in range(layout.pp) for t in range(layout.tp)] + ["model_config.pt"]
-    if fmt == "mcore":
+    if fmt == "mcore-legacy":
         from adapter.checkpoint.mcore_legacy import rank_dir
 
         return [f"iter_0000000/{rank_dir(t, p, layout.pp)}/model_optim_rng.pt"
                 for p in range(layout.pp) for t in range(layout.tp)] + ["latest_checkpointed_iteration.txt"]
+    if fmt == "mcore":
+        return ["metadata.json", ".metadata", "__*_*.distcp", "common.pt", "internlm_model.json"]
     return ["config.json", "model*.safetensors (an index past the shard size)"]
 
 
@@ -134,6 +144,10 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
                     torch.save(shard_state_dict(tensors, model, layout, t, p), tmp / f"model_tp{t}_pp{p}.pt")
             torch.save(model_config_dict(model), tmp / "model_config.pt")
         elif fmt == "mcore":
+            from adapter.checkpoint.mcore_dist import write_torch_dist
+
+            write_torch_dist(tensors, model, tmp)
+        elif fmt == "mcore-legacy":
             from adapter.checkpoint.mcore_legacy import write_mcore_legacy
 
             write_mcore_legacy(tensors, model, layout, tmp)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 DESCRIPTION = """\
 Move InternLM weights between InternEvo's sharded checkpoints (model_tp{t}_pp{p}.pt, any TP/PP and virtual
-chunks), Megatron-LM's per-rank layout of the adapter's megatron-core model, and Hugging Face safetensors
+chunks), megatron-core's distributed checkpoint (torch_dist, loadable at any layout) and Megatron-LM's
+per-rank layout of the adapter's megatron-core model, and Hugging Face safetensors
 that transformers' LlamaForCausalLM loads without remote code. The source format, family and layout are
 detected from the files; every conversion goes through InternEvo's logical (tp=1) tensors and is bit-exact.
 Model files are loaded with weights_only=True; InternEvo's model_config.pt through an allow-list.
@@ -21,7 +22,8 @@ examples:
   internlm-ckpt inspect llm_ckpts/5000 --tensors
   internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16
   internlm-ckpt convert llm_ckpts/5000 resharded --to internevo --tp 2 --pp 4 --vpp 2
-  internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore --tp 4 --pp 2
+  internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore
+  internlm-ckpt convert hf/internlm2-7b megatron/ --to mcore-legacy --tp 4 --pp 2
   internlm-ckpt convert llm_ckpts/5000 out --to hf --dry-run
   internlm-ckpt verify llm_ckpts/5000 hf/internlm-7b
 
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--to", required=True, choices=("internevo", "mcore", "hf"))
+    convert.add_argument("--to", required=True, choices=("internevo", "mcore", "mcore-legacy", "hf"),
+                         help="internevo: model_tp*_pp*.pt; mcore: megatron-core torch_dist (loads at any layout); "
+                              "mcore-legacy: Megatron-LM iter_*/mp_rank_*; hf: transformers LlamaForCausalLM")
     convert.add_argument("--tp", type=int, help="target tensor-parallel size")
     convert.add_argument("--pp", type=int, help="target pipeline-parallel size")
     convert.add_argument("--vpp", type=int, help="target virtual stages (chunks) per pipeline rank")
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if not problems else 1
         src = open_checkpoint(args.src, model)
         layout = None
-        if args.to != "hf":
+        if args.to in ("internevo", "mcore-legacy"):
             tp = args.tp or (layout_cfg.tp if layout_cfg else 1)
             pp = args.pp or (layout_cfg.pp if layout_cfg else 1)
             vpp = args.vpp or (layout_cfg.vpp if layout_cfg else 1)

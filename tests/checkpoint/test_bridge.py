@@ -62,7 +62,7 @@ def test_reshard_matrix_round_trips_bit_exact(tmp_path, family):
 def test_internevo_mcore_internevo_is_bit_exact(tmp_path, family):
     model = tiny_model(family)
     src = open_checkpoint(write_internevo(tmp_path / "src", random_logical(model, 1), model, 4, 2, 2))
-    mcore = open_checkpoint(write_checkpoint(src, "mcore", tmp_path / "m", target_layout(model, 2, 3, 2)), model)
+    mcore = open_checkpoint(write_checkpoint(src, "mcore-legacy", tmp_path / "m", target_layout(model, 2, 3, 2)), model)
     assert (mcore.layout.tp, mcore.layout.pp, mcore.layout.vpp) == (2, 3, 2)
     back = open_checkpoint(write_checkpoint(mcore, "internevo", tmp_path / "ie", target_layout(model, 4, 2, 2)))
     assert compare(back, src) == []
@@ -201,3 +201,53 @@ def test_cli_convert_inspect_verify_dry_run(tmp_path):
     assert differ.returncode == 1
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before  # the source is never modified
     assert "Traceback" not in refused.stderr + differ.stderr
+
+
+def _load_torch_dist_with_megatron(folder: str, family: str, tp: int, pp: int, vpp: int) -> list:
+    """In a spawned rank: megatron-core's own loader reads the checkpoint into a (tp, pp, vpp) model."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from adapter.config import RawConfig, normalize, validate
+    from adapter.config.to_mcore import model_options, transformer_config
+    from adapter.model.build import build_model_chunks
+    from adapter.model.mapping import chunk_state_dict, model_state
+    from adapter.runtime.dist import init_distributed
+
+    s = base_sections()
+    s["model"].update(num_layers=6, num_attention_heads=8, num_chunks=vpp)
+    if family == "internlm2":
+        s["model_type"] = "INTERNLM2_PUBLIC"
+        s["model"].update(num_kv_attention_heads=4, no_bias=False)
+    s["parallel"] = dict(tensor=tp, pipeline=dict(size=pp, interleaved_overlap=True))
+    cfg = normalize(RawConfig(s, "tiny.py", {}))
+    layout = validate(cfg, tp * pp)
+    init_distributed(layout)
+    chunks = build_model_chunks(transformer_config(cfg, layout, use_cpu_initialization=True), model_options(cfg))
+    loaded = dist_checkpointing.load({f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}, folder)
+    expected = random_logical(cfg.model, 7)
+    wrong = []
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"], strict=False)
+        want = chunk_state_dict(expected, cfg.model, layout, ps.get_pipeline_model_parallel_rank(), i,
+                                ps.get_tensor_model_parallel_rank())
+        got = model_state(chunk)
+        wrong += [k for k in want if not torch.equal(want[k], got[k])]
+    return wrong
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", ["internlm1", "internlm2"])
+def test_torch_dist_loads_at_other_layouts_in_megatron(tmp_path, family):
+    from tests.spawn import spawn
+
+    model = tiny_model(family)
+    src = write_internevo(tmp_path / "src", random_logical(model, 7), model, 2, 1, 1)
+    done = _cli("convert", src, tmp_path / "dist", "--to", "mcore")
+    assert done.returncode == 0, done.stderr
+    # megatron-core's loader, at tp2 × pp2 × 2 virtual stages (an uneven split of 6 layers)
+    assert spawn(_load_torch_dist_with_megatron, 4, str(tmp_path / "dist"), family, 2, 2, 2) == [[], [], [], []]
+    # and back to InternEvo, bit-exact
+    back = _cli("convert", tmp_path / "dist", tmp_path / "back", "--to", "internevo", "--tp", "2")
+    assert back.returncode == 0, back.stderr
+    assert _cli("verify", src, tmp_path / "back").returncode == 0
