@@ -105,3 +105,21 @@ def test_recompute_follows_internevo_rule(matrix, family):
     full = matrix[(family, "tp2_sp_pp2_vpp2_recompute")]["recomputed"]
     assert all(n == 1 for n, _ in full.values())  # uniform, one layer per checkpoint: every layer
     assert matrix[(family, "reference")]["recomputed"] == {(0, 0): (0, 6)}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_llama_oracle_on_random_weights(matrix, family):
+    """The same random weights in transformers' LlamaForCausalLM give the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from adapter.checkpoint.hf import hf_config, internevo_to_hf
+    from tests.model.workers import tiny_config
+
+    ref = matrix[(family, "reference")]
+    cfg, _ = tiny_config(family)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg.model)))
+    llama.config._attn_implementation = "eager"
+    llama.load_state_dict(internevo_to_hf(ref["weights"], cfg.model), strict=True)
+    with torch.no_grad():
+        logits = llama.eval()(ref["tokens"]).logits
+    assert rel(ref["unpacked_logits"], logits) <= RTOL
