@@ -1,4 +1,4 @@
-# A tiny InternLM1 for CPU demos and tests: 4 layers of width 64 over a byte-level vocabulary (256), trained
+# A tiny InternLM1 for CPU demos and tests: 4 layers of width 64 over a byte-level vocabulary (264), trained
 # on the small dataset shipped in launch/data/tiny (paths are relative to the repository root).
 # It runs on 2 processes: pipeline size 2 with 2 virtual stages each (the interleaved schedule).
 JOB_NAME = "tiny"
@@ -9,7 +9,7 @@ HIDDEN_SIZE = 64
 NUM_ATTENTION_HEAD = 4
 MLP_RATIO = 8 / 3
 NUM_LAYER = 4
-VOCAB_SIZE = 256
+VOCAB_SIZE = 264  # byte-level ids 1-256 (adapter.data.prepare --tokenizer bytes), padded to a multiple of 8
 
 ckpt = dict(
     enable_save_ckpt=True,

@@ -8,7 +8,7 @@ HIDDEN_SIZE = 64
 NUM_ATTENTION_HEAD = 4
 MLP_RATIO = 8 / 3
 NUM_LAYER = 4
-VOCAB_SIZE = 256
+VOCAB_SIZE = 264  # byte-level ids 1-256 (adapter.data.prepare --tokenizer bytes), padded to a multiple of 8
 
 ckpt = dict(
     enable_save_ckpt=True,

@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "internlm_configs"
+FIXTURES = REPO / "tests" / "fixtures" / "internevo"
 
 
 def base_sections() -> dict:

@@ -9,12 +9,15 @@ rank) and checkpoints.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from tqdm import tqdm
 
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
@@ -64,7 +67,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     logger = _Logger(cfg, options) if is_log_rank() else None
-    data = build_train_batches(cfg.data, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    _, data = build_train_batches(cfg.data, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     last_step = cfg.data.total_steps if options.max_steps is None else min(cfg.data.total_steps, options.max_steps)
     records = []
     while trainer.step_count < last_step:
@@ -98,12 +101,11 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
 
 
 class _Logger:
-    """Console progress bar plus one line per step, and TensorBoard scalars."""
+    """One console line per step (with a progress bar when stderr is a terminal), and TensorBoard scalars."""
 
     def __init__(self, cfg: InternLMConfig, options: RunOptions):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=cfg.data.total_steps, desc=cfg.job_name, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.data.total_steps, desc=cfg.job_name, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
         folder = options.tensorboard_dir or cfg.tensorboard_folder or os.path.join("runs", cfg.job_name, "tensorboard")
         self.writer = None
         if cfg.enable_tb:
@@ -113,7 +115,7 @@ class _Logger:
 
     def log(self, r: dict) -> None:
         mfu = f" mfu={r['mfu']:.1%}" if "mfu" in r else ""
-        self.bar.write(f"step {r['step']:>5} loss={r['loss']:.4f} lr={r['lr']:.3g} grad_norm={r['grad_norm']:.3f} "
+        tqdm.write(f"step {r['step']:>5} loss={r['loss']:.4f} lr={r['lr']:.3g} grad_norm={r['grad_norm']:.3f} "
                        f"loss_scale={r['loss_scale']:g} tokens/s={r['tokens_per_s']:.0f} "
                        f"tflops={r['tflops']:.3f}{mfu}{' SKIPPED (inf/nan)' if r['skipped'] else ''}")
         self.bar.update(0 if r["skipped"] else 1)

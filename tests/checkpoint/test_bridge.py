@@ -18,7 +18,7 @@ from adapter.config import RawConfig, normalize
 from tests.conftest import REPO, base_sections
 from tests.model.workers import random_logical
 
-FIXTURES = REPO.parent / "shared" / "fixtures" / "internevo"
+FIXTURES = REPO / "tests" / "fixtures" / "internevo"
 
 
 def tiny_model(family: str):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tests.model.workers import LAYOUTS
 from tests.spawn import spawn
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "internevo"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "internevo"
 FAMILIES = ["internlm1", "internlm2"]
 RTOL = 1e-5
 

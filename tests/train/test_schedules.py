@@ -12,7 +12,7 @@ from adapter.config import read_config
 from adapter.config.schema import GradScalerConfig
 from adapter.train.schedules import LossScaler, beta2, learning_rate
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "internevo"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "internevo"
 
 
 @pytest.mark.parametrize("family", ["internlm1", "internlm2"])

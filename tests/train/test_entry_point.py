@@ -1,0 +1,41 @@
+"""The training entry point under the real deepspeed launcher, on the tiny config and shipped dataset."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapter.checkpoint.convert import compare, open_checkpoint
+from tests.conftest import CONFIGS, REPO
+from tests.spawn import free_port
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_tiny_config(tmp_path):
+    config = tmp_path / "tiny.py"
+    text = (CONFIGS / "tiny.py").read_text()
+    text = text.replace('save_ckpt_folder="local:runs/tiny/ckpt"', f'save_ckpt_folder="local:{tmp_path}/ckpt"')
+    text = text.replace("checkpoint_every=20", "checkpoint_every=3")
+    text = text.replace('train_folder="launch/data/tiny"', f'train_folder="{REPO}/launch/data/tiny"')
+    config.write_text(text)
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
+    assert deepspeed, "the deepspeed launcher is installed with the package"
+    proc = subprocess.run(
+        [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "train.py"),
+         "--config", str(config), "--max-steps", "6", "--tensorboard-dir", str(tmp_path / "tb")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [float(m) for m in re.findall(r"step +\d+ loss=([0-9.]+)", proc.stdout)]
+    assert len(losses) == 6 and losses[-1] < losses[0]  # printed once (log rank), and falling
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard events
+    first, second = open_checkpoint(tmp_path / "ckpt" / "3"), open_checkpoint(tmp_path / "ckpt" / "6")
+    assert (first.layout.pp, first.layout.vpp, first.model.family) == (2, 2, "internlm1")
+    assert (tmp_path / "ckpt" / "6" / "6.step").exists()
+    assert compare(first, second)  # training moved the weights
