@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +17,10 @@ from adapter.checkpoint.hf import hf_config, hf_to_internevo, internevo_to_hf
 from adapter.config import read_config
 from adapter.config.schema import ModelConfig
 
+from tests.conftest import FIXTURES
+
 transformers = pytest.importorskip("transformers")
 
-#: the repository copy (tests/fixtures) travels with the code; the shared original is the fallback
-FIXTURES = next((p for p in (Path(__file__).resolve().parents[1] / "fixtures" / "internevo",
-                             Path("/work/shared/fixtures/internevo")) if p.is_dir()),
-                Path(__file__).resolve().parents[1] / "fixtures" / "internevo")
 FAMILIES = ["internlm1", "internlm2"]
 TOL = 1e-5
 
