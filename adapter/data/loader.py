@@ -12,7 +12,7 @@ from adapter.data.sampler import BatchSampler
 from adapter.data.tokenized import TokenizedFile, find_files
 
 
-class _Concat:
+class ConcatRows:
     """Rows of several packed datasets, one after the other (torch's ConcatDataset order)."""
 
     def __init__(self, parts: list):
@@ -46,7 +46,7 @@ def packed_rows(cfg: DataConfig, folder_order: list[str] | None = None):
         ds = TokenizedFile(path, type_id, cfg.min_length)
         if len(ds):
             parts.append(pack(ds))
-    return _Concat(parts)
+    return ConcatRows(parts)
 
 
 def packed_collate(rows: list[dict], packed_length: int) -> dict:

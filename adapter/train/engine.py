@@ -145,6 +145,15 @@ class Trainer:
             tokens=sum(int(b.input_ids.numel()) for b in batches) * ps.get_data_parallel_world_size(),
         )
 
+    def evaluate(self, batches: list[MicroBatch]) -> float:
+        """Mean micro-batch loss of a forward-only pass (no gradients), averaged over data parallel."""
+        for chunk in self.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            reports = run_microbatches(self.chunks, batches, self.config, forward_only=True,
+                                       label_smoothing=self.cfg.label_smoothing)
+        return self._mean_loss(reports)
+
     def _mean_loss(self, reports: list[dict]) -> float:
         """The step loss, known on the last pipeline stage, averaged over data parallel and sent to all ranks."""
         value = torch.zeros(1, dtype=torch.float64)

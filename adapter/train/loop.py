@@ -50,6 +50,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     from adapter.checkpoint.save import save_checkpoint
     from adapter.config.to_mcore import model_options, transformer_config
     from adapter.data.loader import build_train_batches
+    from adapter.data.validation import build_valid_batches
     from adapter.model.build import build_model_chunks
     from adapter.runtime.dist import init_distributed
     from adapter.train.batches import piece_lengths, to_microbatches
@@ -67,7 +68,9 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     logger = _Logger(cfg, options) if is_log_rank() else None
-    _, data = build_train_batches(cfg.data, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    _, data = build_train_batches(cfg.data, dp_rank, dp_size)
+    valid = build_valid_batches(cfg.data, dp_rank, dp_size) if cfg.data.valid_every else {}
     last_step = cfg.data.total_steps if options.max_steps is None else min(cfg.data.total_steps, options.max_steps)
     records = []
     while trainer.step_count < last_step:
@@ -88,6 +91,9 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
                   "tflops": flops / seconds / 1e12 / dist.get_world_size()}
         if options.peak_tflops:
             record["mfu"] = record["tflops"] / options.peak_tflops
+        if valid and not result.skipped and trainer.step_count % cfg.data.valid_every == 0:
+            for name, batches in valid.items():
+                record[f"valid/{name}/loss"] = _validate(trainer, batches, cfg, layout, device)
         records.append(record)
         if logger is not None:
             logger.log(record)
@@ -98,6 +104,23 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     if logger is not None:
         logger.close()
     return records
+
+
+def _validate(trainer, batches: list[dict], cfg: InternLMConfig, layout: ParallelLayout,
+              device: torch.device) -> float:
+    """Mean loss over one validation set: each batch is split into micro-batches of ``micro_bsz`` rows (a
+    multiple of the pipeline size of them with the interleaved schedule, extra rows dropped)."""
+    from adapter.model.forward import MicroBatch
+
+    losses = []
+    for batch in batches:
+        rows = [MicroBatch(batch["input_ids"][i:i + cfg.data.micro_bsz], batch["labels"][i:i + cfg.data.micro_bsz])
+                for i in range(0, batch["input_ids"].shape[0], cfg.data.micro_bsz)]
+        if layout.vpp > 1:
+            rows = rows[: len(rows) // layout.pp * layout.pp]
+        if rows:
+            losses.append(trainer.evaluate([r.to(device) for r in rows]))
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 class _Logger:
@@ -115,14 +138,18 @@ class _Logger:
 
     def log(self, r: dict) -> None:
         mfu = f" mfu={r['mfu']:.1%}" if "mfu" in r else ""
+        valid = "".join(f" {k}={v:.4f}" for k, v in r.items() if k.startswith("valid/"))
         tqdm.write(f"step {r['step']:>5} loss={r['loss']:.4f} lr={r['lr']:.3g} grad_norm={r['grad_norm']:.3f} "
-                       f"loss_scale={r['loss_scale']:g} tokens/s={r['tokens_per_s']:.0f} "
-                       f"tflops={r['tflops']:.3f}{mfu}{' SKIPPED (inf/nan)' if r['skipped'] else ''}")
+                   f"loss_scale={r['loss_scale']:g} tokens/s={r['tokens_per_s']:.0f} "
+                   f"tflops={r['tflops']:.3f}{mfu}{valid}{' SKIPPED (inf/nan)' if r['skipped'] else ''}")
         self.bar.update(0 if r["skipped"] else 1)
         if self.writer is not None:
             for key in ("loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "tflops", "mfu"):
                 if key in r:
                     self.writer.add_scalar(f"train/{key}", r[key], r["step"])
+            for key, value in r.items():
+                if key.startswith("valid/"):
+                    self.writer.add_scalar(key, value, r["step"])
 
     def close(self) -> None:
         self.bar.close()

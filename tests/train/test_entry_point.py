@@ -24,6 +24,8 @@ def test_deepspeed_launcher_trains_tiny_config(tmp_path):
     text = text.replace('save_ckpt_folder="local:runs/tiny/ckpt"', f'save_ckpt_folder="local:{tmp_path}/ckpt"')
     text = text.replace("checkpoint_every=20", "checkpoint_every=3")
     text = text.replace('train_folder="launch/data/tiny"', f'train_folder="{REPO}/launch/data/tiny"')
+    text = text.replace("valid_every=0", "valid_every=3").replace("valid_folder=None",
+                                                                  f'valid_folder="{REPO}/launch/data/tiny"')
     config.write_text(text)
     deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable))
     assert deepspeed, "the deepspeed launcher is installed with the package"
@@ -34,6 +36,8 @@ def test_deepspeed_launcher_trains_tiny_config(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [float(m) for m in re.findall(r"step +\d+ loss=([0-9.]+)", proc.stdout)]
     assert len(losses) == 6 and losses[-1] < losses[0]  # printed once (log rank), and falling
+    valid = [float(m) for m in re.findall(r"valid/code/loss=([0-9.]+)", proc.stdout)]
+    assert len(valid) == 2 and valid[1] < valid[0]  # validation at steps 3 and 6, on the code set
     assert list((tmp_path / "tb").iterdir())  # TensorBoard events
     first, second = open_checkpoint(tmp_path / "ckpt" / "3"), open_checkpoint(tmp_path / "ckpt" / "6")
     assert (first.layout.pp, first.layout.vpp, first.model.family) == (2, 2, "internlm1")

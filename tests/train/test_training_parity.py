@@ -86,3 +86,21 @@ def test_gradient_accumulation_equals_one_big_microbatch(single):
     assert four["norm"] == pytest.approx(one["norm"], rel=1e-5)
     for name, w in one["weights"].items():
         assert rel(four["weights"][name], w) <= RTOL, name
+
+
+@pytest.mark.multiproc
+def test_fp16_overflow_skips_steps_and_follows_internevo_scaler():
+    """fp16 (DeepSpeed's CPU accelerator forced to accept it: test-only) with a loss scale of 2**24.
+
+    InternEvo's rules with hysteresis 2 and growth_interval 3: the first overflow is absorbed, every further
+    one halves the scale; after 3 clean steps the scale doubles and both counters reset. Skipped steps do not
+    advance the step count, so the learning rate waits too."""
+    trace = spawn(workers.fp16_overflow_run, 1, 12)[0]["trace"]
+    scales = [t[0] for t in trace]
+    skipped = [t[1] for t in trace]
+    assert scales == [2.0**24, 2.0**24, 2.0**23, 2.0**22, 2.0**21, 2.0**20, 2.0**20, 2.0**20, 2.0**21, 2.0**21,
+                      2.0**20, 2.0**20]
+    assert skipped == [True] * 5 + [False] * 3 + [True] * 2 + [False] * 2
+    assert [t[3] for t in trace] == [0, 0, 0, 0, 0, 1, 2, 3, 3, 3, 4, 5]
+    assert [t[2] for t in trace[:6]] == [trace[0][2]] * 6  # lr frozen while nothing is applied
+    assert all(3 < t[4] < 7 for t in trace)  # finite losses throughout

@@ -169,3 +169,25 @@ def two_rank_suite() -> dict | None:
     out[("internlm2", "tp2_sp")] = train_layout("internlm2", "tp2_sp")
     out[("internlm1", "dp2_bf16")] = train_layout("internlm1", "dp2", dtype="torch.bfloat16")
     return out if dist.get_rank() == 0 else None
+
+
+def fp16_overflow_run(steps: int = 8) -> dict:
+    """fp16 with a loss scale far too large, on DeepSpeed's CPU accelerator forced to accept fp16 (CPU_NOTES
+    §3: its mkldnn probe says no on AVX2-only hosts). Records each step's scale, skip flag and lr."""
+    import dataclasses
+
+    from deepspeed.accelerator import get_accelerator
+
+    from adapter.train.engine import Trainer
+
+    get_accelerator().is_fp16_supported = lambda: True  # test-only override, see the docstring
+    cfg, layout = train_config("internlm1", 1, dtype="torch.float16")
+    cfg = dataclasses.replace(cfg, grad_scaler=dataclasses.replace(cfg.grad_scaler, initial_scale=2.0**24,
+                                                                   hysteresis=2, growth_interval=3))
+    config, chunks = _build(cfg, layout, seed=0)
+    trainer = Trainer(cfg, layout, chunks, config)
+    trace = []
+    for step in range(steps):
+        result = trainer.train_step(global_batches(step))
+        trace.append((result.loss_scale, result.skipped, result.lr, trainer.step_count, result.loss))
+    return {"trace": trace, "final_scale": trainer.scaler.scale}
