@@ -1,31 +1,47 @@
-"""Save the live model as an InternEvo checkpoint folder, from inside a training run.
+"""Training checkpoints: save the whole training state, find the newest complete one, and resume from it.
 
-Every (tensor, pipeline) rank of data-parallel rank 0 writes its own ``model_tp{t}_pp{p}.pt`` in
-InternEvo's layout (``checkpoint.internevo``), so InternEvo and ``internlm-ckpt`` read the folder. The log
-rank then writes ``model_config.pt`` (a plain dict) and, last, after a barrier, InternEvo's completion
-marker ``{step}.step``: a folder without its marker is incomplete. Each file is written to a temporary
-name and renamed, so a crash never leaves a truncated file under a real name.
+A checkpoint folder (``<save_ckpt_folder>/<step>/`` or a snapshot slot ``<snapshot>/{0,1}/``) holds:
+
+* ``model_tp{t}_pp{p}.pt``: the model in InternEvo's layout (``checkpoint.internevo``), written by every
+  (tensor, pipeline) rank of data-parallel rank 0, so InternEvo and ``internlm-ckpt`` read it;
+* ``deepspeed/``: DeepSpeed's engine checkpoint (``mp_rank_*_model_states.pt`` and each rank's ZeRO-1
+  optimizer partition ``zero_pp_rank_*_mp_rank_*_optim_states.pt``);
+* ``context.pt`` (InternEvo's ``TrainState`` keys, plus the loss-scaler state), ``sampler.pt`` (the batch
+  sampler), ``schedulder.pt`` (InternEvo's spelling; the step the lr/beta2 schedules are at) and
+  ``model_config.pt`` (a plain dict);
+* ``{step}.step``, InternEvo's completion marker, written last after a barrier. A folder without a marker is
+  never loaded; before a snapshot slot is reused its markers are deleted first, so an interrupted overwrite
+  cannot pass for complete.
+
+Every file is written under a temporary name and renamed. Local folders only in this version (``local:/p``
+or a bare path).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
+from adapter.checkpoint.safe_load import load_metadata
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
 
+MARKER = re.compile(r"^(\d+)\.step$")
+DEEPSPEED_TAG = "deepspeed"
 
-def local_path(folder: str) -> Path:
+
+def local_path(folder: str, field: str = "ckpt.save_ckpt_folder") -> Path:
     """InternEvo's ``local:/path`` (or a bare path); object-store prefixes are refused with a clear error."""
     backend, _, path = folder.partition(":") if ":" in folder else ("local", "", folder)
     if backend != "local":
-        raise ConfigError("ckpt.save_ckpt_folder", f"{folder!r}: only local: folders are supported by this version")
+        raise ConfigError(field, f"{folder!r}: only local: folders are supported by this version")
     return Path(path)
 
 
@@ -35,27 +51,94 @@ def atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(cfg: InternLMConfig, layout: ParallelLayout, chunks: list[torch.nn.Module], step: int) -> Path:
-    """Write ``<save_ckpt_folder>/<step>/``; collective over all ranks. Returns the folder."""
+def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer, sampler, context: dict,
+                    step: int) -> Path:
+    """Write the training state into ``folder``; collective over all ranks."""
     from megatron.core import parallel_state as ps
 
     from adapter.model.mapping import logical_from_chunk, model_state
 
-    folder = local_path(cfg.ckpt.save_ckpt_folder) / str(step)
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():  # a reused snapshot slot stops being "complete" before it is rewritten
+            if MARKER.match(old.name):
+                old.unlink()
+    dist.barrier()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     logical: dict[str, torch.Tensor] = {}
-    for vp, chunk in enumerate(chunks):
-        mine = {k: v.detach().cpu() for k, v in model_state(chunk).items()}
+    for vp, chunk in enumerate(trainer.chunks):
         shards = [None] * layout.tp
-        dist.all_gather_object(shards, mine, group=ps.get_tensor_model_parallel_group())
+        dist.all_gather_object(shards, {k: v.detach().cpu() for k, v in model_state(chunk).items()},
+                               group=ps.get_tensor_model_parallel_group())
         logical.update(logical_from_chunk(shards, cfg.model, layout, pp_rank, vp))
     if ps.get_data_parallel_rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
         atomic_save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank),
                     folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-    dist.barrier()
+    trainer.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
     if dist.get_rank() == 0:
         atomic_save(model_config_dict(cfg.model), folder / "model_config.pt")
+        atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},
+                    folder / "context.pt")
+        atomic_save(sampler.state_dict(), folder / "sampler.pt")
+        atomic_save({"step_count": step, "base_lr": cfg.adam.lr}, folder / "schedulder.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
         atomic_save({"step": step}, folder / f"{step}.step")
     dist.barrier()
     return folder
+
+
+def completed_step(folder: Path) -> Optional[int]:
+    """The step of a complete checkpoint folder (its highest ``N.step`` marker), or None."""
+    if not folder.is_dir():
+        return None
+    steps = [int(m[1]) for p in folder.iterdir() if (m := MARKER.match(p.name))]
+    return max(steps) if steps else None
+
+
+def latest_checkpoint(save_folder: Path, snapshot_folder: Optional[Path]) -> Optional[Path]:
+    """The newest complete checkpoint under ``save_folder`` (numbered folders) and the two snapshot slots."""
+    candidates = []
+    if save_folder.is_dir():
+        candidates += [p for p in save_folder.iterdir() if p.name.isdigit()]
+    if snapshot_folder is not None:
+        candidates += [snapshot_folder / "0", snapshot_folder / "1"]
+    best = None
+    for folder in candidates:
+        step = completed_step(folder)
+        if step is not None and (best is None or step > best[0]):
+            best = (step, folder)
+    return best[1] if best else None
+
+
+def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, chunks: list) -> None:
+    """Initialise the chunks from an InternEvo-format model folder saved at any layout (resharded here)."""
+    from megatron.core import parallel_state as ps
+
+    from adapter.checkpoint.read_internevo import read_internevo
+    from adapter.model.mapping import chunk_state_dict
+
+    source = read_internevo(folder, cfg.model)
+    logical = dict(source.logical())
+    pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    for vp, chunk in enumerate(chunks):
+        state = chunk_state_dict(logical, cfg.model, layout, pp_rank, vp, tp_rank)
+        missing, unexpected = chunk.load_state_dict(state, strict=False)
+        if unexpected or any(not k.endswith("_extra_state") for k in missing):
+            raise ConfigError("ckpt", f"{folder}: weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+
+
+def load_training_state(folder: Path, trainer, load_optimizer: bool) -> dict:
+    """Restore the engine (and optimizer partitions unless ``load_optimizer`` is False) from ``folder``;
+    returns ``context.pt`` (with ``sampler`` holding the sampler state)."""
+    trainer.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=load_optimizer,
+                                   load_lr_scheduler_states=False, load_module_strict=False)
+    context = load_metadata(folder / "context.pt")
+    trainer.step_count = int(context["step_count"])
+    if load_optimizer and "grad_scaler" in context:
+        trainer.scaler.load_state_dict(context["grad_scaler"])
+        if trainer.scaler.enabled:
+            trainer.optimizer.loss_scaler.cur_scale = trainer.scaler.scale
+    context["sampler"] = torch.load(folder / "sampler.pt", weights_only=True)
+    return context

@@ -47,13 +47,13 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     """Run training as configured; returns the per-step records (on every rank)."""
     from megatron.core import parallel_state as ps
 
-    from adapter.checkpoint.save import save_checkpoint
     from adapter.config.to_mcore import model_options, transformer_config
     from adapter.data.loader import build_train_batches
     from adapter.data.validation import build_valid_batches
     from adapter.model.build import build_model_chunks
     from adapter.runtime.dist import init_distributed
     from adapter.train.batches import piece_lengths, to_microbatches
+    from adapter.train.checkpointing import Checkpointer
     from adapter.train.engine import Trainer
     from adapter.train.metrics import flops_per_token, mean_attended_length
 
@@ -65,11 +65,17 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     config = transformer_config(cfg, layout, use_cpu_initialization=not torch.cuda.is_available())
     chunks = build_model_chunks(config, model_options(cfg))
     trainer = Trainer(cfg, layout, chunks, config)
+    checkpointer = Checkpointer(cfg, layout)
+    context = checkpointer.resume(trainer, chunks)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     logger = _Logger(cfg, options) if is_log_rank() else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    _, data = build_train_batches(cfg.data, dp_rank, dp_size)
+    sampler, data = build_train_batches(cfg.data, dp_rank, dp_size, sampler_state=context.pop("sampler", None))
+    # InternEvo's TrainState, saved as context.pt
+    context = {key: context.get(key, default) for key, default in
+               (("batch_count", -1), ("num_consumed_tokens", 0), ("inf_nan_skip_batches", 0))}
+    context["tensorboard_folder"] = cfg.tensorboard_folder
     valid = build_valid_batches(cfg.data, dp_rank, dp_size) if cfg.data.valid_every else {}
     last_step = cfg.data.total_steps if options.max_steps is None else min(cfg.data.total_steps, options.max_steps)
     records = []
@@ -81,6 +87,10 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
                                                         micro_bsz=cfg.data.micro_bsz, seq_len=cfg.data.seq_len)]
         start = time.perf_counter()
         result = trainer.train_step(micro)
+        context["batch_count"] = batch_count
+        context["num_consumed_samples_in_epoch"] = sampler.consumed * dp_size
+        context["num_consumed_tokens"] += result.tokens
+        context["inf_nan_skip_batches"] += int(result.skipped)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -97,10 +107,8 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
         records.append(record)
         if logger is not None:
             logger.log(record)
-        every = cfg.ckpt.checkpoint_every
-        if cfg.ckpt.enable_save_ckpt and not result.skipped and (
-                trainer.step_count == cfg.data.total_steps or (every and trainer.step_count % every == 0)):
-            save_checkpoint(cfg, layout, chunks, trainer.step_count)
+        if not result.skipped and checkpointer.after_step(trainer.step_count, trainer, sampler, context):
+            break  # the stop file asked to save and stop here
     if logger is not None:
         logger.close()
     return records
