@@ -13,8 +13,8 @@ A checkpoint folder (``<save_ckpt_folder>/<step>/`` or a snapshot slot ``<snapsh
   never loaded; before a snapshot slot is reused its markers are deleted first, so an interrupted overwrite
   cannot pass for complete.
 
-Every file is written under a temporary name and renamed. Local folders only in this version (``local:/p``
-or a bare path).
+Every file is written under a temporary name and renamed. Object storage goes through a local staging
+folder (``train.checkpointing``).
 """
 
 from __future__ import annotations
@@ -37,14 +37,6 @@ MARKER = re.compile(r"^(\d+)\.step$")
 DEEPSPEED_TAG = "deepspeed"
 
 
-def local_path(folder: str, field: str = "ckpt.save_ckpt_folder") -> Path:
-    """InternEvo's ``local:/path`` (or a bare path); object-store prefixes are refused with a clear error."""
-    backend, _, path = folder.partition(":") if ":" in folder else ("local", "", folder)
-    if backend != "local":
-        raise ConfigError(field, f"{folder!r}: only local: folders are supported by this version")
-    return Path(path)
-
-
 def atomic_save(obj: object, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -52,8 +44,9 @@ def atomic_save(obj: object, path: Path) -> None:
 
 
 def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer, sampler, context: dict,
-                    step: int) -> Path:
-    """Write the training state into ``folder``; collective over all ranks."""
+                    step: int, marker: bool = True) -> Path:
+    """Write the training state into ``folder``; collective over all ranks. ``marker=False`` leaves the
+    completion marker to the caller (object storage uploads it once every file is up)."""
     from megatron.core import parallel_state as ps
 
     from adapter.model.mapping import logical_from_chunk, model_state
@@ -82,7 +75,7 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
         atomic_save(sampler.state_dict(), folder / "sampler.pt")
         atomic_save({"step_count": step, "base_lr": cfg.adam.lr}, folder / "schedulder.pt")
     dist.barrier()
-    if dist.get_rank() == 0:
+    if marker and dist.get_rank() == 0:
         atomic_save({"step": step}, folder / f"{step}.step")
     dist.barrier()
     return folder

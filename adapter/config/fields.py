@@ -187,8 +187,8 @@ def _async_upload(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | Non
         return "exact", "synchronous saving, as configured"
     if not cfg.ckpt.async_upload:
         return "exact", "ignored for non-object-store folders, as InternEvo does (it saves synchronously)"
-    return "unsupported", ("asynchronous upload to object storage is handled by InternEvo's storage manager; "
-                           "this translation has no DeepSpeed key for it and saves synchronously")
+    return "exact", ("uploaded from a local staging folder in a background thread; the completion marker goes "
+                     "up only after every file, as in InternEvo")
 
 
 _CKPT_NOTE = "read by the training entry point's checkpoint manager, not by DeepSpeed or megatron-core"

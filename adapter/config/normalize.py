@@ -516,7 +516,7 @@ def _ckpt(r: _Reader, data: DataConfig) -> CkptConfig:
     if enable and not save:
         raise r.error("ckpt.save_ckpt_folder", "is required when ckpt.enable_save_ckpt is True")
     # InternEvo: "Storing ckpt on file system does not support asynchronous storage, will use sync save!"
-    async_upload = async_upload and enable and (save or "").startswith(("boto3:", "volc:", "oss2:"))
+    async_upload = async_upload and enable and (save or "").startswith(("boto3:", "volc:", "oss2:", "s3://"))
     if snapshot is None and save:
         snapshot = save.rstrip("/") + "/snapshot"
     if load_info is not None:

@@ -8,65 +8,119 @@
 * Save: a normal checkpoint when ``step % checkpoint_every == 0`` or at ``total_steps``, else a snapshot into
   ``snapshot_ckpt_folder/{0,1}`` (alternating, starting with 0) when ``step % oss_snapshot_freq == 0``, else
   when the stop file asks for it: it holds one integer, ``-N`` = save at step N, ``+N`` = save and stop.
+* Object storage: the checkpoint is written to a local staging folder (``async_upload_tmp_folder``), then
+  uploaded by local rank 0 of each node, the completion marker last and only after every rank's files are
+  up. With ``async_upload`` the upload runs in a background thread while training goes on; the next save
+  (or the end of training) waits for it, checks that every node succeeded, and only then uploads the
+  marker. A failed upload stops training with an error naming the object.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from adapter.checkpoint.save import (completed_step, latest_checkpoint, load_model_weights, load_training_state,
-                                     local_path, save_checkpoint)
+from adapter.checkpoint.save import (MARKER, atomic_save, completed_step, latest_checkpoint, load_model_weights,
+                                     load_training_state, save_checkpoint)
+from adapter.checkpoint.storage import Location, ObjectStore, StorageError, parse_location
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _all_ok(ok: bool) -> bool:
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    dist.all_reduce(flag)
+    return int(flag[0]) == 0
 
 
 class Checkpointer:
     def __init__(self, cfg: InternLMConfig, layout: ParallelLayout):
         self.cfg, self.layout = cfg, layout
         ck = cfg.ckpt
-        self.save_folder = local_path(ck.save_ckpt_folder) if ck.enable_save_ckpt else None
-        self.snapshot_folder = (local_path(ck.snapshot_ckpt_folder, "ckpt.snapshot_ckpt_folder")
-                                if ck.enable_save_ckpt and ck.oss_snapshot_freq else None)
+        self.save: Optional[Location] = parse_location(ck.save_ckpt_folder, "ckpt.save_ckpt_folder") \
+            if ck.enable_save_ckpt else None
+        self.snapshot: Optional[Location] = parse_location(ck.snapshot_ckpt_folder, "ckpt.snapshot_ckpt_folder") \
+            if ck.enable_save_ckpt and ck.oss_snapshot_freq else None
         self.snapshot_counter = -1
+        staging = ck.async_upload_tmp_folder or os.path.join(tempfile.gettempdir(), "internlm_adapter_ckpt")
+        self.staging = Path(staging) / cfg.job_name
+        self.store = ObjectStore(self.save) if self.save is not None and self.save.backend == "s3" else None
+        self.pool = ThreadPoolExecutor(max_workers=1) if self.store is not None and cfg.ckpt.async_upload else None
+        self.pending: Optional[tuple[Future, Location, int, Path]] = None
 
-    def _resume_source(self) -> tuple[Optional[Path], bool]:
-        """(folder, full): what to load, and whether it is a full resume (else weights only)."""
+    # ---- resume
+    def _resume_source(self) -> tuple[Optional[Location], bool]:
         ck = self.cfg.ckpt
-        if ck.auto_resume and self.save_folder is not None:
-            latest = latest_checkpoint(self.save_folder, self.snapshot_folder)
+        if ck.auto_resume and self.save is not None:
+            latest = self._latest()
             if latest is not None:
                 return latest, True
         info = ck.load_ckpt_info
         if info is not None:
             content = info.get("content", ("all",))
-            if isinstance(content, str):
-                content = (content,)
-            return local_path(info["path"], "ckpt.load_ckpt_info.path"), "all" in content
+            content = (content,) if isinstance(content, str) else content
+            return parse_location(info["path"], "ckpt.load_ckpt_info.path"), "all" in content
         if ck.load_ckpt_folder:
-            return local_path(ck.load_ckpt_folder, "ckpt.load_ckpt_folder"), True
+            return parse_location(ck.load_ckpt_folder, "ckpt.load_ckpt_folder"), True
         if ck.load_model_only_folder:
-            return local_path(ck.load_model_only_folder, "ckpt.load_model_only_folder"), False
+            return parse_location(ck.load_model_only_folder, "ckpt.load_model_only_folder"), False
         return None, False
+
+    def _latest(self) -> Optional[Location]:
+        if self.save.backend == "local":
+            snap = self.snapshot.path if self.snapshot is not None and self.snapshot.backend == "local" else None
+            found = latest_checkpoint(self.save.path, snap)
+            return Location("local", path=found) if found else None
+        best: Optional[tuple[int, str]] = None
+        for key in self.store.keys(self.save.key + "/"):
+            folder, _, name = key.rpartition("/")
+            m = MARKER.match(name)
+            if m and (best is None or int(m[1]) > best[0]):
+                best = (int(m[1]), folder)
+        return Location("s3", bucket=self.save.bucket, key=best[1], endpoint=self.save.endpoint) if best else None
+
+    def _materialise(self, where: Location) -> Path:
+        """A local folder with the checkpoint's files (downloaded by each node's local rank 0)."""
+        if where.backend == "local":
+            return where.path
+        local = self.staging / "resume" / where.key.replace("/", "_")
+        store = ObjectStore(where)
+        if _local_rank() == 0:
+            shutil.rmtree(local, ignore_errors=True)
+            for key in store.keys(where.key + "/"):
+                store.download(key, local / key[len(where.key) + 1:])
+        dist.barrier()
+        return local
 
     def resume(self, trainer, chunks: list) -> dict:
         """Load what the config asks for; returns the restored context (``{}`` for a fresh start)."""
-        folder, full = self._resume_source()
-        if folder is None:
+        where, full = self._resume_source()
+        if where is None:
             return {}
+        folder = self._materialise(where)
         if full:
             if completed_step(folder) is None:
-                raise ConfigError("ckpt", f"{folder}: not a complete checkpoint (no N.step marker)")
+                raise ConfigError("ckpt", f"{where}: not a complete checkpoint (no N.step marker)")
             return load_training_state(folder, trainer, self.cfg.ckpt.load_optimizer)
         load_model_weights(folder, self.cfg, self.layout, chunks)
         return {}
 
+    # ---- save
     def _stop_request(self) -> int:
-        """The stop file's integer (0 when absent), read on rank 0 and shared with every rank."""
         value = torch.zeros(1, dtype=torch.int64)
         path = self.cfg.ckpt.stop_file_path
         if dist.get_rank() == 0 and path:
@@ -81,18 +135,76 @@ class Checkpointer:
 
     def after_step(self, step: int, trainer, sampler, context: dict) -> bool:
         """Save if due; returns True when the stop file asked to stop now."""
-        if self.save_folder is None:
+        if self.save is None:
             return False
         ck = self.cfg.ckpt
         stop = self._stop_request()
-        folder = None
+        target = None
         if step % ck.checkpoint_every == 0 or step == self.cfg.data.total_steps:
-            folder = self.save_folder / str(step)
-        elif self.snapshot_folder is not None and step % ck.oss_snapshot_freq == 0:
+            target = self.save.child(str(step))
+        elif self.snapshot is not None and step % ck.oss_snapshot_freq == 0:
             self.snapshot_counter = (self.snapshot_counter + 1) % 2
-            folder = self.snapshot_folder / str(self.snapshot_counter)
+            target = self.snapshot.child(str(self.snapshot_counter))
         elif stop and abs(stop) == step:
-            folder = self.save_folder / str(step)
-        if folder is not None:
-            save_checkpoint(folder, self.cfg, self.layout, trainer, sampler, context, step)
+            target = self.save.child(str(step))
+        if target is not None:
+            self._save(target, step, trainer, sampler, context)
         return stop > 0 and stop == step
+
+    def _save(self, target: Location, step: int, trainer, sampler, context: dict) -> None:
+        if target.backend == "local":
+            save_checkpoint(target.path, self.cfg, self.layout, trainer, sampler, context, step)
+            return
+        self.wait()  # the previous upload, and its marker, first
+        staging = self.staging / f"{step}"
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        save_checkpoint(staging, self.cfg, self.layout, trainer, sampler, context, step, marker=False)
+        if _local_rank() == 0:
+            for key in self.store.keys(target.key + "/"):  # a reused snapshot slot loses its markers first
+                if MARKER.match(key.rpartition("/")[2]):
+                    self.store.delete(key)
+        job = (self.pool.submit(self._upload, staging, target) if self.pool is not None
+               else _done(self._upload, staging, target))
+        self.pending = (job, target, step, staging)
+        if self.pool is None:
+            self.wait()
+
+    def _upload(self, staging: Path, target: Location) -> None:
+        if _local_rank() != 0:
+            return
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            self.store.upload(path, f"{target.key}/{path.relative_to(staging).as_posix()}")
+
+    def wait(self) -> None:
+        """Finish the pending upload on every node, then upload its completion marker (collective)."""
+        if self.pending is None:
+            return
+        job, target, step, staging = self.pending
+        self.pending = None
+        error = job.exception()
+        if not _all_ok(error is None):
+            raise StorageError(f"checkpoint {step} was not uploaded to {target}: {error or 'failed on another node'}")
+        if dist.get_rank() == 0:
+            marker = staging / f"{step}.step"
+            atomic_save({"step": step}, marker)
+            self.store.upload(marker, f"{target.key}/{step}.step")
+        dist.barrier()
+        if _local_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def close(self) -> None:
+        self.wait()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _done(fn, *args) -> Future:
+    """Run ``fn`` now and wrap its outcome like a finished ``Future`` (the synchronous upload path)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:  # reported through wait(), like an asynchronous failure
+        future.set_exception(exc)
+    return future

@@ -109,6 +109,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
             logger.log(record)
         if not result.skipped and checkpointer.after_step(trainer.step_count, trainer, sampler, context):
             break  # the stop file asked to save and stop here
+    checkpointer.close()  # waits for an asynchronous upload and puts its completion marker last
     if logger is not None:
         logger.close()
     return records
