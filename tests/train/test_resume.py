@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-import torch
-
 from adapter.checkpoint.convert import compare, open_checkpoint
 from adapter.checkpoint.save import latest_checkpoint
 from adapter.config import RawConfig, normalize, validate
@@ -18,6 +20,7 @@ from tests.spawn import spawn
 
 
 def _config(save: str, **ckpt):
+    """dp × pp=2 × 2 virtual stages on the shipped tiny dataset (dp from the world size)."""
     s = base_sections()
     s["model"].update(num_layers=4, num_chunks=2, vocab_size=264)
     s["data"].update(seq_len=32, micro_bsz=2, micro_num=4, total_steps=6, train_folder=str(REPO / "launch/data/tiny"))
@@ -62,3 +65,89 @@ def test_resume_after_restart_is_exact(tmp_path):
     fresh = spawn(_run, 4, str(tmp_path / "c"), 1, {"load_model_only_folder": f"local:{tmp_path}/a/6",
                                                       "auto_resume": False})[0]
     assert fresh[0][0] == 1 and fresh[0][1] < whole[0][1]  # starts from the trained model's lower loss
+
+
+@pytest.mark.multiproc
+def test_snapshots_and_stop_file(tmp_path):
+    stop = tmp_path / "stop"
+    stop.write_text("5")  # +5: save at step 5 and stop
+    records = spawn(_run, 2, str(tmp_path / "s"), None,
+                    {"checkpoint_every": 4, "oss_snapshot_freq": 2, "stop_file_path": str(stop)})[0]
+    assert [r[0] for r in records] == [1, 2, 3, 4, 5]
+    root = tmp_path / "s"
+    assert (root / "snapshot" / "0" / "2.step").exists()  # step 2: first snapshot slot
+    assert (root / "4" / "4.step").exists()  # step 4: a normal checkpoint takes precedence over the snapshot
+    assert (root / "5" / "5.step").exists() and not (root / "6").exists()
+    assert latest_checkpoint(root, root / "snapshot") == root / "5"
+
+
+def _crash_config(tmp_path: Path) -> Path:
+    config = tmp_path / "crash.py"
+    text = (REPO / "internlm_configs" / "tiny.py").read_text()
+    text = text.replace('save_ckpt_folder="local:runs/tiny/ckpt"', f'save_ckpt_folder="local:{tmp_path}/ckpt"')
+    text = text.replace("checkpoint_every=20", "checkpoint_every=1").replace("auto_resume=False", "auto_resume=True")
+    text = text.replace('train_folder="launch/data/tiny"', f'train_folder="{REPO}/launch/data/tiny"')
+    # a wider model, so that writing a checkpoint takes long enough to be interrupted
+    text = text.replace("HIDDEN_SIZE = 64", "HIDDEN_SIZE = 512").replace("NUM_ATTENTION_HEAD = 4", "NUM_ATTENTION_HEAD = 8")
+    config.write_text(text)
+    return config
+
+
+def _launch(config: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    from tests.spawn import free_port
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                             str(REPO / "launch" / "train.py"), "--config", str(config), *extra],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    for victim in tree:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_resumes_from_previous_complete(tmp_path):
+    config = _crash_config(tmp_path)
+    proc = _launch(config, tmp_path)
+    ckpt = tmp_path / "ckpt"
+    deadline = time.monotonic() + 300
+    killed_in = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        for folder in sorted(ckpt.glob("[0-9]*"), key=lambda p: int(p.name)):
+            if int(folder.name) >= 2 and any(folder.iterdir()) and not list(folder.glob("*.step")):
+                _kill_tree(proc.pid)  # mid-write: files there, marker not yet
+                killed_in = folder
+                break
+        if killed_in:
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_in is not None, "the run ended before a checkpoint write could be interrupted"
+    step = int(killed_in.name)
+    previous = latest_checkpoint(ckpt, None)
+    assert previous is not None and int(previous.name) < step
+    resumed = _launch(config, tmp_path, "--max-steps", str(step + 1))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    steps = [int(m) for m in re.findall(r"step +(\d+) loss=", out)]
+    assert steps and steps[0] == int(previous.name) + 1, out[-3000:]  # right after the last complete checkpoint
+    assert (ckpt / str(step + 1) / f"{step + 1}.step").exists()
