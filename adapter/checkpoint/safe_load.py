@@ -69,3 +69,14 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     return obj
+
+
+def load_deepspeed_file(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """DeepSpeed's own checkpoint files, with ``weights_only=True`` and the three DeepSpeed classes its ZeRO
+    optimizer files hold allow-listed (DeepSpeed itself loads them with ``weights_only=False``)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)

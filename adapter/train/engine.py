@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer import TransformerConfig
 
+from adapter.checkpoint.safe_load import load_deepspeed_file
 from adapter.config.schema import InternLMConfig
 from adapter.config.to_deepspeed import deepspeed_config
 from adapter.model.forward import MicroBatch, run_microbatches
@@ -95,6 +96,8 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=Chunks(chunks), optimizer=optimizer, mpu=MegatronMPU(), config=training_ds_config(cfg, layout),
             dist_init_required=False)
+        # DeepSpeed unpickles its checkpoint files without restriction; read them through an allow-list
+        self.engine.checkpoint_engine.load = load_deepspeed_file
         self.scaler = LossScaler(cfg.grad_scaler, enabled=cfg.model.dtype == "fp16")
         if self.scaler.enabled:
             # DeepSpeed's scaler only unscales; InternEvo's rules decide the scale (see ``step``)

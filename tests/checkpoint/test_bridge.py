@@ -251,3 +251,13 @@ def test_torch_dist_loads_at_other_layouts_in_megatron(tmp_path, family):
     back = _cli("convert", tmp_path / "dist", tmp_path / "back", "--to", "internevo", "--tp", "2")
     assert back.returncode == 0, back.stderr
     assert _cli("verify", src, tmp_path / "back").returncode == 0
+
+
+def test_deepspeed_files_load_through_the_allow_list(tmp_path):
+    from adapter.checkpoint.safe_load import load_deepspeed_file
+
+    _Evil.marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": {"x": _Evil()}}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        load_deepspeed_file(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert not _Evil.marker.exists()
