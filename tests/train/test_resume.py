@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from adapter.checkpoint.convert import compare, open_checkpoint
+from adapter.checkpoint.safe_load import load_deepspeed_file
 from adapter.checkpoint.save import latest_checkpoint
 from adapter.config import RawConfig, normalize, validate
+from adapter.model.mapping import logical_from_chunk
 from tests.conftest import REPO, base_sections
 from tests.spawn import spawn
 
@@ -56,6 +59,15 @@ def test_resume_after_restart_is_exact(tmp_path):
     assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
     a, b = open_checkpoint(tmp_path / "a" / "6"), open_checkpoint(tmp_path / "b" / "6")
     assert compare(a, b, atol=1e-6) == []
+    # interop: the InternEvo shards equal the live weights DeepSpeed saved from the engine's module
+    cfg, layout = _config(str(tmp_path / "a"))
+    for pp_rank in range(2):
+        module = load_deepspeed_file(tmp_path / "a" / "6" / "deepspeed" / f"mp_rank_{pp_rank:02d}_model_states.pt")
+        for vp in range(2):
+            prefix = f"chunks.{vp}."
+            chunk = {k[len(prefix):]: v for k, v in module["module"].items() if k.startswith(prefix)}
+            for key, value in logical_from_chunk([chunk], cfg.model, layout, pp_rank, vp).items():
+                assert torch.equal(value, a.tensors[key]), key
     # a folder without its completion marker is never picked
     partial = tmp_path / "b" / "9"
     shutil.copytree(tmp_path / "b" / "6", partial)
