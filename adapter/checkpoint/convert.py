@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -35,7 +35,8 @@ class Checkpoint:
     format: str
     model: ModelConfig
     layout: Optional[ParallelLayout]
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
+    """Read on access for InternEvo folders (streaming); in memory for the other formats."""
     generation: str = ""
     """Key-naming generation, e.g. ``internevo`` or ``internevo-2023`` (w2/w3 swapped), ``hf-llama``."""
 
@@ -64,7 +65,8 @@ def open_checkpoint(path: str | Path, model: Optional[ModelConfig] = None) -> Ch
         ckpt = read_internevo(path, model)
         if ckpt.model is None:
             raise CheckpointError(f"{path}: no model_config.pt, so head counts are unknown; pass --config")
-        tensors = dict(ckpt.logical())
+        tensors = ckpt.lazy()
+        tensors.validate()
         return Checkpoint(path, fmt, ckpt.model, ckpt.layout(), tensors,
                           "internevo-2023 (w2/w3 swapped)" if ckpt.legacy else "internevo")
     if fmt == "mcore":
@@ -117,21 +119,37 @@ def planned_files(fmt: str, layout: Optional[ParallelLayout]) -> list[str]:
     return ["config.json", "model*.safetensors (an index past the shard size)"]
 
 
+class _Cast(Mapping[str, torch.Tensor]):
+    """``source`` with every tensor cast to ``dtype`` on access."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]):
+        self.source, self.dtype = source, dtype
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self.source[key]
+        return value if self.dtype is None else value.to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
 def _progress(items: Iterable, total: int, desc: str) -> Iterable:
     if not sys.stderr.isatty():
         return items
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="tensor")
+    return tqdm(items, total=total, desc=desc, unit="file")
 
 
 def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optional[ParallelLayout], *,
                      dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
-    """Write ``src`` as ``fmt`` into ``dst`` (atomically)."""
+    """Write ``src`` as ``fmt`` into ``dst`` (atomically), one output file at a time."""
     import dataclasses
 
-    tensors = {k: v.to(dtype) if dtype is not None else v
-               for k, v in _progress(src.tensors.items(), len(src.tensors), "convert")}
+    tensors = _Cast(src.tensors, dtype)
     model = src.model
     if dtype is not None:
         model = dataclasses.replace(model, dtype={v: k for k, v in DTYPES.items()}[dtype])
@@ -139,14 +157,14 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
         if fmt == "internevo":
             from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
 
-            for p in range(layout.pp):
-                for t in range(layout.tp):
-                    torch.save(shard_state_dict(tensors, model, layout, t, p), tmp / f"model_tp{t}_pp{p}.pt")
+            files = [(t, p) for p in range(layout.pp) for t in range(layout.tp)]
+            for t, p in _progress(files, len(files), "write"):
+                torch.save(shard_state_dict(tensors, model, layout, t, p), tmp / f"model_tp{t}_pp{p}.pt")
             torch.save(model_config_dict(model), tmp / "model_config.pt")
         elif fmt == "mcore":
             from adapter.checkpoint.mcore_dist import write_torch_dist
 
-            write_torch_dist(tensors, model, tmp)
+            write_torch_dist(dict(tensors.items()), model, tmp)
         elif fmt == "mcore-legacy":
             from adapter.checkpoint.mcore_legacy import write_mcore_legacy
 
@@ -154,7 +172,7 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
         else:
             from adapter.checkpoint.hf_io import write_hf
 
-            write_hf(tensors, model, tmp)
+            write_hf(dict(tensors.items()), model, tmp)
     return Path(dst)
 
 

@@ -110,36 +110,49 @@ def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
     return out
 
 
+def stage_sources(model: ModelConfig, layout: ParallelLayout, pp_rank: int) -> dict[str, tuple[str, str]]:
+    """Logical key → (key inside the stage's files, how the tensor-rank pieces merge), for stage ``pp_rank``.
+
+    Merge kinds: ``hidden`` (the embedding, columns), ``qkv``, ``columns`` (row-parallel weights), ``rows``
+    (column-parallel weights and the head), ``first`` (replicated tensors, and the row-parallel bias that
+    only the tp-0 file holds)."""
+    names = LOGICAL_NAMES[model.family]
+    out: dict[str, tuple[str, str]] = {}
+    for chunk, (start, end) in enumerate(layout.stages[pp_rank]):
+        prefix = f"{chunk}.model." if layout.vpp > 1 else ""
+        if start == 0:
+            out[names["embedding"]] = (prefix + names["embedding"], "hidden")
+        for j, i in enumerate(range(start, end)):
+            for part in _LAYER_PARTS[model.family]:
+                if _present(model, part):
+                    kind = ("qkv" if part.startswith("qkv") else "columns" if part in ("proj.weight", "w2")
+                            else "rows" if part in ("w1", "w3") else "first")
+                    out[names[part].format(i=i)] = (prefix + names[part].format(i=j), kind)
+        if end == model.num_layers:
+            out[names["final_norm.weight"]] = (prefix + names["final_norm.weight"], "first")
+            if model.norm_type == "layernorm":
+                out[names["final_norm.bias"]] = (prefix + names["final_norm.bias"], "first")
+            out[names["head"]] = (prefix + names["head"], "rows")
+    return out
+
+
+def merge(model: ModelConfig, kind: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """One logical tensor from its per-tensor-rank pieces (``stage_sources`` names the kind)."""
+    if kind == "qkv":
+        return _qkv_merge(model, pieces)
+    if kind in ("hidden", "columns"):
+        return torch.cat(pieces, 1)
+    if kind == "rows":
+        return torch.cat(pieces, 0)
+    return pieces[0]
+
+
 def logical_from_shards(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], model: ModelConfig,
                         layout: ParallelLayout, pp_rank: int) -> dict[str, torch.Tensor]:
     """The logical tensors of pipeline stage ``pp_rank`` from its files, ``shards[(tp_rank, pp_rank)]``."""
-    names, tp, chunks = LOGICAL_NAMES[model.family], layout.tp, layout.vpp
-    files = [shards[(t, pp_rank)] for t in range(tp)]
-    out: dict[str, torch.Tensor] = {}
-    for chunk, (start, end) in enumerate(layout.stages[pp_rank]):
-        prefix = f"{chunk}.model." if chunks > 1 else ""
-        if start == 0:
-            out[names["embedding"]] = torch.cat([f[prefix + names["embedding"]] for f in files], 1)
-        for j, i in enumerate(range(start, end)):
-            for part in _LAYER_PARTS[model.family]:
-                if not _present(model, part):
-                    continue
-                key = prefix + names[part].format(i=j)
-                logical_key = names[part].format(i=i)
-                if part.startswith("qkv"):
-                    out[logical_key] = _qkv_merge(model, [f[key] for f in files])
-                elif part in ("proj.weight", "w2"):
-                    out[logical_key] = torch.cat([f[key] for f in files], 1)
-                elif part in ("w1", "w3"):
-                    out[logical_key] = torch.cat([f[key] for f in files], 0)
-                else:  # norms (replicated) and the row-parallel bias (tp-0 file only)
-                    out[logical_key] = files[0][key]
-        if end == model.num_layers:
-            out[names["final_norm.weight"]] = files[0][prefix + names["final_norm.weight"]]
-            if model.norm_type == "layernorm":
-                out[names["final_norm.bias"]] = files[0][prefix + names["final_norm.bias"]]
-            out[names["head"]] = torch.cat([f[prefix + names["head"]] for f in files], 0)
-    return out
+    files = [shards[(t, pp_rank)] for t in range(layout.tp)]
+    return {key: merge(model, kind, [f[file_key] for f in (files[:1] if kind == "first" else files)])
+            for key, (file_key, kind) in stage_sources(model, layout, pp_rank).items()}
 
 
 def model_config_dict(model: ModelConfig) -> dict:

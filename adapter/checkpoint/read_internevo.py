@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
-from adapter.checkpoint.internevo import logical_from_shards
+from adapter.checkpoint.internevo import logical_from_shards, merge, stage_sources
 from adapter.checkpoint.safe_load import load_metadata, load_tensors
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout
@@ -91,6 +91,64 @@ class InternEvoCheckpoint:
     def logical(self) -> Iterator[tuple[str, torch.Tensor]]:
         for p in range(self.pp):
             yield from self.stage(p).items()
+
+    def lazy(self) -> "LazyTensors":
+        """The logical tensors as a mapping that reads each one from the files only when asked."""
+        if self.model is None:
+            raise CheckpointError(f"{self.path}: model sizes unknown; no model_config.pt here, pass --config")
+        return LazyTensors(self)
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Logical tensors computed on access from memory-mapped files; nothing is kept.
+
+    Each access maps the files it needs, merges the tensor-rank pieces into a new tensor and lets the
+    mappings go, so a conversion holds one logical tensor (plus what it writes), not the model."""
+
+    def __init__(self, ckpt: InternEvoCheckpoint):
+        self.ckpt = ckpt
+        layout = ckpt.layout()
+        self.index = {key: (p, file_key, kind) for p in range(ckpt.pp)
+                      for key, (file_key, kind) in stage_sources(ckpt.model, layout, p).items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        p, file_key, kind = self.index[key]
+        ranks = [0] if kind == "first" else range(self.ckpt.tp)
+        pieces = []
+        for t in ranks:
+            tensors = self.ckpt.load_file(t, p)
+            if file_key not in tensors:
+                raise CheckpointError(f"{self.ckpt.files[(t, p)]}: missing tensor {file_key}")
+            pieces.append(tensors[file_key])
+        try:
+            out = merge(self.ckpt.model, kind, pieces)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit together: "
+                                  f"{exc}") from None
+        return out.clone() if kind == "first" else out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def validate(self) -> None:
+        """Check every tensor's pieces exist and fit, from shapes only (no tensor data is read)."""
+        for p in range(self.ckpt.pp):
+            files = [self.ckpt.load_file(t, p) for t in range(self.ckpt.tp)]
+            for key, (q, file_key, kind) in self.index.items():
+                if q != p:
+                    continue
+                for t, f in enumerate(files[:1] if kind == "first" else files):
+                    if file_key not in f:
+                        raise CheckpointError(f"{self.ckpt.files[(t, p)]}: missing tensor {file_key}")
+                if kind in ("hidden", "columns", "rows"):
+                    dim = 0 if kind == "rows" else 1
+                    shapes = {tuple(s for d, s in enumerate(f[file_key].shape) if d != dim) for f in files}
+                    if len(shapes) != 1:
+                        raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
+                                              f"together: shapes {[tuple(f[file_key].shape) for f in files]}")
 
 
 def _modernise(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -43,9 +44,10 @@ def test_export_gives_internevo_logits_in_transformers(tmp_path, family):
 def test_negative_control_swapped_gate_and_up(tmp_path):
     fixture = FIXTURES / "internlm1_tiny"
     src = open_checkpoint(fixture / "ckpt")
-    src.tensors["blocks.0.mlp.w1.weight"], src.tensors["blocks.0.mlp.w3.weight"] = (
-        src.tensors["blocks.0.mlp.w3.weight"], src.tensors["blocks.0.mlp.w1.weight"])
-    out = write_checkpoint(src, "hf", tmp_path / "hf", None)
+    tensors = dict(src.tensors.items())
+    tensors["blocks.0.mlp.w1.weight"], tensors["blocks.0.mlp.w3.weight"] = (
+        tensors["blocks.0.mlp.w3.weight"], tensors["blocks.0.mlp.w1.weight"])
+    out = write_checkpoint(dataclasses.replace(src, tensors=tensors), "hf", tmp_path / "hf", None)
     with torch.no_grad():
         logits = llama(out)(torch.load(fixture / "tokens.pt", weights_only=True)).logits
     assert rel(logits, torch.load(fixture / "logits.pt", weights_only=True)) > 1e-3
