@@ -141,7 +141,7 @@ def _progress(items: Iterable, total: int, desc: str) -> Iterable:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="file")
+    return tqdm(items, total=total, desc=desc, unit="stage")
 
 
 def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optional[ParallelLayout], *,
@@ -155,11 +155,11 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
         model = dataclasses.replace(model, dtype={v: k for k, v in DTYPES.items()}[dtype])
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         if fmt == "internevo":
-            from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
+            from adapter.checkpoint.internevo import model_config_dict, stage_state_dicts
 
-            files = [(t, p) for p in range(layout.pp) for t in range(layout.tp)]
-            for t, p in _progress(files, len(files), "write"):
-                torch.save(shard_state_dict(tensors, model, layout, t, p), tmp / f"model_tp{t}_pp{p}.pt")
+            for p in _progress(range(layout.pp), layout.pp, "write"):
+                for t, shard in enumerate(stage_state_dicts(tensors, model, layout, p)):
+                    torch.save(shard, tmp / f"model_tp{t}_pp{p}.pt")
             torch.save(model_config_dict(model), tmp / "model_config.pt")
         elif fmt == "mcore":
             from adapter.checkpoint.mcore_dist import write_torch_dist

@@ -76,38 +76,47 @@ def _present(model: ModelConfig, part: str) -> bool:
 def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
                      tp_rank: int, pp_rank: int) -> "OrderedDict[str, torch.Tensor]":
     """The content of ``model_tp{tp_rank}_pp{pp_rank}.pt`` for the logical weights."""
+    return stage_state_dicts(logical, model, layout, pp_rank)[tp_rank]
+
+
+def stage_state_dicts(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
+                      pp_rank: int) -> "list[OrderedDict[str, torch.Tensor]]":
+    """The files of every tensor rank of stage ``pp_rank``, reading each logical tensor once (a streaming
+    source computes a tensor per access, so one pass per stage instead of one per file)."""
     names, tp, chunks = LOGICAL_NAMES[model.family], layout.tp, layout.vpp
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    outs: list[OrderedDict[str, torch.Tensor]] = [OrderedDict() for _ in range(tp)]
+
+    def split(key: str, value: torch.Tensor, how) -> None:
+        for r, out in enumerate(outs):
+            piece = how(value, r)
+            if piece is not None:
+                out[key] = piece
+
     for chunk, (start, end) in enumerate(layout.stages[pp_rank]):
         prefix = f"{chunk}.model." if chunks > 1 else ""
-
-        def local(part: str, j: int) -> str:
-            return prefix + names[part].format(i=j)
-
         if start == 0:
-            out[prefix + names["embedding"]] = _slice(logical[names["embedding"]], 1, tp, tp_rank)
+            split(prefix + names["embedding"], logical[names["embedding"]], lambda t, r: _slice(t, 1, tp, r))
         for j, i in enumerate(range(start, end)):
             for part in _LAYER_PARTS[model.family]:
                 if not _present(model, part):
                     continue
-                t = logical[names[part].format(i=i)]
+                key, value = prefix + names[part].format(i=j), logical[names[part].format(i=i)]
                 if part.startswith("qkv"):
-                    out[local(part, j)] = _qkv_shard(model, t, tp, tp_rank)
-                elif part == "proj.weight" or part == "w2":
-                    out[local(part, j)] = _slice(t, 1, tp, tp_rank)
-                elif part == "proj.bias":
-                    if tp_rank == 0:  # a row-parallel bias lives only in the tp-0 file
-                        out[local(part, j)] = t.clone()
+                    split(key, value, lambda t, r: _qkv_shard(model, t, tp, r))
+                elif part in ("proj.weight", "w2"):
+                    split(key, value, lambda t, r: _slice(t, 1, tp, r))
+                elif part == "proj.bias":  # a row-parallel bias lives only in the tp-0 file
+                    split(key, value, lambda t, r: t.clone() if r == 0 else None)
                 elif part in ("w1", "w3"):
-                    out[local(part, j)] = _slice(t, 0, tp, tp_rank)
+                    split(key, value, lambda t, r: _slice(t, 0, tp, r))
                 else:
-                    out[local(part, j)] = t.clone()
+                    split(key, value, lambda t, r: t.clone())
         if end == model.num_layers:
-            out[prefix + names["final_norm.weight"]] = logical[names["final_norm.weight"]].clone()
+            split(prefix + names["final_norm.weight"], logical[names["final_norm.weight"]], lambda t, r: t.clone())
             if model.norm_type == "layernorm":
-                out[prefix + names["final_norm.bias"]] = logical[names["final_norm.bias"]].clone()
-            out[prefix + names["head"]] = _slice(logical[names["head"]], 0, tp, tp_rank, uneven=True)
-    return out
+                split(prefix + names["final_norm.bias"], logical[names["final_norm.bias"]], lambda t, r: t.clone())
+            split(prefix + names["head"], logical[names["head"]], lambda t, r: _slice(t, 0, tp, r, uneven=True))
+    return outs
 
 
 def stage_sources(model: ModelConfig, layout: ParallelLayout, pp_rank: int) -> dict[str, tuple[str, str]]:

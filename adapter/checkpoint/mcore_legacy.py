@@ -31,8 +31,13 @@ def write_mcore_legacy(logical: Mapping[str, torch.Tensor], model: ModelConfig, 
                        iteration: int = 0) -> None:
     folder = root / f"iter_{iteration:07d}"
     for p in range(layout.pp):
-        for t in range(layout.tp):
-            chunks = [chunk_state_dict(logical, model, layout, p, vp, t) for vp in range(layout.vpp)]
+        per_rank: list[list[dict]] = [[] for _ in range(layout.tp)]
+        for vp in range(layout.vpp):
+            cache: dict[str, torch.Tensor] = {}  # each logical tensor read once per chunk, for every rank
+            view = _Memo(logical, cache)
+            for t in range(layout.tp):
+                per_rank[t].append(chunk_state_dict(view, model, layout, p, vp, t))
+        for t, chunks in enumerate(per_rank):
             state: dict = {"iteration": iteration, "checkpoint_version": 3.0}
             if layout.vpp == 1:
                 state["model"] = chunks[0]
@@ -42,6 +47,22 @@ def write_mcore_legacy(logical: Mapping[str, torch.Tensor], model: ModelConfig, 
             out.mkdir(parents=True, exist_ok=True)
             torch.save(state, out / "model_optim_rng.pt")
     (root / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+
+
+class _Memo(Mapping[str, torch.Tensor]):
+    def __init__(self, source: Mapping[str, torch.Tensor], cache: dict):
+        self.source, self.cache = source, cache
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.cache:
+            self.cache[key] = self.source[key]
+        return self.cache[key]
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
 
 
 def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, dict[str, torch.Tensor]]:

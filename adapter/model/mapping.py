@@ -126,7 +126,7 @@ def qkv_from_grouped(model: ModelConfig, t: torch.Tensor) -> torch.Tensor:
 def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int = 0) -> torch.Tensor:
     if t.shape[dim] % tp:
         raise ValueError(f"dimension {dim} of a {tuple(t.shape)} tensor does not split into {tp} equal parts")
-    return t.chunk(tp, dim=dim)[rank].contiguous()
+    return t.chunk(tp, dim=dim)[rank].clone()  # not a view: a view would keep the whole tensor alive
 
 
 def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,

@@ -1,0 +1,109 @@
+"""Benchmark: converting a 7B-shaped InternEvo checkpoint, against copying the same bytes.
+
+The bench writes an InternLM-7B-shaped checkpoint (random bf16 weights; tp=2, pp=2) into ``--dir``, times
+``cp -r`` of it on the same disk, then converts it with ``internlm-ckpt`` (a fresh process each time) to
+Megatron's per-rank layout at tp=4, pp=2, vpp=2 (``mcore-legacy``) and to Hugging Face safetensors. Reported:
+wall time as a ratio to the copy, and peak resident memory (``ru_maxrss`` of the converting process) as a
+ratio to the largest source shard. Goal: time <= 1.5x the copy, memory <= 1x the largest shard.
+
+    .venv/bin/python bench/convert.py --dir /tmp/convert-bench [--layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from adapter.checkpoint.internevo import model_config_dict, shard_state_dict  # noqa: E402
+from adapter.config import RawConfig, normalize  # noqa: E402
+
+
+def model_7b(layers: int):
+    raw = {"model_type": "INTERNLM", "adam": {"lr": 1e-4}, "ckpt": {"enable_save_ckpt": False},
+           "data": {"seq_len": 2048, "micro_bsz": 1, "total_steps": 1},
+           "model": {"num_layers": layers, "hidden_size": 4096, "num_attention_heads": 32, "vocab_size": 103168,
+                     "mlp_ratio": 8 / 3, "dtype": "torch.bfloat16"}}
+    return normalize(RawConfig(raw, "7b.py", {})).model
+
+
+def write_source(folder: Path, model, tp: int, pp: int) -> None:
+    from adapter.checkpoint.convert import target_layout
+    from adapter.model.mapping import logical_keys
+
+    layout = target_layout(model, tp, pp, 1)
+    shapes = _logical_shapes(model)
+    meta = {k: torch.empty(shapes[k], dtype=torch.bfloat16, device="meta") for k in logical_keys(model)}
+    folder.mkdir(parents=True)
+    for p in range(pp):
+        for t in range(tp):
+            shard = shard_state_dict(meta, model, layout, t, p)
+            torch.save({k: torch.randn(v.shape, dtype=torch.bfloat16) for k, v in shard.items()},
+                       folder / f"model_tp{t}_pp{p}.pt")
+    torch.save(model_config_dict(model), folder / "model_config.pt")
+
+
+def _logical_shapes(model) -> dict:
+    from adapter.checkpoint.hf import _logical_shapes
+
+    return _logical_shapes(model)
+
+
+def run(cmd: list[str]) -> dict:
+    code = ("import resource, runpy, sys, time; sys.argv = %r; t = time.perf_counter(); rc = 0\n"
+            "try:\n    runpy.run_module('adapter.cli.ckpt', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code or 0\n"
+            "print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rc)"
+            ) % (["internlm-ckpt", *cmd],)
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    if not line or line[0].split()[3] != "0":
+        raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+    _, seconds, rss, _ = line[0].split()
+    return {"seconds": float(seconds), "process_wall_s": wall, "peak_rss_bytes": int(rss)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--layers", type=int, default=32)
+    args = parser.parse_args()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    model = model_7b(args.layers)
+    src = args.dir / "src"
+    write_source(src, model, tp=2, pp=2)
+    total = sum(f.stat().st_size for f in src.iterdir())
+    largest = max(f.stat().st_size for f in src.iterdir())
+    subprocess.run(["sync"])
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(args.dir / "copy")], check=True)
+    subprocess.run(["sync"])
+    copy_s = time.perf_counter() - start
+    shutil.rmtree(args.dir / "copy")
+    results = {"source_bytes": total, "largest_shard_bytes": largest, "copy_s": copy_s}
+    targets = (("mcore-legacy tp4 pp2 vpp2", "mcore", ["--to", "mcore-legacy", "--tp", "4", "--pp", "2", "--vpp", "2"]),
+               ("hf", "hf", ["--to", "hf"]))
+    for name, folder, flags in targets:
+        r = run(["convert", str(src), str(args.dir / folder), *flags])
+        subprocess.run(["sync"])
+        r["time_ratio"] = r["seconds"] / copy_s
+        r["memory_ratio"] = r["peak_rss_bytes"] / largest
+        results[name] = r
+        shutil.rmtree(args.dir / folder, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
