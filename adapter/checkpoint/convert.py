@@ -23,7 +23,6 @@ from adapter.checkpoint.read_internevo import CheckpointError, read_internevo
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
-FORMATS = ("internevo", "mcore", "mcore-legacy", "hf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

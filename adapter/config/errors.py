@@ -20,12 +20,6 @@ class ConfigError(ValueError):
         self.line = line
         super().__init__(str(self))
 
-    def located(self, source: str | None, line: int | None) -> "ConfigError":
-        """Return a copy that names ``source:line`` unless this error already names a place."""
-        if self.source is not None:
-            return self
-        return ConfigError(self.field, self.message, source=source, line=line)
-
     def __str__(self) -> str:
         where = ""
         if self.source:

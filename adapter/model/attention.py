@@ -26,10 +26,6 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = flash_attn_varlen_func = None
 
 
-def flash_available() -> bool:
-    return flash_attn_varlen_func is not None and torch.cuda.is_available()
-
-
 class CoreAttention(MegatronModule):
     """softmax(q kᵀ · scale) v per head, causal. Query head ``h`` reads kv head ``h // (heads / groups)``."""
 

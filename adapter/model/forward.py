@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Iterator, Optional
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
@@ -47,12 +47,24 @@ def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy per token from vocab-parallel logits ``[b, s, V/tp]``; 0 where the label is -100.
 
-    megatron-core's kernel overwrites fp32 logits in place (it saves memory); callers that still need the
-    logits must copy them first."""
+    Label smoothing follows torch's (and InternEvo's) definition, ``(1 - e) * nll + e * mean_i(-log p_i)``
+    over the whole vocabulary; megatron-core's built-in smoothing spreads the mass over the other classes
+    of the local vocabulary shard only, so it is computed here instead. megatron-core's kernel overwrites
+    fp32 logits in place (it saves memory); callers that still need the logits must copy them first."""
     valid = labels != IGNORE_INDEX
     target = torch.where(valid, labels, torch.zeros_like(labels))
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target, label_smoothing)
-    return losses * valid
+    if not label_smoothing:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target) * valid
+    z = logits.float()
+    group = parallel_state.get_tensor_model_parallel_group()
+    z_max = z.detach().max(dim=-1, keepdim=True).values
+    torch.distributed.all_reduce(z_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region((z - z_max).exp().sum(dim=-1))
+    mean_z = tensor_parallel.reduce_from_tensor_model_parallel_region(z.sum(dim=-1)) / (
+        z.shape[-1] * parallel_state.get_tensor_model_parallel_world_size())
+    smooth = z_max.squeeze(-1) + sum_exp.log() - mean_z  # mean over the vocabulary of -log p
+    nll = tensor_parallel.vocab_parallel_cross_entropy(z.clone(), target)
+    return ((1 - label_smoothing) * nll + label_smoothing * smooth) * valid
 
 
 def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module, *, label_smoothing: float = 0.0,

@@ -100,7 +100,3 @@ def enable() -> bool:
     _mode = _CudaToCpu()
     _mode.__enter__()  # process-wide for the main thread; left active for the life of the process
     return True
-
-
-def enabled() -> bool:
-    return _mode is not None

@@ -6,9 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from tests.conftest import CONFIGS, REPO, base_sections
 

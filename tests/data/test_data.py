@@ -143,3 +143,26 @@ def test_synthetic_dataset_recipe():
         rep *= 2
     assert first == ([n[0], rep] + list(range(n[0])) * rep)[:64]
     assert list(ds.lengths) == [len(ds[i]["tokens"]) for i in range(10)]
+
+
+def test_prepare_jsonl_with_byte_tokenizer(tmp_path):
+    import gzip
+    import json
+
+    from adapter.data.prepare import main
+
+    raw = tmp_path / "raw.jsonl.gz"
+    with gzip.open(raw, "wt") as f:
+        for text in ("hello", "", "héllo wörld"):
+            f.write(json.dumps({"text": text}) + "\n")
+    out = tmp_path / "data" / "en" / "train_000.bin"
+    assert main(["--tokenizer", "bytes", "--input", str(raw), "--output", str(out), "--eos", "2"]) == 0
+    ds = TokenizedFile(out)
+    assert [ds[i]["tokens"] for i in range(3)] == [[b + 1 for b in b"hello"] + [2], [2],
+                                                   [b + 1 for b in "héllo wörld".encode()] + [2]]
+    assert [(path.name, type_id) for path, type_id in find_files(tmp_path / "data")] == [("train_000.bin", 0)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:2: expected a JSON object with a 'text' string"):
+        main(["--tokenizer", "bytes", "--input", str(bad), "--output", str(tmp_path / "x.bin")])
+    assert not (tmp_path / "x.bin").exists()  # nothing half-written

@@ -123,3 +123,38 @@ def test_transformers_llama_oracle_on_random_weights(matrix, family):
     with torch.no_grad():
         logits = llama.eval()(ref["tokens"]).logits
     assert rel(ref["unpacked_logits"], logits) <= RTOL
+
+
+def _smoothed_losses(smoothing: float) -> dict:
+    """On 2 tensor ranks: token_losses (values and logits gradients) against torch's cross-entropy."""
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+
+    from adapter.model.forward import token_losses
+    from tests.model.workers import tiny_config
+    from adapter.runtime.dist import init_distributed
+
+    _, layout = tiny_config("internlm1", tp=2, world_size=2)
+    init_distributed(layout)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 6, 128, generator=g) * 3
+    labels = torch.randint(0, 128, (2, 6), generator=g)
+    labels[0, 2] = -100
+    rank = ps.get_tensor_model_parallel_rank()
+    mine = logits[..., rank * 64:(rank + 1) * 64].clone().requires_grad_()
+    ours = token_losses(mine, labels, smoothing)
+    ours.sum().backward()
+    full = logits.clone().requires_grad_()
+    ref = F.cross_entropy(full.reshape(-1, 128), labels.reshape(-1), ignore_index=-100, reduction="none",
+                          label_smoothing=smoothing).reshape(2, 6)
+    ref.sum().backward()
+    return {"ours": ours.detach(), "ref": ref.detach(), "grad": mine.grad,
+            "ref_grad": full.grad[..., rank * 64:(rank + 1) * 64]}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_label_smoothing_matches_torch_under_tensor_parallelism(smoothing):
+    for result in spawn(_smoothed_losses, 2, smoothing):
+        assert rel(result["ours"], result["ref"]) <= 1e-6
+        assert rel(result["grad"], result["ref_grad"]) <= 1e-5
