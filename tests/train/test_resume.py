@@ -22,11 +22,12 @@ from tests.conftest import REPO, base_sections
 from tests.spawn import spawn
 
 
-def _config(save: str, **ckpt):
+def _config(save: str, total_steps: int = 6, **ckpt):
     """dp × pp=2 × 2 virtual stages on the shipped tiny dataset (dp from the world size)."""
     s = base_sections()
     s["model"].update(num_layers=4, num_chunks=2, vocab_size=264)
-    s["data"].update(seq_len=32, micro_bsz=2, micro_num=4, total_steps=6, train_folder=str(REPO / "launch/data/tiny"))
+    s["data"].update(seq_len=32, micro_bsz=2, micro_num=4, total_steps=total_steps,
+                     train_folder=str(REPO / "launch/data/tiny"))
     s["adam"].update(lr=3e-3)
     s["parallel"] = dict(zero1=-1, tensor=1, pipeline=dict(size=2, interleaved_overlap=True))
     s["ckpt"] = {**dict(enable_save_ckpt=True, save_ckpt_folder=f"local:{save}", checkpoint_every=3,
@@ -36,12 +37,12 @@ def _config(save: str, **ckpt):
     return cfg, validate(cfg, int(os.environ.get("WORLD_SIZE", "4")))
 
 
-def _run(save: str, max_steps: int | None, ckpt: dict) -> list | None:
+def _run(save: str, max_steps: int | None, ckpt: dict, total_steps: int = 6) -> list | None:
     import torch.distributed as dist
 
     from adapter.train.loop import RunOptions, train
 
-    cfg, layout = _config(save, **ckpt)
+    cfg, layout = _config(save, total_steps, **ckpt)
     records = train(cfg, layout, RunOptions(max_steps=max_steps))
     return [(r["step"], r["loss"], r["batch_count"]) for r in records] if dist.get_rank() == 0 else None
 
@@ -82,15 +83,16 @@ def test_resume_after_restart_is_exact(tmp_path):
 @pytest.mark.multiproc
 def test_snapshots_and_stop_file(tmp_path):
     stop = tmp_path / "stop"
-    stop.write_text("5")  # +5: save at step 5 and stop
+    stop.write_text("7")  # +7: save at step 7 and stop
     records = spawn(_run, 2, str(tmp_path / "s"), None,
-                    {"checkpoint_every": 4, "oss_snapshot_freq": 2, "stop_file_path": str(stop)})[0]
-    assert [r[0] for r in records] == [1, 2, 3, 4, 5]
+                    {"checkpoint_every": 4, "oss_snapshot_freq": 2, "stop_file_path": str(stop)}, 20)[0]
+    assert [r[0] for r in records] == [1, 2, 3, 4, 5, 6, 7]
     root = tmp_path / "s"
-    assert (root / "snapshot" / "0" / "2.step").exists()  # step 2: first snapshot slot
+    assert (root / "snapshot" / "0" / "2.step").exists()  # step 2: the first snapshot slot
     assert (root / "4" / "4.step").exists()  # step 4: a normal checkpoint takes precedence over the snapshot
-    assert (root / "5" / "5.step").exists() and not (root / "6").exists()
-    assert latest_checkpoint(root, root / "snapshot") == root / "5"
+    assert (root / "snapshot" / "1" / "6.step").exists()  # step 6: the other slot
+    assert (root / "7" / "7.step").exists() and not (root / "8").exists()
+    assert latest_checkpoint(root, root / "snapshot") == root / "7"
 
 
 def _crash_config(tmp_path: Path) -> Path:
