@@ -6,6 +6,12 @@ layers every (stage, chunk) holds, so uneven splits need no metadata. The family
 (``blocks.*`` InternLM1, ``layers.*`` InternLM2); the sizes that weights cannot tell (heads) come from the
 folder's ``model_config.pt`` (read through an allow-list) or from a config file.
 
+ISP folders (``model_tp{t}_wp{w}_pp{p}.pt``, InternEvo's ``tensor.mode="isp"``) are read too: every linear
+weight and bias is a row slice of the logical tensor over the weight-parallel ranks (the fused qkv is *not*
+regrouped per rank there), while the embedding (hidden columns) and the head (vocabulary rows) are split over
+the tensor ranks, as in the other modes. This layout is inferred from InternEvo 0.5.2's source; no
+InternEvo-written ISP checkpoint was available to check it against.
+
 Older InternLM1 checkpoints (InternLM 2023) are recognised by shape and renamed on the fly: their MLP had
 ``w2`` = up and ``w3`` = down (a ``w3`` of shape ``[H, F]``), and with ``embed_split_hidden=False`` a
 vocabulary-parallel ``embedding.word_embeddings.weight``.
@@ -20,9 +26,10 @@ from typing import Iterator, Mapping
 
 import torch
 
-from adapter.checkpoint.internevo import logical_from_shards, merge, stage_sources
+from adapter.checkpoint.internevo import merge, stage_sources
 from adapter.checkpoint.safe_load import load_metadata, load_tensors
 from adapter.config.schema import ModelConfig
+from adapter.model.mapping import LOGICAL_NAMES
 from adapter.runtime.layout import ParallelLayout
 
 MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
@@ -44,8 +51,11 @@ class InternEvoCheckpoint:
     num_chunks: int
     layers: list[list[int]]
     """``layers[pp_rank][chunk]``: how many layers that chunk holds."""
-    files: dict[tuple[int, int], Path]
+    files: dict[tuple[int, int, int], Path]
+    """``files[(tp_rank, pp_rank, wp_rank)]``; ``wp_rank`` is 0 except in ISP folders."""
     model: ModelConfig | None = None
+    wp: int = 1
+    """Weight-parallel size of an ISP folder (``model_tp{t}_wp{w}_pp{p}.pt``), 1 otherwise."""
     legacy: bool = False
     dtype: torch.dtype | None = None
     _cache: dict = field(default_factory=dict, repr=False)
@@ -66,8 +76,12 @@ class InternEvoCheckpoint:
         return ParallelLayout(tp=self.tp, pp=self.pp, vpp=self.num_chunks, dp=None, zero1=None,
                               sequence_parallel=False, stages=tuple(tuple(s) for s in stages))
 
-    def load_file(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-        path = self.files[(tp_rank, pp_rank)]
+    @property
+    def isp(self) -> bool:
+        return any("_wp" in path.name for path in self.files.values())
+
+    def load_file(self, tp_rank: int, pp_rank: int, wp_rank: int = 0) -> dict[str, torch.Tensor]:
+        path = self.files[(tp_rank, pp_rank, wp_rank)]
         try:
             sd = load_tensors(path)
         except Exception as exc:
@@ -76,21 +90,8 @@ class InternEvoCheckpoint:
             raise CheckpointError(f"{path}: expected a dict of tensors")
         return _modernise(sd, self.family) if self.legacy else sd
 
-    def stage(self, pp_rank: int) -> dict[str, torch.Tensor]:
-        """Logical tensors of one pipeline stage (memory: that stage's share of every tensor file)."""
-        if self.model is None:
-            raise CheckpointError(f"{self.path}: model sizes unknown; no model_config.pt here, pass --config")
-        shards = {(t, pp_rank): self.load_file(t, pp_rank) for t in range(self.tp)}
-        try:
-            return logical_from_shards(shards, self.model, self.layout(), pp_rank)
-        except KeyError as exc:
-            raise CheckpointError(f"{self.files[(0, pp_rank)]}: missing tensor {exc}") from None
-        except RuntimeError as exc:
-            raise CheckpointError(f"{self.path}: shards of stage {pp_rank} do not fit together: {exc}") from None
-
     def logical(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for p in range(self.pp):
-            yield from self.stage(p).items()
+        yield from self.lazy().items()
 
     def lazy(self) -> "LazyTensors":
         """The logical tensors as a mapping that reads each one from the files only when asked."""
@@ -110,16 +111,34 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         layout = ckpt.layout()
         self.index = {key: (p, file_key, kind) for p in range(ckpt.pp)
                       for key, (file_key, kind) in stage_sources(ckpt.model, layout, p).items()}
+        names = LOGICAL_NAMES[ckpt.model.family]
+        self.tensor_split = {names["embedding"], names["head"]}  # split over tensor ranks even in ISP
+
+    def _isp_rows(self, key: str) -> bool:
+        """In an ISP folder, is ``key`` a linear weight or bias (row-split over weight-parallel ranks)?
+        Norms (the only keys with "norm" in their names) stay whole; embedding and head go by tensor rank."""
+        return self.ckpt.isp and "norm" not in key and key not in self.tensor_split
+
+    def _pieces(self, key: str, p: int, file_key: str, kind: str) -> list[torch.Tensor]:
+        """The per-rank pieces of one tensor. In ISP folders every linear weight and bias is cut on rows
+        over the weight-parallel ranks (``(t=0, w)`` files); embedding and head over the tensor ranks."""
+        if self._isp_rows(key):
+            where = [(0, p, w) for w in range(self.ckpt.wp)]
+        else:
+            where = [(t, p, 0) for t in ([0] if kind == "first" else range(self.ckpt.tp))]
+        pieces = []
+        for rank in where:
+            tensors = self.ckpt.load_file(*rank)
+            if file_key not in tensors:
+                raise CheckpointError(f"{self.ckpt.files[rank]}: missing tensor {file_key}")
+            pieces.append(tensors[file_key])
+        return pieces
 
     def __getitem__(self, key: str) -> torch.Tensor:
         p, file_key, kind = self.index[key]
-        ranks = [0] if kind == "first" else range(self.ckpt.tp)
-        pieces = []
-        for t in ranks:
-            tensors = self.ckpt.load_file(t, p)
-            if file_key not in tensors:
-                raise CheckpointError(f"{self.ckpt.files[(t, p)]}: missing tensor {file_key}")
-            pieces.append(tensors[file_key])
+        pieces = self._pieces(key, p, file_key, kind)
+        if self._isp_rows(key):
+            kind = "rows"  # ISP: plain row slices of the logical tensor, qkv and biases included
         try:
             out = merge(self.ckpt.model, kind, pieces)
         except RuntimeError as exc:
@@ -135,21 +154,16 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def validate(self) -> None:
         """Check every tensor's pieces exist and fit, from shapes only (no tensor data is read)."""
-        for p in range(self.ckpt.pp):
-            files = [self.ckpt.load_file(t, p) for t in range(self.ckpt.tp)]
-            for key, (q, file_key, kind) in self.index.items():
-                if q != p:
-                    continue
-                for t, f in enumerate(files[:1] if kind == "first" else files):
-                    if file_key not in f:
-                        raise CheckpointError(f"{self.ckpt.files[(t, p)]}: missing tensor {file_key}")
-                if kind in ("hidden", "columns", "rows"):
-                    dim = 0 if kind == "rows" else 1
-                    shapes = {tuple(s for d, s in enumerate(f[file_key].shape) if d != dim) for f in files}
-                    if len(shapes) != 1:
-                        raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
-                                              f"together: shapes {[tuple(f[file_key].shape) for f in files]}")
-
+        for key, (p, file_key, kind) in self.index.items():
+            pieces = self._pieces(key, p, file_key, kind)
+            if self._isp_rows(key):
+                kind = "rows"
+            if kind in ("hidden", "columns", "rows"):
+                dim = 0 if kind == "rows" else 1
+                shapes = {tuple(s for d, s in enumerate(t.shape) if d != dim) for t in pieces}
+                if len(shapes) != 1:
+                    raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
+                                          f"together: shapes {[tuple(t.shape) for t in pieces]}")
 
 def _modernise(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     out = {}
@@ -174,18 +188,22 @@ def read_internevo(path: str | Path, model: ModelConfig | None = None) -> Intern
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
     names = sorted(p.name for p in folder.iterdir())
-    if any(ISP_FILE.match(n) for n in names):
-        raise CheckpointError(f"{folder}: ISP checkpoints (model_tp*_wp*_pp*.pt) are not supported yet")
-    files = {(int(m[1]), int(m[2])): folder / n for n in names if (m := MODEL_FILE.match(n))}
+    files = {(int(m[1]), int(m[2]), 0): folder / n for n in names if (m := MODEL_FILE.match(n))}
+    isp = {(int(m[1]), int(m[3]), int(m[2])): folder / n for n in names if (m := ISP_FILE.match(n))}
+    if files and isp:
+        raise CheckpointError(f"{folder}: holds both model_tp*_pp*.pt and ISP model_tp*_wp*_pp*.pt files")
+    files = files or isp
     if not files:
-        raise CheckpointError(f"{folder}: no model_tp*_pp*.pt files")
-    tp = max(t for t, _ in files) + 1
-    pp = max(p for _, p in files) + 1
+        raise CheckpointError(f"{folder}: no model_tp*_pp*.pt (or ISP model_tp*_wp*_pp*.pt) files")
+    tp, pp, wp = (max(k[i] for k in files) + 1 for i in range(3))
     for t in range(tp):
         for p in range(pp):
-            if (t, p) not in files:
-                raise CheckpointError(f"{folder}: model_tp{t}_pp{p}.pt is missing (found tp={tp}, pp={pp})")
-    ckpt = InternEvoCheckpoint(folder, "", tp, pp, 1, [], files)
+            for w in range(wp):
+                if (t, p, w) not in files:
+                    name = f"model_tp{t}_wp{w}_pp{p}.pt" if isp else f"model_tp{t}_pp{p}.pt"
+                    raise CheckpointError(f"{folder}: {name} is missing (found tp={tp}, pp={pp}"
+                                          + (f", wp={wp})" if isp else ")"))
+    ckpt = InternEvoCheckpoint(folder, "", tp, pp, 1, [], files, wp=wp)
     layers, family, chunks = [], None, 1
     for p in range(pp):
         keys = list(ckpt.load_file(0, p).keys())

@@ -261,3 +261,45 @@ def test_deepspeed_files_load_through_the_allow_list(tmp_path):
     with pytest.raises(Exception, match="weights_only|Unsupported global"):
         load_deepspeed_file(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert not _Evil.marker.exists()
+
+
+def _write_isp(folder: Path, logical: dict, model, tp: int, wp: int, pp: int) -> None:
+    """An ISP folder as INTERNEVO_FORMAT.md §3.2 describes it: linears (weights and biases) cut on rows over
+    the weight-parallel ranks, embedding on hidden and head on vocabulary over the tensor ranks, norms whole."""
+    from adapter.checkpoint.internevo import split_sizes
+
+    layout = target_layout(model, 1, pp, 1)
+    plain = {p: shard_state_dict(logical, model, layout, 0, p) for p in range(pp)}  # tp=1 names and layers
+    folder.mkdir(parents=True)
+    for p in range(pp):
+        for t in range(tp):
+            for w in range(wp):
+                out = {}
+                for key, value in plain[p].items():
+                    if key.endswith(("embedding.weight", "tok_embeddings.weight")):
+                        out[key] = value.chunk(tp, dim=1)[t].clone()
+                    elif key.endswith(("head.weight", "output.weight")):
+                        sizes = split_sizes(value.shape[0], tp)
+                        out[key] = value.split(sizes)[t].clone()
+                    elif "norm" in key:
+                        out[key] = value.clone()
+                    else:
+                        out[key] = value.chunk(wp, dim=0)[w].clone()
+                torch.save(out, folder / f"model_tp{t}_wp{w}_pp{p}.pt")
+    torch.save(model_config_dict(model), folder / "model_config.pt")
+
+
+@pytest.mark.parametrize("family", ["internlm1", "internlm2"])
+def test_isp_folders_are_read(tmp_path, family):
+    model = tiny_model(family)
+    logical = random_logical(model, 8)
+    _write_isp(tmp_path / "isp", logical, model, tp=2, wp=2, pp=2)
+    src = open_checkpoint(tmp_path / "isp")
+    assert (src.layout.tp, src.layout.pp) == (2, 2)
+    assert src.tensors.keys() == logical.keys()
+    assert all(torch.equal(src.tensors[k], logical[k]) for k in logical)
+    out = write_checkpoint(src, "internevo", tmp_path / "plain", target_layout(model, 2, 2, 1))
+    assert compare(open_checkpoint(out), src) == []
+    (tmp_path / "isp" / "model_tp1_wp1_pp0.pt").unlink()
+    with pytest.raises(CheckpointError, match="model_tp1_wp1_pp0.pt is missing"):
+        open_checkpoint(tmp_path / "isp")
