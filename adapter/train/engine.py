@@ -103,8 +103,11 @@ class Trainer:
             # DeepSpeed's scaler only unscales; InternEvo's rules decide the scale (see ``step``)
             self.optimizer.loss_scaler.raise_error_at_min_scale = False
             self.optimizer.loss_scaler.cur_scale = self.scaler.scale
-            config.grad_scale_func = lambda loss: loss * self.scaler.scale
-        config.finalize_model_grads_func = self._finalize
+        # chunks may carry their own config copy (per-chunk recompute); the schedule reads the first chunk's
+        for each in {id(c): c for c in [config, *(chunk.config for chunk in chunks)]}.values():
+            each.finalize_model_grads_func = self._finalize
+            if self.scaler.enabled:
+                each.grad_scale_func = lambda loss: loss * self.scaler.scale
         self.sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
         self.step_count = 0
 

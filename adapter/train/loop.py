@@ -69,7 +69,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     context = checkpointer.resume(trainer, chunks)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    logger = _Logger(cfg, options) if is_log_rank() else None
+    logger = _Logger(cfg, options, trainer.step_count) if is_log_rank() else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     sampler, data = build_train_batches(cfg.data, dp_rank, dp_size, sampler_state=context.pop("sampler", None))
     # InternEvo's TrainState, saved as context.pt
@@ -87,13 +87,13 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
                                                         micro_bsz=cfg.data.micro_bsz, seq_len=cfg.data.seq_len)]
         start = time.perf_counter()
         result = trainer.train_step(micro)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
         context["batch_count"] = batch_count
         context["num_consumed_samples_in_epoch"] = sampler.consumed * dp_size
         context["num_consumed_tokens"] += result.tokens
         context["inf_nan_skip_batches"] += int(result.skipped)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
         flops = flops_per_token(cfg.model, mean_attended_length(piece_lengths(micro))) * result.tokens
         record = {"step": trainer.step_count, "batch_count": batch_count, "loss": result.loss, "lr": result.lr,
                   "beta2": result.beta2, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
@@ -135,9 +135,9 @@ def _validate(trainer, batches: list[dict], cfg: InternLMConfig, layout: Paralle
 class _Logger:
     """One console line per step (with a progress bar when stderr is a terminal), and TensorBoard scalars."""
 
-    def __init__(self, cfg: InternLMConfig, options: RunOptions):
-        self.bar = tqdm(total=cfg.data.total_steps, desc=cfg.job_name, unit="step", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())
+    def __init__(self, cfg: InternLMConfig, options: RunOptions, start_step: int):
+        self.bar = tqdm(total=cfg.data.total_steps, initial=start_step, desc=cfg.job_name, unit="step",
+                        dynamic_ncols=True, disable=not sys.stderr.isatty())
         folder = options.tensorboard_dir or cfg.tensorboard_folder or os.path.join("runs", cfg.job_name, "tensorboard")
         self.writer = None
         if cfg.enable_tb:

@@ -56,7 +56,7 @@ def test_dp1_matches_reference(single):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("layout", ["dp2", "tp2_sp", "pp2_vpp2"])
+@pytest.mark.parametrize("layout", ["dp2", "dp2_recompute", "tp2_sp", "pp2_vpp2"])
 def test_two_rank_layouts_match_reference(single, two, layout):
     _compare(two[("internlm1", layout)], single["reference"]["internlm1"], RTOL)
 

@@ -14,21 +14,22 @@ from tests.model.workers import random_batches, random_logical
 GLOBAL_MICROBATCHES = 8  # per optimizer step, over all data-parallel ranks
 STEPS = 5
 
-#: name → (tensor, pipeline, virtual stages, sequence parallel)
+#: name → (tensor, pipeline, virtual stages, sequence parallel, InternEvo model.checkpoint)
 LAYOUTS = {
-    "dp1": (1, 1, 1, False),
-    "dp2": (1, 1, 1, False),
-    "tp2_sp": (2, 1, 1, True),
-    "pp2_vpp2": (1, 2, 2, False),
-    "dp2_pp2": (1, 2, 1, False),
+    "dp1": (1, 1, 1, False, False),
+    "dp2": (1, 1, 1, False, False),
+    "dp2_recompute": (1, 1, 1, False, 0.5),
+    "tp2_sp": (2, 1, 1, True, False),
+    "pp2_vpp2": (1, 2, 2, False, False),
+    "dp2_pp2": (1, 2, 1, False, False),
 }
 
 
 def train_config(family: str, world: int, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = False,
-                 dtype: str = "torch.float32", micro_num: int | None = None):
+                 dtype: str = "torch.float32", micro_num: int | None = None, checkpoint: bool | float = False):
     s = base_sections()
     dp = world // (tp * pp)
-    s["model"].update(num_layers=4, num_chunks=vpp, dtype=dtype)
+    s["model"].update(num_layers=4, num_chunks=vpp, dtype=dtype, checkpoint=checkpoint)
     if family == "internlm2":
         s["model_type"] = "INTERNLM2_PUBLIC"
         s["model"].update(num_kv_attention_heads=2, no_bias=True)
@@ -90,8 +91,8 @@ def train_layout(family: str, name: str, dtype: str = "torch.float32") -> dict:
 
     from adapter.train.engine import Trainer
 
-    tp, pp, vpp, sp = LAYOUTS[name]
-    cfg, layout = train_config(family, int(os.environ["WORLD_SIZE"]), tp, pp, vpp, sp, dtype)
+    tp, pp, vpp, sp, checkpoint = LAYOUTS[name]
+    cfg, layout = train_config(family, int(os.environ["WORLD_SIZE"]), tp, pp, vpp, sp, dtype, checkpoint=checkpoint)
     config, chunks = _build(cfg, layout, seed=0)
     trainer = Trainer(cfg, layout, chunks, config)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -165,7 +166,8 @@ def single_process_suite() -> dict:
 
 
 def two_rank_suite() -> dict | None:
-    out = {("internlm1", name): train_layout("internlm1", name) for name in ("dp2", "tp2_sp", "pp2_vpp2")}
+    out = {("internlm1", name): train_layout("internlm1", name) for name in ("dp2", "dp2_recompute", "tp2_sp",
+                                                                            "pp2_vpp2")}
     out[("internlm2", "tp2_sp")] = train_layout("internlm2", "tp2_sp")
     out[("internlm1", "dp2_bf16")] = train_layout("internlm1", "dp2", dtype="torch.bfloat16")
     return out if dist.get_rank() == 0 else None
