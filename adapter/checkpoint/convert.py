@@ -171,7 +171,7 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
         else:
             from adapter.checkpoint.hf_io import write_hf
 
-            write_hf(dict(tensors.items()), model, tmp)
+            write_hf(tensors, model, tmp)
     return Path(dst)
 
 

@@ -26,7 +26,7 @@ half-converted or built for another size should fail here, not as a shape error 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -113,20 +113,35 @@ def internevo_to_hf(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) 
     Keys come out in Llama's module order. The q/k/v pieces are cloned out of the fused tensor so that each
     owns its storage (safetensors refuses tensors that share memory); every other tensor is passed through.
     """
+    return dict(iter_hf_tensors(state_dict, model))
+
+
+def iter_hf_tensors(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """``internevo_to_hf`` one tensor at a time, reading each logical tensor only when its turn comes, so a
+    lazily read source is converted without holding the model. Key sets are checked first; each shape as
+    the tensor is read."""
     _check_supported(model)
-    _check(state_dict, _logical_shapes(model), "InternEvo state dict")
+    expected = _logical_shapes(model)
+    _check(state_dict, expected, "InternEvo state dict", shapes=False)
     names = LOGICAL_NAMES[model.family]
-    out: dict[str, torch.Tensor] = {_LLAMA["embedding"]: state_dict[names["embedding"]]}
+
+    def get(key: str) -> torch.Tensor:
+        value = state_dict[key]
+        if tuple(value.shape) != expected[key]:
+            raise ValueError(f"InternEvo state dict: tensor {key} has shape {tuple(value.shape)}, "
+                             f"expected {expected[key]}")
+        return value
+
+    yield _LLAMA["embedding"], get(names["embedding"])
     for i in range(model.num_layers):
         for suffix in _qkv_suffixes(model):
-            pieces = _split_qkv(model, state_dict[names[f"qkv.{suffix}"].format(i=i)])
+            pieces = _split_qkv(model, get(names[f"qkv.{suffix}"].format(i=i)))
             for proj, piece in zip(_QKV, pieces):
-                out[f"model.layers.{i}.self_attn.{proj}.{suffix}"] = piece
+                yield f"model.layers.{i}.self_attn.{proj}.{suffix}", piece
         for part in _plain_parts(model):
-            out[_LLAMA[part].format(i=i)] = state_dict[names[part].format(i=i)]
-    out[_LLAMA["final_norm.weight"]] = state_dict[names["final_norm.weight"]]
-    out[_LLAMA["head"]] = state_dict[names["head"]]
-    return out
+            yield _LLAMA[part].format(i=i), get(names[part].format(i=i))
+    yield _LLAMA["final_norm.weight"], get(names["final_norm.weight"])
+    yield _LLAMA["head"], get(names["head"])
 
 
 def hf_to_internevo(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -251,14 +266,15 @@ def _first(keys: list[str]) -> str:
     return keys[0] + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
 
 
-def _check(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
-    """Raise ``ValueError`` naming the first missing, unexpected or wrongly shaped tensor."""
+def _check(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], what: str,
+           shapes: bool = True) -> None:
+    """Raise ``ValueError`` naming the first missing, unexpected or (with ``shapes``) wrongly shaped tensor."""
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise ValueError(f"{what}: missing tensor {_first(missing)}")
     extra = [k for k in tensors if k not in expected]
     if extra:
         raise ValueError(f"{what}: unexpected tensor {_first(extra)}")
-    for key, shape in expected.items():
+    for key, shape in expected.items() if shapes else ():
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{what}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
