@@ -85,13 +85,21 @@ class Checkpointer:
             snap = self.snapshot.path if self.snapshot is not None and self.snapshot.backend == "local" else None
             found = latest_checkpoint(self.save.path, snap)
             return Location("local", path=found) if found else None
-        best: Optional[tuple[int, str]] = None
-        for key in self.store.keys(self.save.key + "/"):
-            folder, _, name = key.rpartition("/")
-            m = MARKER.match(name)
-            if m and (best is None or int(m[1]) > best[0]):
-                best = (int(m[1]), folder)
-        return Location("s3", bucket=self.save.bucket, key=best[1], endpoint=self.save.endpoint) if best else None
+        shared: list = [None, None]  # (best (step, folder), error message): one listing, sent to every rank
+        if dist.get_rank() == 0:
+            try:
+                for key in self.store.keys(self.save.key + "/"):
+                    folder, _, name = key.rpartition("/")
+                    m = MARKER.match(name)
+                    if m and (shared[0] is None or int(m[1]) > shared[0][0]):
+                        shared[0] = (int(m[1]), folder)
+            except StorageError as exc:  # every rank must fail, not wait for rank 0
+                shared[1] = str(exc)
+        dist.broadcast_object_list(shared, src=0)
+        if shared[1] is not None:
+            raise StorageError(shared[1])
+        found = shared[0]
+        return Location("s3", bucket=self.save.bucket, key=found[1], endpoint=self.save.endpoint) if found else None
 
     def _materialise(self, where: Location) -> Path:
         """A local folder with the checkpoint's files (downloaded by each node's local rank 0)."""
