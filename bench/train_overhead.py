@@ -33,6 +33,8 @@ def _config(layout_name: str, hidden: int, seq: int, world: int):
     s["model"].update(num_layers=8, hidden_size=hidden, num_attention_heads=8, vocab_size=4096, num_chunks=vpp)
     s["data"].update(seq_len=seq, micro_bsz=1, micro_num=4 if pp == 1 else 8, total_steps=1000)
     s["parallel"] = dict(tensor=1, pipeline=dict(size=pp, interleaved_overlap=True))
+    # InternEvo's default bucket (the tests' 1024 elements would make DeepSpeed reduce tensor by tensor)
+    s["hybrid_zero_optimizer"]["reduce_bucket_size"] = 512 * 1024 * 1024
     cfg = normalize(RawConfig(s, "bench.py", {}))
     return cfg, validate(cfg, world)
 

@@ -175,6 +175,15 @@ def _weight(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
     return None
 
 
+def _overlap_grad(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
+    if not cfg.zero_optimizer.overlap_sync_grad:
+        return "exact", "no overlap, as configured"
+    return "approximate", ("gradients are reduced once, after the schedule's last backward pass, not overlapped "
+                           "with it: megatron-core's schedule runs every micro-batch inside one DeepSpeed step, "
+                           "and DeepSpeed's overlap hooks would reduce after the first micro-batch "
+                           "(overlap_comm = false)")
+
+
 def _overlap_param(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
     if not value:
         return "exact", "no overlap, as configured"
@@ -336,9 +345,10 @@ RULES: tuple[Rule, ...] = (
     Rule("grad_scaler.max_scale", "exact", "-", judge=_max_scale),
     Rule("grad_scaler.hysteresis", "exact", "ds: fp16.hysteresis (consecutive_hysteresis = false)",
          judge=_fp16_only),
-    Rule("hybrid_zero_optimizer.overlap_sync_grad", "exact", "ds: zero_optimization.overlap_comm"),
+    Rule("hybrid_zero_optimizer.overlap_sync_grad", "exact", "ds: zero_optimization.overlap_comm",
+         judge=_overlap_grad),
     Rule("hybrid_zero_optimizer.zero_overlap_communication", "exact", "ds: zero_optimization.overlap_comm",
-         "old alias of overlap_sync_grad"),
+         "old alias of overlap_sync_grad", judge=_overlap_grad),
     Rule("hybrid_zero_optimizer.overlap_sync_param", "exact", "-", judge=_overlap_param),
     Rule("hybrid_zero_optimizer.reduce_bucket_size", "exact",
          "ds: zero_optimization.reduce_bucket_size and allgather_bucket_size (both count elements)"),

@@ -32,7 +32,9 @@ def deepspeed_config(cfg: InternLMConfig, layout: ParallelLayout) -> dict[str, A
         # InternEvo's reduce_bucket_size counts elements, like DeepSpeed's bucket sizes
         "reduce_bucket_size": zo.reduce_bucket_size,
         "allgather_bucket_size": zo.reduce_bucket_size,
-        "overlap_comm": zo.overlap_sync_grad,
+        # never overlapped: DeepSpeed's overlap hooks fire on every backward pass, and megatron-core's schedule
+        # runs all micro-batches inside one DeepSpeed step (the fidelity report says so for overlap_sync_grad)
+        "overlap_comm": False,
         "contiguous_gradients": True,
         "reduce_scatter": True,
     }

@@ -39,6 +39,8 @@ def train_config(family: str, world: int, tp: int = 1, pp: int = 1, vpp: int = 1
     s["lr_scheduler"].update(total_steps=10, warmup_ratio=0.2, eta_min=1e-3)
     s["parallel"] = dict(zero1=-1, tensor=dict(size=tp, mode="msp" if sp else "mtp"),
                          pipeline=dict(size=pp, interleaved_overlap=True))
+    # as the 7B demo sets it: must not make DeepSpeed reduce a gradient per micro-batch
+    s["hybrid_zero_optimizer"]["overlap_sync_grad"] = True
     cfg = normalize(RawConfig(s, f"train_{family}.py", {}))
     return cfg, validate(cfg, world)
 
