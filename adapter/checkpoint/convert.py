@@ -11,10 +11,9 @@ aside). Outputs are written into a temporary folder next to the target and renam
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -118,60 +117,38 @@ def planned_files(fmt: str, layout: Optional[ParallelLayout]) -> list[str]:
     return ["config.json", "model*.safetensors (an index past the shard size)"]
 
 
-class _Cast(Mapping[str, torch.Tensor]):
-    """``source`` with every tensor cast to ``dtype`` on access."""
-
-    def __init__(self, source: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]):
-        self.source, self.dtype = source, dtype
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        value = self.source[key]
-        return value if self.dtype is None else value.to(self.dtype)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.source)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-
-def _progress(items: Iterable, total: int, desc: str) -> Iterable:
-    if not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit="stage")
-
-
 def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optional[ParallelLayout], *,
-                     dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
-    """Write ``src`` as ``fmt`` into ``dst`` (atomically), one output file at a time."""
+                     dtype: Optional[torch.dtype] = None, overwrite: bool = False,
+                     shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write ``src`` as ``fmt`` into ``dst`` atomically. ``internevo``, ``mcore-legacy`` and ``hf`` stream one
+    model unit at a time (``stream_convert``); ``mcore`` builds the model on one rank (``mcore_dist``).
+    ``shard_bytes`` bounds each HF safetensors file."""
     import dataclasses
 
-    tensors = _Cast(src.tensors, dtype)
     model = src.model
     if dtype is not None:
         model = dataclasses.replace(model, dtype={v: k for k, v in DTYPES.items()}[dtype])
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        if fmt == "internevo":
-            from adapter.checkpoint.internevo import model_config_dict, stage_state_dicts
-
-            for p in _progress(range(layout.pp), layout.pp, "write"):
-                for t, shard in enumerate(stage_state_dicts(tensors, model, layout, p)):
-                    torch.save(shard, tmp / f"model_tp{t}_pp{p}.pt")
-            torch.save(model_config_dict(model), tmp / "model_config.pt")
-        elif fmt == "mcore":
+        if fmt == "mcore":
             from adapter.checkpoint.mcore_dist import write_torch_dist
 
-            write_torch_dist(dict(tensors.items()), model, tmp)
-        elif fmt == "mcore-legacy":
-            from adapter.checkpoint.mcore_legacy import write_mcore_legacy
-
-            write_mcore_legacy(tensors, model, layout, tmp)
+            tensors = {k: v if dtype is None else v.to(dtype) for k, v in src.tensors.items()}
+            write_torch_dist(tensors, model, tmp)
         else:
-            from adapter.checkpoint.hf_io import write_hf
+            from adapter.checkpoint.stream_convert import write_streaming
 
-            write_hf(tensors, model, tmp)
+            try:
+                write_streaming(src.tensors, model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes)
+            except CheckpointError:
+                raise
+            except ValueError as exc:  # a tensor that does not fit the model or the target layout
+                raise CheckpointError(f"{src.path}: {exc}") from exc
+            if fmt == "mcore-legacy":
+                (tmp / "latest_checkpointed_iteration.txt").write_text("0\n")
+            elif fmt == "internevo":
+                from adapter.checkpoint.internevo import model_config_dict
+
+                torch.save(model_config_dict(model), tmp / "model_config.pt")
     return Path(dst)
 
 

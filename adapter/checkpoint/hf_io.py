@@ -1,7 +1,7 @@
 """Hugging Face folders: ``config.json`` plus safetensors, sharded with an index past a size threshold.
 
 The tensor mapping itself (InternEvo's logical names and fused qkv ⇄ ``LlamaForCausalLM``) is in
-``checkpoint.hf``; this module reads and writes the files and recovers the model sizes from
+``checkpoint.hf``, writing is ``stream_convert``; this module reads the files and recovers the model sizes from
 ``config.json`` (transformers' Llama, or InternLM2's official remote-code ``InternLM2ForCausalLM``).
 """
 
@@ -9,50 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from adapter.checkpoint.hf import hf_config, hf_to_internevo, iter_hf_tensors
+from adapter.checkpoint.hf import hf_to_internevo
 from adapter.checkpoint.read_internevo import CheckpointError
 from adapter.config.schema import ModelConfig
 
-SHARD_BYTES = 2 * 1024**3  # like many published checkpoints; bounds the converter's memory
 INDEX = "model.safetensors.index.json"
-
-
-def write_hf(logical: Mapping[str, torch.Tensor], model: ModelConfig, folder: Path,
-             shard_bytes: int = SHARD_BYTES) -> None:
-    """Write safetensors shards of at most ``shard_bytes`` (one file when everything fits), holding one shard
-    in memory at a time; an index maps tensors to files when there are several."""
-    (folder / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
-    shard: dict[str, torch.Tensor] = {}
-    size, written, weight_map, total = 0, [], {}, 0
-
-    def flush() -> None:
-        name = f".shard-{len(written):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        written.append((name, list(shard)))
-        shard.clear()
-
-    for key, tensor in iter_hf_tensors(logical, model):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > shard_bytes:
-            flush()
-            size = 0
-        shard[key] = tensor.contiguous()
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(written) == 1:
-        (folder / written[0][0]).rename(folder / "model.safetensors")
-        return
-    for i, (temporary, keys) in enumerate(written, 1):
-        name = f"model-{i:05d}-of-{len(written):05d}.safetensors"
-        (folder / temporary).rename(folder / name)
-        weight_map.update({k: name for k in keys})
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def _model_from_config(cfg: dict, source: str) -> ModelConfig:

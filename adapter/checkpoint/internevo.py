@@ -39,20 +39,26 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (r < n % parts) for r in range(parts)]
 
 
-def _slice(t: torch.Tensor, dim: int, parts: int, rank: int, uneven: bool = False) -> torch.Tensor:
+def _slice(t: torch.Tensor, dim: int, parts: int, rank: int, uneven: bool = False, copy: bool = True) -> torch.Tensor:
     n = t.shape[dim]
     sizes = split_sizes(n, parts) if uneven else [n // parts] * parts
     if not uneven and n % parts:
         raise ValueError(f"dimension {dim} of a {tuple(t.shape)} tensor does not split into {parts} equal parts")
     start = sum(sizes[:rank])
-    return t.narrow(dim, start, sizes[rank]).clone()
+    piece = t.narrow(dim, start, sizes[rank])
+    return piece.clone() if copy else piece
 
 
 def _qkv_shard(model: ModelConfig, t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     if model.family == "internlm2":
         return _slice(t, 0, tp, rank)
     h = model.hidden_size
-    return t.reshape(3, tp, h // tp, *t.shape[1:])[:, rank].reshape(3 * h // tp, *t.shape[1:]).clone()
+    return _own(t.reshape(3, tp, h // tp, *t.shape[1:])[:, rank].reshape(3 * h // tp, *t.shape[1:]), t)
+
+
+def _own(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``out``, cloned only if it is still a view of ``source`` (a reshape that had to copy already did)."""
+    return out.clone() if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else out
 
 
 def _qkv_merge(model: ModelConfig, shards: list[torch.Tensor]) -> torch.Tensor:
@@ -76,18 +82,21 @@ def _present(model: ModelConfig, part: str) -> bool:
 def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
                      tp_rank: int, pp_rank: int) -> "OrderedDict[str, torch.Tensor]":
     """The content of ``model_tp{tp_rank}_pp{pp_rank}.pt`` for the logical weights."""
-    return stage_state_dicts(logical, model, layout, pp_rank)[tp_rank]
+    return stage_state_dicts(logical, model, layout, pp_rank, [tp_rank])[0]
 
 
 def stage_state_dicts(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
-                      pp_rank: int) -> "list[OrderedDict[str, torch.Tensor]]":
-    """The files of every tensor rank of stage ``pp_rank``, reading each logical tensor once (a streaming
-    source computes a tensor per access, so one pass per stage instead of one per file)."""
+                      pp_rank: int, tp_ranks: list[int] | None = None,
+                      copy: bool = True) -> "list[OrderedDict[str, torch.Tensor]]":
+    """The files of tensor ranks ``tp_ranks`` (default: all) of stage ``pp_rank``, reading each logical
+    tensor once for all of them. With ``copy=False`` pieces that are plain slices stay views of the
+    logical tensors (for a writer that copies bytes out itself; ``torch.save`` would store whole storages)."""
     names, tp, chunks = LOGICAL_NAMES[model.family], layout.tp, layout.vpp
-    outs: list[OrderedDict[str, torch.Tensor]] = [OrderedDict() for _ in range(tp)]
+    ranks = list(range(tp)) if tp_ranks is None else tp_ranks
+    outs: list[OrderedDict[str, torch.Tensor]] = [OrderedDict() for _ in ranks]
 
     def split(key: str, value: torch.Tensor, how) -> None:
-        for r, out in enumerate(outs):
+        for r, out in zip(ranks, outs):
             piece = how(value, r)
             if piece is not None:
                 out[key] = piece
@@ -95,7 +104,7 @@ def stage_state_dicts(logical: Mapping[str, torch.Tensor], model: ModelConfig, l
     for chunk, (start, end) in enumerate(layout.stages[pp_rank]):
         prefix = f"{chunk}.model." if chunks > 1 else ""
         if start == 0:
-            split(prefix + names["embedding"], logical[names["embedding"]], lambda t, r: _slice(t, 1, tp, r))
+            split(prefix + names["embedding"], logical[names["embedding"]], lambda t, r: _slice(t, 1, tp, r, copy=copy))
         for j, i in enumerate(range(start, end)):
             for part in _LAYER_PARTS[model.family]:
                 if not _present(model, part):
@@ -104,18 +113,20 @@ def stage_state_dicts(logical: Mapping[str, torch.Tensor], model: ModelConfig, l
                 if part.startswith("qkv"):
                     split(key, value, lambda t, r: _qkv_shard(model, t, tp, r))
                 elif part in ("proj.weight", "w2"):
-                    split(key, value, lambda t, r: _slice(t, 1, tp, r))
+                    split(key, value, lambda t, r: _slice(t, 1, tp, r, copy=copy))
                 elif part == "proj.bias":  # a row-parallel bias lives only in the tp-0 file
-                    split(key, value, lambda t, r: t.clone() if r == 0 else None)
+                    split(key, value, lambda t, r: _slice(t, 0, 1, 0, copy=copy) if r == 0 else None)
                 elif part in ("w1", "w3"):
-                    split(key, value, lambda t, r: _slice(t, 0, tp, r))
+                    split(key, value, lambda t, r: _slice(t, 0, tp, r, copy=copy))
                 else:
-                    split(key, value, lambda t, r: t.clone())
+                    split(key, value, lambda t, r: _slice(t, 0, 1, 0, copy=copy))
         if end == model.num_layers:
-            split(prefix + names["final_norm.weight"], logical[names["final_norm.weight"]], lambda t, r: t.clone())
+            whole = lambda t, r: _slice(t, 0, 1, 0, copy=copy)  # noqa: E731
+            split(prefix + names["final_norm.weight"], logical[names["final_norm.weight"]], whole)
             if model.norm_type == "layernorm":
-                split(prefix + names["final_norm.bias"], logical[names["final_norm.bias"]], lambda t, r: t.clone())
-            split(prefix + names["head"], logical[names["head"]], lambda t, r: _slice(t, 0, tp, r, uneven=True))
+                split(prefix + names["final_norm.bias"], logical[names["final_norm.bias"]], whole)
+            split(prefix + names["head"], logical[names["head"]],
+                  lambda t, r: _slice(t, 0, tp, r, uneven=True, copy=copy))
     return outs
 
 

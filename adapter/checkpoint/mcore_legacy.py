@@ -4,20 +4,19 @@
 ``model0``, ``model1``, ... one per virtual stage), ``"iteration"`` and ``"checkpoint_version"``;
 ``<root>/latest_checkpointed_iteration.txt`` names the iteration. The pipeline suffix is present only when
 the pipeline size is above 1, as Megatron-LM writes it. State-dict keys are megatron-core's
-(``adapter.model.mapping.MCORE_NAMES``).
+(``adapter.model.mapping.MCORE_NAMES``). Writing is ``stream_convert.mcore_legacy_groups``.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from adapter.checkpoint.safe_load import load_tensors
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import chunk_state_dict, logical_from_chunk
+from adapter.model.mapping import logical_from_chunk
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -25,44 +24,6 @@ RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
 def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
-
-
-def write_mcore_legacy(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout, root: Path,
-                       iteration: int = 0) -> None:
-    folder = root / f"iter_{iteration:07d}"
-    for p in range(layout.pp):
-        per_rank: list[list[dict]] = [[] for _ in range(layout.tp)]
-        for vp in range(layout.vpp):
-            cache: dict[str, torch.Tensor] = {}  # each logical tensor read once per chunk, for every rank
-            view = _Memo(logical, cache)
-            for t in range(layout.tp):
-                per_rank[t].append(chunk_state_dict(view, model, layout, p, vp, t))
-        for t, chunks in enumerate(per_rank):
-            state: dict = {"iteration": iteration, "checkpoint_version": 3.0}
-            if layout.vpp == 1:
-                state["model"] = chunks[0]
-            else:
-                state.update({f"model{vp}": c for vp, c in enumerate(chunks)})
-            out = folder / rank_dir(t, p, layout.pp)
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(state, out / "model_optim_rng.pt")
-    (root / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
-
-
-class _Memo(Mapping[str, torch.Tensor]):
-    def __init__(self, source: Mapping[str, torch.Tensor], cache: dict):
-        self.source, self.cache = source, cache
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.cache:
-            self.cache[key] = self.source[key]
-        return self.cache[key]
-
-    def __iter__(self):
-        return iter(self.source)
-
-    def __len__(self) -> int:
-        return len(self.source)
 
 
 def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, dict[str, torch.Tensor]]:

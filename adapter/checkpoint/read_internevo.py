@@ -19,8 +19,10 @@ vocabulary-parallel ``embedding.word_embeddings.weight``.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -58,7 +60,6 @@ class InternEvoCheckpoint:
     """Weight-parallel size of an ISP folder (``model_tp{t}_wp{w}_pp{p}.pt``), 1 otherwise."""
     legacy: bool = False
     dtype: torch.dtype | None = None
-    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -103,8 +104,9 @@ class InternEvoCheckpoint:
 class LazyTensors(Mapping[str, torch.Tensor]):
     """Logical tensors computed on access from memory-mapped files; nothing is kept.
 
-    Each access maps the files it needs, merges the tensor-rank pieces into a new tensor and lets the
-    mappings go, so a conversion holds one logical tensor (plus what it writes), not the model."""
+    Each file is mapped once (``torch.load(mmap=True)`` reads only its pickled structure); an access merges
+    the tensor-rank pieces into a new tensor and then drops the pages it read from this process's memory
+    (they stay in the page cache), so a conversion's resident memory is what it holds, not what it has read."""
 
     def __init__(self, ckpt: InternEvoCheckpoint):
         self.ckpt = ckpt
@@ -113,6 +115,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                       for key, (file_key, kind) in stage_sources(ckpt.model, layout, p).items()}
         names = LOGICAL_NAMES[ckpt.model.family]
         self.tensor_split = {names["embedding"], names["head"]}  # split over tensor ranks even in ISP
+        self._files: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
 
     def _isp_rows(self, key: str) -> bool:
         """In an ISP folder, is ``key`` a linear weight or bias (row-split over weight-parallel ranks)?
@@ -128,11 +131,20 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             where = [(t, p, 0) for t in ([0] if kind == "first" else range(self.ckpt.tp))]
         pieces = []
         for rank in where:
-            tensors = self.ckpt.load_file(*rank)
+            if rank not in self._files:
+                self._files[rank] = self.ckpt.load_file(*rank)
+            tensors = self._files[rank]
             if file_key not in tensors:
                 raise CheckpointError(f"{self.ckpt.files[rank]}: missing tensor {file_key}")
             pieces.append(tensors[file_key])
         return pieces
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A ``meta`` tensor with ``key``'s logical shape and dtype (no data is read)."""
+        p, file_key, kind = self.index[key]
+        pieces = [t.to("meta") for t in self._pieces(key, p, file_key, kind)]
+        return merge(self.ckpt.model, "rows" if self._isp_rows(key) else kind, pieces)
+
 
     def __getitem__(self, key: str) -> torch.Tensor:
         p, file_key, kind = self.index[key]
@@ -144,7 +156,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         except RuntimeError as exc:
             raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit together: "
                                   f"{exc}") from None
-        return out.clone() if kind == "first" else out
+        out = out.clone() if kind == "first" else out  # merged tensors are new; make the replicated one new too
+        for piece in pieces:
+            _drop_pages(piece)
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.index)
@@ -164,6 +179,35 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                 if len(shapes) != 1:
                     raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
                                           f"together: shapes {[tuple(t.shape) for t in pieces]}")
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """``madvise(MADV_DONTNEED)`` over the whole pages inside ``t``'s bytes. Only for tensors memory-mapped
+    read-only from a file (``torch.load(mmap=True)``, never written): their pages are clean copies of the
+    file, so dropping them loses nothing. Elsewhere (no libc) it does nothing."""
+    if _LIBC is None:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise  # noqa: B018 - absent on some platforms
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
 
 def _modernise(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     out = {}

@@ -123,15 +123,31 @@ def qkv_from_grouped(model: ModelConfig, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(nh, 3, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
-def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int = 0) -> torch.Tensor:
+def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int = 0, copy: bool = True) -> torch.Tensor:
     if t.shape[dim] % tp:
         raise ValueError(f"dimension {dim} of a {tuple(t.shape)} tensor does not split into {tp} equal parts")
-    return t.chunk(tp, dim=dim)[rank].clone()  # not a view: a view would keep the whole tensor alive
+    piece = t.chunk(tp, dim=dim)[rank]
+    return piece.clone() if copy else piece  # a view would keep the whole tensor alive
+
+
+def _qkv_chunk(model: ModelConfig, t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """``_chunk(qkv_to_grouped(t), tp, rank)`` without regrouping the whole tensor for every rank."""
+    if model.family == "internlm2":
+        return _chunk(t, tp, rank)
+    nh, d = model.num_attention_heads, model.head_dim
+    if nh % tp:
+        raise ValueError(f"{nh} attention heads do not split into {tp} equal parts")
+    per = nh // tp
+    mine = t.reshape(3, nh, d, *t.shape[1:])[:, rank * per:(rank + 1) * per]
+    out = mine.transpose(0, 1).reshape(3 * per * d, *t.shape[1:])
+    # the reshape copies unless nothing moved (tp = 1 with one head); the result must own its storage
+    return out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
 
 
 def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
-                     pp_rank: int, vp_stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
-    """The megatron-core state dict of chunk ``vp_stage`` on pipeline rank ``pp_rank``, tensor rank ``tp_rank``."""
+                     pp_rank: int, vp_stage: int, tp_rank: int, copy: bool = True) -> dict[str, torch.Tensor]:
+    """The megatron-core state dict of chunk ``vp_stage`` on pipeline rank ``pp_rank``, tensor rank ``tp_rank``.
+    With ``copy=False`` pieces that are plain slices stay views of the logical tensors."""
     tp = layout.tp
     names = LOGICAL_NAMES[model.family]
     start, end = layout.stages[pp_rank][vp_stage]
@@ -139,7 +155,7 @@ def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
     last = pp_rank == layout.pp - 1 and vp_stage == layout.vpp - 1
     out: dict[str, torch.Tensor] = {}
     if first:
-        out[MCORE_NAMES["embedding"]] = _chunk(logical[names["embedding"]], tp, tp_rank)
+        out[MCORE_NAMES["embedding"]] = _chunk(logical[names["embedding"]], tp, tp_rank, copy=copy)
     for local, i in enumerate(range(start, end)):
         def get(part: str) -> torch.Tensor:
             return logical[names[part].format(i=i)]
@@ -147,23 +163,23 @@ def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
         def put(part: str, value: torch.Tensor) -> None:
             out[MCORE_NAMES[part].format(i=local)] = value
 
-        put("qkv.weight", _chunk(qkv_to_grouped(model, get("qkv.weight")), tp, tp_rank))
+        put("qkv.weight", _qkv_chunk(model, get("qkv.weight"), tp, tp_rank))
         if model.qkv_bias:
-            put("qkv.bias", _chunk(qkv_to_grouped(model, get("qkv.bias")), tp, tp_rank))
-        put("proj.weight", _chunk(get("proj.weight"), tp, tp_rank, dim=1))
+            put("qkv.bias", _qkv_chunk(model, get("qkv.bias"), tp, tp_rank))
+        put("proj.weight", _chunk(get("proj.weight"), tp, tp_rank, dim=1, copy=copy))
         if model.out_proj_bias:
-            put("proj.bias", get("proj.bias").clone())  # replicated, added once after the reduction
+            put("proj.bias", _chunk(get("proj.bias"), 1, 0, copy=copy))  # replicated, added once after the reduction
         for norm in ("norm1", "norm2"):
-            put(f"{norm}.weight", get(f"{norm}.weight").clone())
+            put(f"{norm}.weight", _chunk(get(f"{norm}.weight"), 1, 0, copy=copy))
             if model.norm_type == "layernorm":
-                put(f"{norm}.bias", get(f"{norm}.bias").clone())
+                put(f"{norm}.bias", _chunk(get(f"{norm}.bias"), 1, 0, copy=copy))
         put("fc1", torch.cat([_chunk(get("w1"), tp, tp_rank), _chunk(get("w3"), tp, tp_rank)]))
-        put("w2", _chunk(get("w2"), tp, tp_rank, dim=1))
+        put("w2", _chunk(get("w2"), tp, tp_rank, dim=1, copy=copy))
     if last:
-        out[MCORE_NAMES["final_norm.weight"]] = logical[names["final_norm.weight"]].clone()
+        out[MCORE_NAMES["final_norm.weight"]] = _chunk(logical[names["final_norm.weight"]], 1, 0, copy=copy)
         if model.norm_type == "layernorm":
-            out[MCORE_NAMES["final_norm.bias"]] = logical[names["final_norm.bias"]].clone()
-        out[MCORE_NAMES["head"]] = _chunk(logical[names["head"]], tp, tp_rank)
+            out[MCORE_NAMES["final_norm.bias"]] = _chunk(logical[names["final_norm.bias"]], 1, 0, copy=copy)
+        out[MCORE_NAMES["head"]] = _chunk(logical[names["head"]], tp, tp_rank, copy=copy)
     return out
 
 

@@ -10,7 +10,7 @@ import torch
 
 from adapter.checkpoint.convert import compare, open_checkpoint, write_checkpoint
 from adapter.checkpoint.hf import hf_config, hf_to_internevo, internevo_to_hf
-from adapter.checkpoint.hf_io import write_hf
+from adapter.checkpoint.stream_convert import write_streaming
 from tests.checkpoint.test_bridge import FIXTURES, tiny_model
 from tests.model.workers import random_logical
 
@@ -91,7 +91,7 @@ def test_sharded_safetensors_with_index(tmp_path):
     model = tiny_model("internlm1")
     logical = random_logical(model, 13)
     (tmp_path / "hf").mkdir()
-    write_hf(logical, model, tmp_path / "hf", shard_bytes=200_000)
+    write_streaming(logical, model, "hf", None, tmp_path / "hf", shard_bytes=200_000)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     back = open_checkpoint(tmp_path / "hf")
