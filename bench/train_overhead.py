@@ -3,10 +3,12 @@
 The adapter step is ``train.engine.Trainer.train_step`` (DeepSpeed ZeRO-1 + megatron-core's schedule, with
 InternEvo's schedules). The bare step runs the same megatron-core schedule on an identical copy of the model
 and updates it with ``torch.optim.AdamW`` (gradients averaged over data parallel with one all-reduce per
-tensor, as a minimal hand-written loop would). Both run in the same processes, alternating step by step,
-so machine noise hits both alike. Reported: median step times and their ratio (adapter / bare).
+tensor, as a minimal hand-written loop would). Both run in the same processes, alternating step by step
+(and which of the two goes first), so machine noise hits both alike. Reported: median step times, and the
+median and quartiles of the per-step ratio adapter / bare (each adapter step against the bare step run
+next to it, which cancels slow drifts of the machine).
 
-    .venv/bin/python bench/train_overhead.py [--steps 12] [--hidden 256] [--seq 256]
+    .venv/bin/python bench/train_overhead.py [--steps 30] [--hidden 256] [--seq 256]
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ def _worker(layout_name: str, steps: int, hidden: int, seq: int) -> dict | None:
         opt.step()
 
     batches = random_batches(0, count=cfg.data.micro_num, length=seq, vocab=4096)
-    times = {"adapter": [], "bare": []}
+    steps_fns = (("adapter", trainer.train_step), ("bare", bare_step))
+    times: dict[str, list[float]] = {"adapter": [], "bare": []}
     for step in range(steps + 3):
-        for name, fn in (("adapter", trainer.train_step), ("bare", bare_step)):
+        for name, fn in steps_fns if step % 2 else steps_fns[::-1]:  # alternate which goes first
             dist.barrier()
             start = time.perf_counter()
             fn(batches)
@@ -85,13 +88,15 @@ def _worker(layout_name: str, steps: int, hidden: int, seq: int) -> dict | None:
     if dist.get_rank() != 0:
         return None
     a, b = statistics.median(times["adapter"]), statistics.median(times["bare"])
-    return {"layout": layout_name, "adapter_s": a, "bare_s": b, "ratio": a / b, "steps": steps,
-            "tokens_per_step": cfg.data.micro_num * seq * dp}
+    pairs = sorted(x / y for x, y in zip(times["adapter"], times["bare"]))
+    return {"layout": layout_name, "adapter_s": a, "bare_s": b, "ratio": statistics.median(pairs),
+            "ratio_iqr": [pairs[len(pairs) // 4], pairs[3 * len(pairs) // 4]], "ratio_of_medians": a / b,
+            "steps": steps, "tokens_per_step": cfg.data.micro_num * seq * dp}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()

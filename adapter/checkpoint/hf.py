@@ -67,7 +67,7 @@ _OFFICIAL = {
 _QKV = ("q_proj", "k_proj", "v_proj")
 #: Buffers that older transformers / remote code saved; they are recomputed from the config, so they are
 #: skipped on import instead of being reported as unexpected.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def hf_config(model: ModelConfig) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def hf_to_internevo(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) 
                     expected[f"model.layers.{i}.self_attn.{proj}.{suffix}"] = (heads * d, *shape[1:])
         for part in _plain_parts(model):
             expected[table[part].format(i=i)] = shapes[names[part].format(i=i)]
-    tensors = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    tensors = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
     _check(tensors, expected, "Hugging Face state dict")
 
     out: dict[str, torch.Tensor] = {}

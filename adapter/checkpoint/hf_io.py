@@ -8,15 +8,19 @@ The tensor mapping itself (InternEvo's logical names and fused qkv ⇄ ``LlamaFo
 from __future__ import annotations
 
 import json
+import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file
 
-from adapter.checkpoint.hf import hf_to_internevo
+from adapter.checkpoint.hf import IGNORED_SUFFIXES, hf_to_internevo
+from adapter.checkpoint.memory import empty_huge
 from adapter.checkpoint.read_internevo import CheckpointError
 from adapter.config.schema import ModelConfig
+from adapter.model.mapping import model_units
 
 INDEX = "model.safetensors.index.json"
 
@@ -46,7 +50,8 @@ def _model_from_config(cfg: dict, source: str) -> ModelConfig:
     return result
 
 
-def read_hf(folder: Path, model: Optional[ModelConfig] = None) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+def read_hf(folder: Path, model: Optional[ModelConfig] = None) -> tuple[ModelConfig, "HFTensors", str]:
+    """The model sizes (from ``config.json`` unless given) and the folder's logical tensors, read lazily."""
     config_path = folder / "config.json"
     try:
         cfg = json.loads(config_path.read_text())
@@ -59,16 +64,102 @@ def read_hf(folder: Path, model: Optional[ModelConfig] = None) -> tuple[ModelCon
         files = sorted(set(index["weight_map"].values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            tensors.update(load_file(folder / name))
-        except Exception as exc:
-            raise CheckpointError(f"{folder / name}: cannot be read as safetensors ({exc})") from exc
-    generation = "hf-internlm2-official" if any(k.startswith("model.tok_embeddings") for k in tensors) else "hf-llama"
-    try:
-        logical = hf_to_internevo(tensors, model)
-    except ValueError as exc:
-        raise CheckpointError(f"{folder}: {exc}") from exc
-    return model, logical, generation
+    tensors = HFTensors(folder, files, model)
+    return model, tensors, tensors.generation
 
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class _Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """Byte offset of the tensor's data in the file."""
+
+
+class HFTensors(Mapping[str, torch.Tensor]):
+    """The logical tensors of a Hugging Face folder, read one model unit (a layer) at a time.
+
+    The safetensors headers give every tensor's dtype, shape and file offset; keys and shapes are checked
+    against the model up front (``hf_to_internevo`` on ``meta`` tensors). Asking for a logical tensor reads
+    the HF tensors of its layer with plain file reads (nothing stays mapped) and maps them; that layer stays
+    cached until a tensor of another layer is asked for."""
+
+    def __init__(self, folder: Path, files: list[str], model: ModelConfig):
+        self.folder, self.model = folder, model
+        self.entries: dict[str, _Entry] = {}
+        for name in files:
+            self.entries.update(_read_header(folder / name))
+        meta = {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self.entries.items()}
+        self.generation = "hf-internlm2-official" if any(k.startswith("model.tok_embeddings") for k in meta) \
+            else "hf-llama"
+        try:
+            self.logical_meta = hf_to_internevo(meta, model)
+        except ValueError as exc:
+            raise CheckpointError(f"{folder}: {exc}") from exc
+        self.hf_meta = meta
+        units = model_units(model)
+        self.unit_of = {key: u for u, keys in enumerate(units) for key in keys}
+        self.hf_keys: list[list[str]] = [[] for _ in units]
+        embedding = {"model.embed_tokens.weight", "model.tok_embeddings.weight"}
+        for key in meta:
+            layer = _LAYER.search(key)
+            u = 1 + int(layer[1]) if layer else 0 if key in embedding else len(units) - 1
+            self.hf_keys[u].append(key)
+        self.unit, self.cache = -1, {}
+
+    def meta(self, key: str) -> torch.Tensor:
+        return self.logical_meta[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        u = self.unit_of[key]
+        if u != self.unit:
+            self.unit, self.cache = u, {}  # the previous layer goes before this one is read
+            view = dict(self.hf_meta)
+            view.update({k: self._read(k) for k in self.hf_keys[u] if not k.endswith(IGNORED_SUFFIXES)})
+            out = hf_to_internevo(view, self.model)
+            self.cache = {k: v for k, v in out.items() if v.device.type != "meta"}
+        return self.cache[key]
+
+    def _read(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        t = empty_huge(e.shape, e.dtype)
+        nbytes = t.numel() * t.element_size()
+        with open(e.path, "rb") as f:
+            f.seek(e.offset)
+            got = f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) if nbytes else 0
+        if got != nbytes:
+            raise CheckpointError(f"{e.path}: tensor {key} is truncated ({got} of {nbytes} bytes)")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.logical_meta)
+
+    def __len__(self) -> int:
+        return len(self.logical_meta)
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    """A safetensors file's tensors: dtype, shape and absolute data offset, from its JSON header."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        file_size = path.stat().st_size
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if 8 + size + end > file_size:
+                raise ValueError(f"tensor {key} ends past the end of the file")
+            out[key] = _Entry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin)
+        return out
+    except (OSError, ValueError, KeyError, struct.error, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({type(exc).__name__}: {exc})") from exc

@@ -61,10 +61,13 @@ def _own(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return out.clone() if out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else out
 
 
-def _qkv_merge(model: ModelConfig, shards: list[torch.Tensor]) -> torch.Tensor:
+def _qkv_merge(model: ModelConfig, shards: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     if model.family == "internlm2":
-        return torch.cat(shards, 0)
+        return torch.cat(shards, 0, out=out)
     per = [s.reshape(3, s.shape[0] // 3, *s.shape[1:]) for s in shards]
+    if out is not None:
+        torch.cat(per, 1, out=out.view(3, -1, *out.shape[1:]))
+        return out
     merged = torch.cat(per, 1)
     return merged.reshape(merged.shape[0] * merged.shape[1], *merged.shape[2:])
 
@@ -156,15 +159,16 @@ def stage_sources(model: ModelConfig, layout: ParallelLayout, pp_rank: int) -> d
     return out
 
 
-def merge(model: ModelConfig, kind: str, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """One logical tensor from its per-tensor-rank pieces (``stage_sources`` names the kind)."""
+def merge(model: ModelConfig, kind: str, pieces: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """One logical tensor from its per-tensor-rank pieces (``stage_sources`` names the kind), written into
+    ``out`` when given (then always a copy; without it, ``first`` returns the tp-0 piece itself)."""
     if kind == "qkv":
-        return _qkv_merge(model, pieces)
+        return _qkv_merge(model, pieces, out)
     if kind in ("hidden", "columns"):
-        return torch.cat(pieces, 1)
+        return torch.cat(pieces, 1, out=out)
     if kind == "rows":
-        return torch.cat(pieces, 0)
-    return pieces[0]
+        return torch.cat(pieces, 0, out=out)
+    return pieces[0] if out is None else out.copy_(pieces[0])
 
 
 def logical_from_shards(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], model: ModelConfig,

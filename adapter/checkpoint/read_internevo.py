@@ -19,16 +19,15 @@ vocabulary-parallel ``embedding.word_embeddings.weight``.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
 from adapter.checkpoint.internevo import merge, stage_sources
+from adapter.checkpoint.memory import drop_pages, empty_huge
 from adapter.checkpoint.safe_load import load_metadata, load_tensors
 from adapter.config.schema import ModelConfig
 from adapter.model.mapping import LOGICAL_NAMES
@@ -105,7 +104,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """Logical tensors computed on access from memory-mapped files; nothing is kept.
 
     Each file is mapped once (``torch.load(mmap=True)`` reads only its pickled structure); an access merges
-    the tensor-rank pieces into a new tensor and then drops the pages it read from this process's memory
+    the tensor-rank pieces into a new tensor (on huge pages) and then drops the pages it read from this process's memory
     (they stay in the page cache), so a conversion's resident memory is what it holds, not what it has read."""
 
     def __init__(self, ckpt: InternEvoCheckpoint):
@@ -139,6 +138,14 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             pieces.append(tensors[file_key])
         return pieces
 
+    def pieces(self, keys: Iterable[str]) -> list[torch.Tensor]:
+        """The memory-mapped source pieces behind ``keys`` (for read-ahead; nothing is read here)."""
+        out = []
+        for key in keys:
+            p, file_key, kind = self.index[key]
+            out += self._pieces(key, p, file_key, kind)
+        return out
+
     def meta(self, key: str) -> torch.Tensor:
         """A ``meta`` tensor with ``key``'s logical shape and dtype (no data is read)."""
         p, file_key, kind = self.index[key]
@@ -152,13 +159,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         if self._isp_rows(key):
             kind = "rows"  # ISP: plain row slices of the logical tensor, qkv and biases included
         try:
-            out = merge(self.ckpt.model, kind, pieces)
+            shape = merge(self.ckpt.model, kind, [t.to("meta") for t in pieces]).shape
+            out = merge(self.ckpt.model, kind, pieces, out=empty_huge(shape, pieces[0].dtype))
         except RuntimeError as exc:
             raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit together: "
                                   f"{exc}") from None
-        out = out.clone() if kind == "first" else out  # merged tensors are new; make the replicated one new too
         for piece in pieces:
-            _drop_pages(piece)
+            drop_pages(piece)
         return out
 
     def __iter__(self) -> Iterator[str]:
@@ -179,35 +186,6 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                 if len(shapes) != 1:
                     raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
                                           f"together: shapes {[tuple(t.shape) for t in pieces]}")
-
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
-
-
-def _drop_pages(t: torch.Tensor) -> None:
-    """``madvise(MADV_DONTNEED)`` over the whole pages inside ``t``'s bytes. Only for tensors memory-mapped
-    read-only from a file (``torch.load(mmap=True)``, never written): their pages are clean copies of the
-    file, so dropping them loses nothing. Elsewhere (no libc) it does nothing."""
-    if _LIBC is None:
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    if last > first:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
-
-
-def _libc():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise  # noqa: B018 - absent on some platforms
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-
 
 def _modernise(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     out = {}

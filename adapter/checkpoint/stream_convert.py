@@ -18,32 +18,18 @@ from __future__ import annotations
 import json
 import sys
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
+from adapter.checkpoint.memory import prefetch_pages, trim_heap
 from adapter.checkpoint.stream_write import SafetensorsWriter, TorchFileWriter, tensors_in
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import LOGICAL_NAMES, logical_keys
+from adapter.model.mapping import logical_keys, model_units
 from adapter.runtime.layout import ParallelLayout
-
-
-def model_units(model: ModelConfig) -> list[list[str]]:
-    """The logical keys of each unit, in model order: embedding, layer 0 … layer L-1, final norm and head."""
-    names = LOGICAL_NAMES[model.family]
-    layer_of = {}
-    for key in logical_keys(model):
-        rest = key.split(".", 2)
-        layer_of[key] = int(rest[1]) if rest[0] in ("blocks", "layers") else None
-    units: list[list[str]] = [[names["embedding"]]] + [[] for _ in range(model.num_layers)] + [[]]
-    for key, layer in layer_of.items():
-        if layer is not None:
-            units[1 + layer].append(key)
-        elif key != names["embedding"]:
-            units[-1].append(key)
-    return units
 
 
 @dataclass
@@ -195,7 +181,11 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
         writers.append(files)
     view = _UnitView(source, meta, dtype)
     bar = _progress(sum(t.numel() * t.element_size() for t in meta.values()))
-    for u, keys in enumerate(model_units(model)):
+    units = model_units(model)
+    readahead = ThreadPoolExecutor(1) if hasattr(source, "pieces") else None
+    for u, keys in enumerate(units):
+        if readahead is not None and u + 1 < len(units):  # the disk reads the next unit while this one is cut
+            readahead.submit(lambda pieces: [prefetch_pages(t) for t in pieces], source.pieces(units[u + 1]))
         view.start(keys)
         for group, files in zip(groups, writers):
             if u in group.units:
@@ -203,6 +193,9 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
         if bar is not None:
             bar.update(sum(meta[k].numel() * meta[k].element_size() for k in keys))
         view.start(())
+        trim_heap()
+    if readahead is not None:
+        readahead.shutdown()
     for files in writers:
         for writer in files:
             writer.close()

@@ -27,6 +27,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from adapter.checkpoint.memory import empty_huge
+
 #: safetensors' dtype names
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -110,7 +112,8 @@ class _Ordered:
             raise ValueError(f"{self.path}: tensor {name} has shape {tuple(tensor.shape)} {tensor.dtype}, "
                              f"expected {shape} {dtype}")
         self.next += 1
-        return tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().cpu()
+        return tensor if tensor.is_contiguous() else empty_huge(tensor.shape, tensor.dtype).copy_(tensor)
 
     def _check_complete(self) -> None:
         if self.next != len(self.expected):
@@ -151,7 +154,9 @@ class TorchFileWriter(_Ordered):
         tensor = self._check(tensor, position)
         key = self.storages[self.next - 1].key
         nbytes = tensor.numel() * tensor.element_size()
-        self.zip.write_record(f"data/{key}", tensor.data_ptr(), nbytes)
+        start = tensor.storage_offset() * tensor.element_size()
+        data = tensor.untyped_storage()[start:start + nbytes]  # a view of just this tensor's bytes
+        self.zip.write_record(f"data/{key}", data, nbytes)
 
     def close(self) -> None:
         self._check_complete()

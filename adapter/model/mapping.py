@@ -108,6 +108,22 @@ def logical_keys(model: ModelConfig) -> list[str]:
     return keys
 
 
+def model_units(model: ModelConfig) -> list[list[str]]:
+    """The logical keys of each unit, in model order: embedding, layer 0 … layer L-1, final norm and head."""
+    names = LOGICAL_NAMES[model.family]
+    layer_of = {}
+    for key in logical_keys(model):
+        rest = key.split(".", 2)
+        layer_of[key] = int(rest[1]) if rest[0] in ("blocks", "layers") else None
+    units: list[list[str]] = [[names["embedding"]]] + [[] for _ in range(model.num_layers)] + [[]]
+    for key, layer in layer_of.items():
+        if layer is not None:
+            units[1 + layer].append(key)
+        elif key != names["embedding"]:
+            units[-1].append(key)
+    return units
+
+
 def qkv_to_grouped(model: ModelConfig, t: torch.Tensor) -> torch.Tensor:
     """Logical fused qkv (weight or bias) → megatron's per-kv-head grouping."""
     if model.family == "internlm2":

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adapter.checkpoint.convert import open_checkpoint, target_layout
-from adapter.checkpoint.stream_convert import model_units, write_streaming
+from adapter.checkpoint.stream_convert import write_streaming
 from adapter.config import RawConfig, normalize
-from adapter.model.mapping import logical_keys
+from adapter.model.mapping import logical_keys, model_units
 from tests.checkpoint.test_bridge import tiny_model, write_internevo
 from tests.conftest import base_sections
 from tests.model.workers import random_logical
@@ -79,3 +79,35 @@ def test_internevo_source_pages_are_released(tmp_path):
     mapped = load_tensors(folder / "model_tp0_pp0.pt")
     touched = sum(float(t.float().sum()) for t in mapped.values())
     assert touched == touched and mapped_rss() > total / 5
+
+
+def test_hf_source_is_read_layer_by_layer_once(tmp_path, monkeypatch):
+    """An HF folder converts to InternEvo reading each safetensors tensor once, with plain file reads."""
+    from adapter.checkpoint.convert import write_checkpoint
+    from adapter.checkpoint.hf_io import HFTensors
+
+    model = tiny_model("internlm2")
+    logical = random_logical(model, 22)
+    (tmp_path / "hf").mkdir()
+    write_streaming(logical, model, "hf", None, tmp_path / "hf", shard_bytes=100_000)
+    reads: list[str] = []
+    original = HFTensors._read
+    monkeypatch.setattr(HFTensors, "_read", lambda self, key: reads.append(key) or original(self, key))
+    src = open_checkpoint(tmp_path / "hf")
+    assert reads == []  # opening reads headers only
+    write_checkpoint(src, "internevo", tmp_path / "ie", target_layout(model, 2, 2, 2))
+    assert sorted(reads) == sorted(src.tensors.hf_meta)  # every HF tensor, once
+    back = open_checkpoint(tmp_path / "ie")
+    assert all(torch.equal(back.tensors[k], logical[k]) for k in logical)
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    from adapter.checkpoint.read_internevo import CheckpointError
+
+    model = tiny_model("internlm1")
+    (tmp_path / "hf").mkdir()
+    write_streaming(random_logical(model, 23), model, "hf", None, tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot be read as safetensors .*ends past the end"):
+        open_checkpoint(tmp_path / "hf")
