@@ -8,7 +8,7 @@ tensor, as a minimal hand-written loop would). Both run in the same processes, a
 median and quartiles of the per-step ratio adapter / bare (each adapter step against the bare step run
 next to it, which cancels slow drifts of the machine).
 
-    .venv/bin/python bench/train_overhead.py [--steps 30] [--hidden 256] [--seq 256]
+    .venv/bin/python bench/train_overhead.py [--steps 24] [--hidden 256] [--seq 512]
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def _worker(layout_name: str, steps: int, hidden: int, seq: int) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=512)
     args = parser.parse_args()
     from tests.spawn import spawn
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import torch
 
+from adapter.checkpoint.memory import drop_pages
+from adapter.checkpoint.read_internevo import CheckpointError
 from adapter.checkpoint.safe_load import load_tensors
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import logical_from_chunk
+from adapter.model.mapping import MCORE_NAMES, logical_from_chunk, model_units
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -26,35 +29,97 @@ def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
 
 
-def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, dict[str, torch.Tensor]]:
-    """The saved layout and the logical tensors of the newest iteration under ``root``.
+def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, "LegacyTensors"]:
+    """The saved layout and the logical tensors (read lazily) of the newest iteration under ``root``.
 
     The layer split is not stored in these files; it is taken to be InternEvo's partition, which is what
     the adapter's model uses (an even split when the layers divide evenly)."""
     latest = root / "latest_checkpointed_iteration.txt"
     folders = [root / f"iter_{int(latest.read_text().strip()):07d}"] if latest.exists() else sorted(root.glob("iter_*"))
     if not folders or not folders[-1].is_dir():
-        raise ValueError(f"{root}: no iter_* folder")
+        raise CheckpointError(f"{root}: no iter_* folder")
     ranks = {}
     for d in folders[-1].iterdir():
         m = RANK_DIR.match(d.name)
         if m:
             ranks[(int(m[1]), int(m[2] or 0))] = d / "model_optim_rng.pt"
     if not ranks:
-        raise ValueError(f"{folders[-1]}: no mp_rank_* folders")
+        raise CheckpointError(f"{folders[-1]}: no mp_rank_* folders")
     tp = max(t for t, _ in ranks) + 1
     pp = max(p for _, p in ranks) + 1
     missing = [rank_dir(t, p, pp) for t in range(tp) for p in range(pp) if (t, p) not in ranks]
     if missing:
-        raise ValueError(f"{folders[-1]}: missing {', '.join(missing)}")
-    first = load_tensors(ranks[(0, 0)], mmap=False)
-    vpp = 1 if "model" in first else sum(1 for k in first if k.startswith("model") and k[5:].isdigit())
+        raise CheckpointError(f"{folders[-1]}: missing {', '.join(missing)}")
+    files = {rank: _load(path) for rank, path in ranks.items()}  # memory-mapped
+    vpp = 1 if "model" in files[(0, 0)] else sum(1 for k in files[(0, 0)] if k.startswith("model") and k[5:].isdigit())
     layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, dp=None, zero1=None, sequence_parallel=False,
                             stages=tuple(tuple(s) for s in partition_uniform(model.num_layers, pp, vpp)))
-    logical: dict[str, torch.Tensor] = {}
-    for p in range(pp):
-        files = [load_tensors(ranks[(t, p)], mmap=False) for t in range(tp)]
-        for vp in range(vpp):
-            key = "model" if vpp == 1 else f"model{vp}"
-            logical.update(logical_from_chunk([f[key] for f in files], model, layout, p, vp))
-    return layout, logical
+    chunks = {(p, vp): [files[(t, p)]["model" if vpp == 1 else f"model{vp}"] for t in range(tp)]
+              for p in range(pp) for vp in range(vpp)}
+    return layout, LegacyTensors(chunks, model, layout)
+
+
+def _load(path: Path) -> dict:
+    try:
+        return load_tensors(path)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+class LegacyTensors(Mapping[str, torch.Tensor]):
+    """The logical tensors of Megatron-legacy files, one model unit (a layer) at a time.
+
+    The files are memory-mapped once; asking for a logical tensor runs ``logical_from_chunk`` on its chunk
+    with that unit's tensors real and every other one a ``meta`` placeholder, keeps the unit's results
+    until another unit is asked for, and drops the source pages it read."""
+
+    def __init__(self, chunks: dict[tuple[int, int], list[dict[str, torch.Tensor]]], model: ModelConfig,
+                 layout: ParallelLayout):
+        self.chunks, self.model, self.layout = chunks, model, layout
+        self.meta_chunks = {c: [{k: v.to("meta") for k, v in sd.items()} for sd in shards]
+                            for c, shards in chunks.items()}
+        units = model_units(model)
+        self.unit_of = {key: u for u, keys in enumerate(units) for key in keys}
+        self.chunk_of: dict[int, tuple[int, int]] = {}
+        self.logical_meta: dict[str, torch.Tensor] = {}
+        for (p, vp), shards in self.meta_chunks.items():
+            out = logical_from_chunk(shards, model, layout, p, vp)
+            self.logical_meta.update(out)
+            self.chunk_of.update({self.unit_of[k]: (p, vp) for k in out})
+        self.unit, self.cache = -1, {}
+
+    def _unit_of_file_key(self, key: str, start: int) -> int:
+        m = _LOCAL_LAYER.match(key)
+        if m:
+            return 1 + start + int(m[1])
+        return 0 if key == MCORE_NAMES["embedding"] else self.model.num_layers + 1
+
+    def meta(self, key: str) -> torch.Tensor:
+        return self.logical_meta[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        u = self.unit_of[key]
+        if u != self.unit:
+            self.unit, self.cache = u, {}  # the previous unit goes before this one is read
+            p, vp = self.chunk_of[u]
+            start = self.layout.stages[p][vp][0]
+            read: list[torch.Tensor] = []
+            shards = []
+            for sd, meta in zip(self.chunks[(p, vp)], self.meta_chunks[(p, vp)]):
+                mine = {k: v for k, v in sd.items() if self._unit_of_file_key(k, start) == u}
+                read += mine.values()
+                shards.append({**meta, **mine})
+            out = logical_from_chunk(shards, self.model, self.layout, p, vp)
+            self.cache = {k: v for k, v in out.items() if v.device.type != "meta"}
+            for t in read:  # every result above is a copy
+                drop_pages(t)
+        return self.cache[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(k for keys in model_units(self.model) for k in keys)
+
+    def __len__(self) -> int:
+        return len(self.logical_meta)

@@ -111,3 +111,25 @@ def test_truncated_safetensors_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"model.safetensors: cannot be read as safetensors .*ends past the end"):
         open_checkpoint(tmp_path / "hf")
+
+
+def test_megatron_legacy_source_is_read_one_unit_at_a_time(tmp_path):
+    from adapter.checkpoint.read_internevo import CheckpointError
+
+    model = tiny_model("internlm2")
+    logical = random_logical(model, 24)
+    layout = target_layout(model, 2, 3, 2)
+    (tmp_path / "mc").mkdir()
+    write_streaming(logical, model, "mcore-legacy", layout, tmp_path / "mc")
+    (tmp_path / "mc" / "latest_checkpointed_iteration.txt").write_text("0\n")
+    src = open_checkpoint(tmp_path / "mc", model)
+    assert (src.layout.tp, src.layout.pp, src.layout.vpp) == (2, 3, 2)
+    assert src.tensors.cache == {}  # opening reads nothing
+    largest = max(len(keys) for keys in model_units(model))
+    for key in logical_keys(model):
+        assert torch.equal(src.tensors[key], logical[key]), key
+        assert len(src.tensors.cache) <= largest  # one unit's tensors, never more
+    victim = tmp_path / "mc" / "iter_0000000" / "mp_rank_01_002" / "model_optim_rng.pt"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="mp_rank_01_002/model_optim_rng.pt: cannot be read"):
+        open_checkpoint(tmp_path / "mc", model)
