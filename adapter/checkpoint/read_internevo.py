@@ -104,8 +104,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """Logical tensors computed on access from memory-mapped files; nothing is kept.
 
     Each file is mapped once (``torch.load(mmap=True)`` reads only its pickled structure); an access merges
-    the tensor-rank pieces into a new tensor (on huge pages) and then drops the pages it read from this process's memory
-    (they stay in the page cache), so a conversion's resident memory is what it holds, not what it has read."""
+    the tensor-rank pieces into a new tensor (on huge pages) and then drops the pages it read from this
+    process's memory (they stay in the page cache), so a conversion's resident memory is what it holds, not
+    what it has read."""
 
     def __init__(self, ckpt: InternEvoCheckpoint):
         self.ckpt = ckpt
@@ -152,15 +153,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         pieces = [t.to("meta") for t in self._pieces(key, p, file_key, kind)]
         return merge(self.ckpt.model, "rows" if self._isp_rows(key) else kind, pieces)
 
-
     def __getitem__(self, key: str) -> torch.Tensor:
         p, file_key, kind = self.index[key]
         pieces = self._pieces(key, p, file_key, kind)
         if self._isp_rows(key):
             kind = "rows"  # ISP: plain row slices of the logical tensor, qkv and biases included
         try:
-            shape = merge(self.ckpt.model, kind, [t.to("meta") for t in pieces]).shape
-            out = merge(self.ckpt.model, kind, pieces, out=empty_huge(shape, pieces[0].dtype))
+            out = merge(self.ckpt.model, kind, pieces, out=empty_huge(self.meta(key).shape, pieces[0].dtype))
         except RuntimeError as exc:
             raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit together: "
                                   f"{exc}") from None

@@ -124,15 +124,8 @@ def model_units(model: ModelConfig) -> list[list[str]]:
     return units
 
 
-def qkv_to_grouped(model: ModelConfig, t: torch.Tensor) -> torch.Tensor:
-    """Logical fused qkv (weight or bias) → megatron's per-kv-head grouping."""
-    if model.family == "internlm2":
-        return t
-    nh, d = model.num_attention_heads, model.head_dim
-    return t.reshape(3, nh, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-
-
 def qkv_from_grouped(model: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """Megatron's per-kv-head grouping of the fused qkv (weight or bias) → the logical layout."""
     if model.family == "internlm2":
         return t
     nh, d = model.num_attention_heads, model.head_dim
@@ -146,10 +139,11 @@ def _chunk(t: torch.Tensor, tp: int, rank: int, dim: int = 0, copy: bool = True)
     return piece.clone() if copy else piece  # a view would keep the whole tensor alive
 
 
-def _qkv_chunk(model: ModelConfig, t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """``_chunk(qkv_to_grouped(t), tp, rank)`` without regrouping the whole tensor for every rank."""
+def _qkv_chunk(model: ModelConfig, t: torch.Tensor, tp: int, rank: int, copy: bool = True) -> torch.Tensor:
+    """Rank ``rank``'s rows of the logical fused qkv in megatron's per-kv-head grouping (module docstring),
+    regrouping only this rank's heads."""
     if model.family == "internlm2":
-        return _chunk(t, tp, rank)
+        return _chunk(t, tp, rank, copy=copy)
     nh, d = model.num_attention_heads, model.head_dim
     if nh % tp:
         raise ValueError(f"{nh} attention heads do not split into {tp} equal parts")
@@ -179,9 +173,9 @@ def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
         def put(part: str, value: torch.Tensor) -> None:
             out[MCORE_NAMES[part].format(i=local)] = value
 
-        put("qkv.weight", _qkv_chunk(model, get("qkv.weight"), tp, tp_rank))
+        put("qkv.weight", _qkv_chunk(model, get("qkv.weight"), tp, tp_rank, copy=copy))
         if model.qkv_bias:
-            put("qkv.bias", _qkv_chunk(model, get("qkv.bias"), tp, tp_rank))
+            put("qkv.bias", _qkv_chunk(model, get("qkv.bias"), tp, tp_rank, copy=copy))
         put("proj.weight", _chunk(get("proj.weight"), tp, tp_rank, dim=1, copy=copy))
         if model.out_proj_bias:
             put("proj.bias", _chunk(get("proj.bias"), 1, 0, copy=copy))  # replicated, added once after the reduction
