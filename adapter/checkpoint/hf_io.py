@@ -12,15 +12,16 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Optional
 
 import torch
 
 from adapter.checkpoint.hf import IGNORED_SUFFIXES, hf_to_internevo
 from adapter.checkpoint.memory import empty_huge
+from adapter.checkpoint.stream_write import SAFETENSORS_DTYPES
+from adapter.checkpoint.unit_source import UnitSource
 from adapter.checkpoint.read_internevo import CheckpointError
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import model_units
 
 INDEX = "model.safetensors.index.json"
 
@@ -68,9 +69,7 @@ def read_hf(folder: Path, model: Optional[ModelConfig] = None) -> tuple[ModelCon
     return model, tensors, tensors.generation
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -83,49 +82,36 @@ class _Entry:
     """Byte offset of the tensor's data in the file."""
 
 
-class HFTensors(Mapping[str, torch.Tensor]):
+class HFTensors(UnitSource):
     """The logical tensors of a Hugging Face folder, read one model unit (a layer) at a time.
 
     The safetensors headers give every tensor's dtype, shape and file offset; keys and shapes are checked
-    against the model up front (``hf_to_internevo`` on ``meta`` tensors). Asking for a logical tensor reads
-    the HF tensors of its layer with plain file reads (nothing stays mapped) and maps them; that layer stays
-    cached until a tensor of another layer is asked for."""
+    against the model up front (``hf_to_internevo`` on ``meta`` tensors). A unit's HF tensors are read with
+    plain file reads (nothing stays mapped) and mapped with ``hf_to_internevo``, the unit's tensors real
+    and every other one ``meta``."""
 
     def __init__(self, folder: Path, files: list[str], model: ModelConfig):
-        self.folder, self.model = folder, model
         self.entries: dict[str, _Entry] = {}
         for name in files:
             self.entries.update(_read_header(folder / name))
-        meta = {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self.entries.items()}
-        self.generation = "hf-internlm2-official" if any(k.startswith("model.tok_embeddings") for k in meta) \
+        self.hf_meta = {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self.entries.items()}
+        self.generation = "hf-internlm2-official" if any(k.startswith("model.tok_embeddings") for k in self.hf_meta) \
             else "hf-llama"
         try:
-            self.logical_meta = hf_to_internevo(meta, model)
+            super().__init__(model, hf_to_internevo(self.hf_meta, model))
         except ValueError as exc:
             raise CheckpointError(f"{folder}: {exc}") from exc
-        self.hf_meta = meta
-        units = model_units(model)
-        self.unit_of = {key: u for u, keys in enumerate(units) for key in keys}
-        self.hf_keys: list[list[str]] = [[] for _ in units]
+        last = model.num_layers + 1
+        self.hf_keys: list[list[str]] = [[] for _ in range(last + 1)]
         embedding = {"model.embed_tokens.weight", "model.tok_embeddings.weight"}
-        for key in meta:
+        for key in self.hf_meta:
             layer = _LAYER.search(key)
-            u = 1 + int(layer[1]) if layer else 0 if key in embedding else len(units) - 1
-            self.hf_keys[u].append(key)
-        self.unit, self.cache = -1, {}
+            self.hf_keys[1 + int(layer[1]) if layer else 0 if key in embedding else last].append(key)
 
-    def meta(self, key: str) -> torch.Tensor:
-        return self.logical_meta[key]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        u = self.unit_of[key]
-        if u != self.unit:
-            self.unit, self.cache = u, {}  # the previous layer goes before this one is read
-            view = dict(self.hf_meta)
-            view.update({k: self._read(k) for k in self.hf_keys[u] if not k.endswith(IGNORED_SUFFIXES)})
-            out = hf_to_internevo(view, self.model)
-            self.cache = {k: v for k, v in out.items() if v.device.type != "meta"}
-        return self.cache[key]
+    def _read_unit(self, unit: int) -> dict[str, torch.Tensor]:
+        view = dict(self.hf_meta)
+        view.update({k: self._read(k) for k in self.hf_keys[unit] if not k.endswith(IGNORED_SUFFIXES)})
+        return {k: v for k, v in hf_to_internevo(view, self.model).items() if v.device.type != "meta"}
 
     def _read(self, key: str) -> torch.Tensor:
         e = self.entries[key]
@@ -137,12 +123,6 @@ class HFTensors(Mapping[str, torch.Tensor]):
         if got != nbytes:
             raise CheckpointError(f"{e.path}: tensor {key} is truncated ({got} of {nbytes} bytes)")
         return t
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.logical_meta)
-
-    def __len__(self) -> int:
-        return len(self.logical_meta)
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:

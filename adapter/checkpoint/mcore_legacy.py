@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 
 from adapter.checkpoint.memory import drop_pages
-from adapter.checkpoint.read_internevo import CheckpointError
-from adapter.checkpoint.safe_load import load_tensors
+from adapter.checkpoint.read_internevo import CheckpointError, open_model_file
+from adapter.checkpoint.unit_source import UnitSource
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import MCORE_NAMES, logical_from_chunk, model_units
+from adapter.model.mapping import MCORE_NAMES, logical_from_chunk, logical_keys
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -50,7 +49,7 @@ def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, "
     missing = [rank_dir(t, p, pp) for t in range(tp) for p in range(pp) if (t, p) not in ranks]
     if missing:
         raise CheckpointError(f"{folders[-1]}: missing {', '.join(missing)}")
-    files = {rank: _load(path) for rank, path in ranks.items()}  # memory-mapped
+    files = {rank: open_model_file(path) for rank, path in ranks.items()}  # memory-mapped
     vpp = 1 if "model" in files[(0, 0)] else sum(1 for k in files[(0, 0)] if k.startswith("model") and k[5:].isdigit())
     layout = ParallelLayout(tp=tp, pp=pp, vpp=vpp, dp=None, zero1=None, sequence_parallel=False,
                             stages=tuple(tuple(s) for s in partition_uniform(model.num_layers, pp, vpp)))
@@ -59,37 +58,25 @@ def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, "
     return layout, LegacyTensors(chunks, model, layout)
 
 
-def _load(path: Path) -> dict:
-    try:
-        return load_tensors(path)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
-
-
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-class LegacyTensors(Mapping[str, torch.Tensor]):
+class LegacyTensors(UnitSource):
     """The logical tensors of Megatron-legacy files, one model unit (a layer) at a time.
 
-    The files are memory-mapped once; asking for a logical tensor runs ``logical_from_chunk`` on its chunk
-    with that unit's tensors real and every other one a ``meta`` placeholder, keeps the unit's results
-    until another unit is asked for, and drops the source pages it read."""
+    The files are memory-mapped once; a unit is computed by ``logical_from_chunk`` on its chunk with that
+    unit's tensors real and every other one a ``meta`` placeholder, and the source pages it read are dropped."""
 
     def __init__(self, chunks: dict[tuple[int, int], list[dict[str, torch.Tensor]]], model: ModelConfig,
                  layout: ParallelLayout):
-        self.chunks, self.model, self.layout = chunks, model, layout
+        self.chunks, self.layout = chunks, layout
         self.meta_chunks = {c: [{k: v.to("meta") for k, v in sd.items()} for sd in shards]
                             for c, shards in chunks.items()}
-        units = model_units(model)
-        self.unit_of = {key: u for u, keys in enumerate(units) for key in keys}
-        self.chunk_of: dict[int, tuple[int, int]] = {}
-        self.logical_meta: dict[str, torch.Tensor] = {}
+        meta = {}
         for (p, vp), shards in self.meta_chunks.items():
-            out = logical_from_chunk(shards, model, layout, p, vp)
-            self.logical_meta.update(out)
-            self.chunk_of.update({self.unit_of[k]: (p, vp) for k in out})
-        self.unit, self.cache = -1, {}
+            meta.update({k: (v, (p, vp)) for k, v in logical_from_chunk(shards, model, layout, p, vp).items()})
+        super().__init__(model, {k: meta[k][0] for k in logical_keys(model)})
+        self.chunk_of = {self.unit_of[k]: chunk for k, (_, chunk) in meta.items()}
 
     def _unit_of_file_key(self, key: str, start: int) -> int:
         m = _LOCAL_LAYER.match(key)
@@ -97,29 +84,16 @@ class LegacyTensors(Mapping[str, torch.Tensor]):
             return 1 + start + int(m[1])
         return 0 if key == MCORE_NAMES["embedding"] else self.model.num_layers + 1
 
-    def meta(self, key: str) -> torch.Tensor:
-        return self.logical_meta[key]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        u = self.unit_of[key]
-        if u != self.unit:
-            self.unit, self.cache = u, {}  # the previous unit goes before this one is read
-            p, vp = self.chunk_of[u]
-            start = self.layout.stages[p][vp][0]
-            read: list[torch.Tensor] = []
-            shards = []
-            for sd, meta in zip(self.chunks[(p, vp)], self.meta_chunks[(p, vp)]):
-                mine = {k: v for k, v in sd.items() if self._unit_of_file_key(k, start) == u}
-                read += mine.values()
-                shards.append({**meta, **mine})
-            out = logical_from_chunk(shards, self.model, self.layout, p, vp)
-            self.cache = {k: v for k, v in out.items() if v.device.type != "meta"}
-            for t in read:  # every result above is a copy
-                drop_pages(t)
-        return self.cache[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(k for keys in model_units(self.model) for k in keys)
-
-    def __len__(self) -> int:
-        return len(self.logical_meta)
+    def _read_unit(self, unit: int) -> dict[str, torch.Tensor]:
+        p, vp = self.chunk_of[unit]
+        start = self.layout.stages[p][vp][0]
+        read: list[torch.Tensor] = []
+        shards = []
+        for sd, meta in zip(self.chunks[(p, vp)], self.meta_chunks[(p, vp)]):
+            mine = {k: v for k, v in sd.items() if self._unit_of_file_key(k, start) == unit}
+            read += mine.values()
+            shards.append({**meta, **mine})
+        out = logical_from_chunk(shards, self.model, self.layout, p, vp)
+        for t in read:  # every result is a copy
+            drop_pages(t)
+        return {k: v for k, v in out.items() if v.device.type != "meta"}

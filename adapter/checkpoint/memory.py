@@ -15,7 +15,6 @@ import mmap
 import torch
 
 _PAGE = mmap.PAGESIZE
-_MADV_WILLNEED = 3
 _MADV_DONTNEED = 4
 _MADV_HUGEPAGE = 14
 
@@ -56,13 +55,6 @@ def drop_pages(t: torch.Tensor) -> None:
     (``torch.load(mmap=True)``, never written): their pages are clean copies of the file, so dropping them
     loses nothing (a later read faults them back in from the page cache)."""
     _madvise(t, _MADV_DONTNEED)
-
-
-def prefetch_pages(t: torch.Tensor) -> None:
-    """``madvise(MADV_WILLNEED)`` over a memory-mapped tensor's pages: the kernel starts reading them into
-    the page cache, so a later copy does not wait for the disk page by page. Called from a helper thread
-    (ctypes releases the GIL), it overlaps the next unit's reads with this unit's work."""
-    _madvise(t, _MADV_WILLNEED)
 
 
 def trim_heap() -> None:

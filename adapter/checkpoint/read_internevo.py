@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -41,6 +41,14 @@ _LAYER = re.compile(r"^(?:blocks|layers)\.(\d+)\.")
 
 class CheckpointError(ValueError):
     """A checkpoint is incomplete, corrupt or inconsistent; the message names the file and tensor."""
+
+
+def open_model_file(path: Path) -> Any:
+    """A model file, memory-mapped and read with ``weights_only=True``; any failure names the file."""
+    try:
+        return load_tensors(path)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass
@@ -82,10 +90,7 @@ class InternEvoCheckpoint:
 
     def load_file(self, tp_rank: int, pp_rank: int, wp_rank: int = 0) -> dict[str, torch.Tensor]:
         path = self.files[(tp_rank, pp_rank, wp_rank)]
-        try:
-            sd = load_tensors(path)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        sd = open_model_file(path)
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError(f"{path}: expected a dict of tensors")
         return _modernise(sd, self.family) if self.legacy else sd
@@ -138,14 +143,6 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                 raise CheckpointError(f"{self.ckpt.files[rank]}: missing tensor {file_key}")
             pieces.append(tensors[file_key])
         return pieces
-
-    def pieces(self, keys: Iterable[str]) -> list[torch.Tensor]:
-        """The memory-mapped source pieces behind ``keys`` (for read-ahead; nothing is read here)."""
-        out = []
-        for key in keys:
-            p, file_key, kind = self.index[key]
-            out += self._pieces(key, p, file_key, kind)
-        return out
 
     def meta(self, key: str) -> torch.Tensor:
         """A ``meta`` tensor with ``key``'s logical shape and dtype (no data is read)."""

@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 import sys
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
-from adapter.checkpoint.memory import prefetch_pages, trim_heap
-from adapter.checkpoint.stream_write import SafetensorsWriter, TorchFileWriter, tensors_in
+from adapter.checkpoint.memory import trim_heap
+from adapter.checkpoint.stream_write import SafetensorsWriter, TorchFileWriter, leaves
 from adapter.config.schema import ModelConfig
 from adapter.model.mapping import logical_keys, model_units
 from adapter.runtime.layout import ParallelLayout
@@ -181,11 +180,7 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
         writers.append(files)
     view = _UnitView(source, meta, dtype)
     bar = _progress(sum(t.numel() * t.element_size() for t in meta.values()))
-    units = model_units(model)
-    readahead = ThreadPoolExecutor(1) if hasattr(source, "pieces") else None
-    for u, keys in enumerate(units):
-        if readahead is not None and u + 1 < len(units):  # the disk reads the next unit while this one is cut
-            readahead.submit(lambda pieces: [prefetch_pages(t) for t in pieces], source.pieces(units[u + 1]))
+    for u, keys in enumerate(model_units(model)):
         view.start(keys)
         for group, files in zip(groups, writers):
             if u in group.units:
@@ -194,8 +189,6 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
             bar.update(sum(meta[k].numel() * meta[k].element_size() for k in keys))
         view.start(())
         trim_heap()
-    if readahead is not None:
-        readahead.shutdown()
     for files in writers:
         for writer in files:
             writer.close()
@@ -209,7 +202,7 @@ def _write_unit(group: FileGroup, files: list[Any], view: _UnitView) -> None:
     """Append the current unit's pieces to each file of ``group``, cutting one file's pieces at a time (a
     function, so that no loop variable keeps a piece, or the logical tensor it views, past the unit)."""
     for writer, structure in zip(files, group.build(view)):
-        for position, tensor in enumerate(tensors_in(structure)):
+        for position, (_, tensor) in enumerate(leaves(structure)):
             if tensor.device.type != "meta":
                 writer.write(tensor, position)
         structure = tensor = None  # before the next file's pieces are cut

@@ -30,21 +30,22 @@ import torch
 from adapter.checkpoint.memory import empty_huge
 
 #: safetensors' dtype names
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
 
 
-def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors of a nested dict/list structure, in the order pickling meets them (a file's record order)."""
+def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(dotted name, tensor)`` for the tensors of a nested dict/list structure, in the order pickling meets
+    them (a file's record order)."""
     if isinstance(obj, torch.Tensor):
-        yield obj
+        yield prefix.rstrip(".") or "<tensor>", obj
     elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from tensors_in(value)
+        for key, value in obj.items():
+            yield from leaves(value, f"{prefix}{key}.")
     elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from tensors_in(value)
+        for i, value in enumerate(obj):
+            yield from leaves(value, f"{prefix}{i}.")
 
 
 class _Storage:
@@ -121,23 +122,11 @@ class _Ordered:
             raise ValueError(f"{self.path}: closed before every tensor was written (next: {missing})")
 
 
-def _names(obj: Any, prefix: str = "") -> Iterator[str]:
-    if isinstance(obj, torch.Tensor):
-        yield prefix.rstrip(".") or "<tensor>"
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _names(value, f"{prefix}{key}.")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _names(value, f"{prefix}{i}.")
-
-
 class TorchFileWriter(_Ordered):
     """A ``torch.save`` file of ``skeleton``, whose tensors are then given one by one with ``write``."""
 
     def __init__(self, path: Path, skeleton: Any):
-        tensors = list(tensors_in(skeleton))
-        super().__init__(path, [(n, tuple(t.shape), t.dtype) for n, t in zip(_names(skeleton), tensors)])
+        super().__init__(path, [(n, tuple(t.shape), t.dtype) for n, t in leaves(skeleton)])
         data, self.storages = _pickle(skeleton)
         self.zip = torch._C.PyTorchFileWriter(str(path))
         # the records torch.save writes before the tensor data, in its order
@@ -172,7 +161,8 @@ class SafetensorsWriter(_Ordered):
         offset = 0
         for name, t in tensors.items():
             nbytes = t.numel() * t.element_size()
-            header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads it

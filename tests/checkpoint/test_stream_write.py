@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adapter.checkpoint.stream_write import SafetensorsWriter, TorchFileWriter, tensors_in
+from adapter.checkpoint.stream_write import SafetensorsWriter, TorchFileWriter, leaves
 
 
 def _sample() -> dict:
@@ -35,7 +35,7 @@ def test_torch_file_matches_torch_save(tmp_path):
     obj = _sample()
     torch.save(obj, tmp_path / "ref.pt")
     writer = TorchFileWriter(tmp_path / "mine.pt", _skeleton(obj))
-    for t in tensors_in(obj):
+    for _, t in leaves(obj):
         writer.write(t)
     writer.close()
     ref, mine = zipfile.ZipFile(tmp_path / "ref.pt"), zipfile.ZipFile(tmp_path / "mine.pt")

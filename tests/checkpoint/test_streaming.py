@@ -77,8 +77,9 @@ def test_internevo_source_pages_are_released(tmp_path):
     from adapter.checkpoint.safe_load import load_tensors
 
     mapped = load_tensors(folder / "model_tp0_pp0.pt")
-    touched = sum(float(t.float().sum()) for t in mapped.values())
-    assert touched == touched and mapped_rss() > total / 5
+    for t in mapped.values():
+        t.sum()  # reads every page of the file
+    assert mapped_rss() > total / 5
 
 
 def test_hf_source_is_read_layer_by_layer_once(tmp_path, monkeypatch):
