@@ -2,9 +2,10 @@
 
 The bench writes an InternLM-7B-shaped checkpoint (random bf16 weights; tp=2, pp=2) into ``--dir``, times
 ``cp -r`` of it on the same disk (before and after the conversions; the faster copy is the baseline), then
-converts it with ``internlm-ckpt`` (a fresh process each time) to Megatron's per-rank layout at tp=4, pp=2,
-vpp=2 (``mcore-legacy``), to one InternEvo file (tp=1, pp=1: an output file four times the largest source
-shard), to Hugging Face safetensors, and that HF export back to InternEvo at tp=2, pp=2 (an HF source).
+converts it with ``internlm-ckpt`` (a fresh process each time) to megatron-core's ``torch_dist`` (``mcore``,
+loadable at any layout), to Megatron's per-rank layout at tp=4, pp=2, vpp=2 (``mcore-legacy``), to one
+InternEvo file (tp=1, pp=1: an output file four times the largest source shard), to Hugging Face safetensors,
+and the ``torch_dist`` and HF exports back to InternEvo at tp=2, pp=2 (those formats as sources).
 Reported: wall time (process start to the end of a ``sync``, as the copy is timed up to its ``sync``) as a
 ratio to the copy, and peak resident memory (``VmHWM`` of the converting process) as a ratio to the
 largest source shard. Goal: time <= 1.5x the copy, memory <= 1x the largest shard.
@@ -41,11 +42,10 @@ def model_7b(layers: int):
 
 def write_source(folder: Path, model, tp: int, pp: int) -> None:
     from adapter.checkpoint.convert import target_layout
-    from adapter.model.mapping import logical_keys
+    from adapter.model.mapping import logical_shapes
 
     layout = target_layout(model, tp, pp, 1)
-    shapes = _logical_shapes(model)
-    meta = {k: torch.empty(shapes[k], dtype=torch.bfloat16, device="meta") for k in logical_keys(model)}
+    meta = {k: torch.empty(s, dtype=torch.bfloat16, device="meta") for k, s in logical_shapes(model).items()}
     folder.mkdir(parents=True)
     for p in range(pp):
         for t in range(tp):
@@ -53,12 +53,6 @@ def write_source(folder: Path, model, tp: int, pp: int) -> None:
             torch.save({k: torch.randn(v.shape, dtype=torch.bfloat16) for k, v in shard.items()},
                        folder / f"model_tp{t}_pp{p}.pt")
     torch.save(model_config_dict(model), folder / "model_config.pt")
-
-
-def _logical_shapes(model) -> dict:
-    from adapter.checkpoint.hf import _logical_shapes
-
-    return _logical_shapes(model)
 
 
 def run(cmd: list[str]) -> dict:
@@ -108,16 +102,19 @@ def main() -> None:
     first_copy = copy(src, args.dir / "copy")
     results = {"source_bytes": total, "largest_shard_bytes": largest}
     conversions = {}
-    hf = args.dir / "hf"
-    targets = (("mcore-legacy tp4 pp2 vpp2", src, "mcore", ["--to", "mcore-legacy", "--tp", "4", "--pp", "2", "--vpp", "2"]),
+    exports = {"dist": ["--to", "mcore"], "hf": ["--to", "hf"]}  # kept as the sources of the last two
+    targets = (("mcore torch_dist", src, "dist", exports["dist"]),
+               ("mcore-legacy tp4 pp2 vpp2", src, "legacy", ["--to", "mcore-legacy", "--tp", "4", "--pp", "2", "--vpp", "2"]),
                ("internevo tp1 pp1", src, "internevo", ["--to", "internevo", "--tp", "1", "--pp", "1"]),
-               ("hf", src, "hf", ["--to", "hf"]),
-               ("hf -> internevo tp2 pp2", hf, "back", ["--to", "internevo", "--tp", "2", "--pp", "2"]))
+               ("hf", src, "hf", exports["hf"]),
+               ("torch_dist -> internevo tp2 pp2", args.dir / "dist", "back", ["--to", "internevo", "--tp", "2", "--pp", "2"]),
+               ("hf -> internevo tp2 pp2", args.dir / "hf", "back", ["--to", "internevo", "--tp", "2", "--pp", "2"]))
     for name, source, folder, flags in targets:
         conversions[name] = run(["convert", str(source), str(args.dir / folder), *flags])
-        if folder != "hf":  # the HF export is the source of the last conversion
+        if folder not in exports:
             shutil.rmtree(args.dir / folder, ignore_errors=True)
-    shutil.rmtree(hf, ignore_errors=True)
+    for folder in exports:
+        shutil.rmtree(args.dir / folder, ignore_errors=True)
     # the virtual disk's speed drifts: the copy is timed before and after, and the faster one is the baseline
     results["copy_s"] = [first_copy, copy(src, args.dir / "copy")]
     copy_s = min(results["copy_s"])

@@ -34,7 +34,7 @@ class Checkpoint:
     model: ModelConfig
     layout: Optional[ParallelLayout]
     tensors: Mapping[str, torch.Tensor]
-    """Read on access for InternEvo folders (streaming); in memory for the other formats."""
+    """Read on access, one model unit at a time (``UnitSource``; InternEvo folders tensor by tensor)."""
     generation: str = ""
     """Key-naming generation, e.g. ``internevo`` or ``internevo-2023`` (w2/w3 swapped), ``hf-llama``."""
 
@@ -46,7 +46,7 @@ def detect_format(path: Path) -> str:
         names = {p.name for p in path.iterdir()}
         if any(n.startswith("model_tp") and n.endswith(".pt") for n in names):
             return "internevo"
-        if "metadata.json" in names and any(n.endswith(".distcp") for n in names):
+        if "metadata.json" in names and (".metadata" in names or any(n.endswith(".distcp") for n in names)):
             return "mcore"
         if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names):
             return "mcore-legacy"
@@ -71,18 +71,22 @@ def open_checkpoint(path: str | Path, model: Optional[ModelConfig] = None) -> Ch
         from adapter.checkpoint.mcore_dist import read_torch_dist
 
         model, tensors = read_torch_dist(path, model)
-        return Checkpoint(path, fmt, model, None, tensors, "mcore-torch_dist")
+        return Checkpoint(path, fmt, model, None, tensors, "mcore-torch_dist" + _te(tensors.renamed))
     if fmt == "mcore-legacy":
         from adapter.checkpoint.mcore_legacy import read_mcore_legacy
 
         if model is None:
             raise CheckpointError(f"{path}: Megatron checkpoints do not record InternLM's sizes; pass --config")
         layout, tensors = read_mcore_legacy(path, model)
-        return Checkpoint(path, fmt, model, layout, tensors, "mcore-legacy")
+        return Checkpoint(path, fmt, model, layout, tensors, "mcore-legacy" + _te(tensors.renamed))
     from adapter.checkpoint.hf_io import read_hf
 
     model, tensors, generation = read_hf(path, model)
     return Checkpoint(path, fmt, model, None, tensors, generation)
+
+
+def _te(renamed: bool) -> str:
+    return " (Transformer Engine names)" if renamed else ""
 
 
 def target_layout(model: ModelConfig, tp: int, pp: int, vpp: int) -> ParallelLayout:
@@ -113,42 +117,37 @@ def planned_files(fmt: str, layout: Optional[ParallelLayout]) -> list[str]:
         return [f"iter_0000000/{rank_dir(t, p, layout.pp)}/model_optim_rng.pt"
                 for p in range(layout.pp) for t in range(layout.tp)] + ["latest_checkpointed_iteration.txt"]
     if fmt == "mcore":
-        return ["metadata.json", ".metadata", "__*_*.distcp", "common.pt", "internlm_model.json"]
+        from adapter.checkpoint.mcore_dist import DATA_FILE, METADATA, MODEL_JSON
+
+        return ["metadata.json", METADATA, DATA_FILE, "common.pt", MODEL_JSON]
     return ["config.json", "model*.safetensors (an index past the shard size)"]
 
 
 def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optional[ParallelLayout], *,
                      dtype: Optional[torch.dtype] = None, overwrite: bool = False,
                      shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write ``src`` as ``fmt`` into ``dst`` atomically. ``internevo``, ``mcore-legacy`` and ``hf`` stream one
-    model unit at a time (``stream_convert``); ``mcore`` builds the model on one rank (``mcore_dist``).
+    """Write ``src`` as ``fmt`` into ``dst`` atomically, one model unit at a time (``stream_convert``).
     ``shard_bytes`` bounds each HF safetensors file."""
     import dataclasses
+
+    from adapter.checkpoint.stream_convert import write_streaming
 
     model = src.model
     if dtype is not None:
         model = dataclasses.replace(model, dtype={v: k for k, v in DTYPES.items()}[dtype])
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        if fmt == "mcore":
-            from adapter.checkpoint.mcore_dist import write_torch_dist
+        try:
+            write_streaming(src.tensors, model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes)
+        except CheckpointError:
+            raise
+        except ValueError as exc:  # a tensor that does not fit the model or the target layout
+            raise CheckpointError(f"{src.path}: {exc}") from exc
+        if fmt == "mcore-legacy":
+            (tmp / "latest_checkpointed_iteration.txt").write_text("0\n")
+        elif fmt == "internevo":
+            from adapter.checkpoint.internevo import model_config_dict
 
-            tensors = {k: v if dtype is None else v.to(dtype) for k, v in src.tensors.items()}
-            write_torch_dist(tensors, model, tmp)
-        else:
-            from adapter.checkpoint.stream_convert import write_streaming
-
-            try:
-                write_streaming(src.tensors, model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes)
-            except CheckpointError:
-                raise
-            except ValueError as exc:  # a tensor that does not fit the model or the target layout
-                raise CheckpointError(f"{src.path}: {exc}") from exc
-            if fmt == "mcore-legacy":
-                (tmp / "latest_checkpointed_iteration.txt").write_text("0\n")
-            elif fmt == "internevo":
-                from adapter.checkpoint.internevo import model_config_dict
-
-                torch.save(model_config_dict(model), tmp / "model_config.pt")
+            torch.save(model_config_dict(model), tmp / "model_config.pt")
     return Path(dst)
 
 

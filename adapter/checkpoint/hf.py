@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import LOGICAL_NAMES, logical_keys
+from adapter.model.mapping import LOGICAL_NAMES, logical_keys, logical_shapes
 
 _TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -121,7 +121,7 @@ def iter_hf_tensors(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) 
     lazily read source is converted without holding the model. Key sets are checked first; each shape as
     the tensor is read."""
     _check_supported(model)
-    expected = _logical_shapes(model)
+    expected = logical_shapes(model)
     _check(state_dict, expected, "InternEvo state dict", shapes=False)
     names = LOGICAL_NAMES[model.family]
 
@@ -158,7 +158,7 @@ def hf_to_internevo(state_dict: Mapping[str, torch.Tensor], model: ModelConfig) 
                          f"attention.wqkv) but the model family is {model.family}")
     table = _OFFICIAL if official else _LLAMA
     names = LOGICAL_NAMES[model.family]
-    shapes = _logical_shapes(model)
+    shapes = logical_shapes(model)
     d, nh, nkv = model.head_dim, model.num_attention_heads, model.num_kv_attention_heads
 
     expected: dict[str, tuple[int, ...]] = {}
@@ -239,21 +239,6 @@ def _join_qkv(model: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     rest = tuple(q.shape[1:])
     grouped = torch.cat([q.reshape(nkv, g, d, *rest), k.reshape(nkv, 1, d, *rest), v.reshape(nkv, 1, d, *rest)], 1)
     return grouped.reshape((nh + 2 * nkv) * d, *rest)
-
-
-def _logical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every logical key with its shape, for an RMSNorm model (the only kind mapped here)."""
-    h, f, vocab = model.hidden_size, model.ffn_hidden_size, model.vocab_size
-    rows = (model.num_attention_heads + 2 * model.num_kv_attention_heads) * model.head_dim
-    shapes = {"embedding": (vocab, h), "head": (vocab, h), "final_norm.weight": (h,),
-              "qkv.weight": (rows, h), "qkv.bias": (rows,), "proj.weight": (h, h), "proj.bias": (h,),
-              "norm1.weight": (h,), "norm2.weight": (h,), "w1": (f, h), "w3": (f, h), "w2": (h, f)}
-    names = LOGICAL_NAMES[model.family]
-    out = {names[p]: shapes[p] for p in ("embedding", "final_norm.weight", "head")}
-    layer_parts = [f"qkv.{s}" for s in _qkv_suffixes(model)] + _plain_parts(model)
-    for i in range(model.num_layers):
-        out.update({names[p].format(i=i): shapes[p] for p in layer_parts})
-    return out
 
 
 def _looks_official(keys: Iterable[str]) -> bool:

@@ -19,6 +19,7 @@ vocabulary-parallel ``embedding.word_embeddings.weight``.
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,16 @@ class CheckpointError(ValueError):
     """A checkpoint is incomplete, corrupt or inconsistent; the message names the file and tensor."""
 
 
-def open_model_file(path: Path) -> Any:
-    """A model file, memory-mapped and read with ``weights_only=True``; any failure names the file."""
+def open_model_file(path: Path, megatron: bool = False) -> Any:
+    """A model file, memory-mapped and read with ``weights_only=True``; any failure names the file.
+    ``megatron``: Megatron-LM's ``model_optim_rng.pt``, with its few kinds of non-tensor object allowed."""
     try:
-        return load_tensors(path)
+        return load_tensors(path, megatron=megatron)
     except Exception as exc:
+        refused = re.search(r"GLOBAL (\S+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:  # torch's message goes on to suggest weights_only=False, which is not advice to pass on
+            raise CheckpointError(f"{path}: cannot be read: it asks to load {refused[1]}, which is neither a "
+                                  "tensor nor on the allow-list (refused, not run)") from exc
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 

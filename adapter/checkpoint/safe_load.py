@@ -5,12 +5,15 @@ only pages in the tensors it touches). InternEvo's ``model_config.pt`` is a pick
 ``internlm...Config`` (a ``dict`` subclass holding a ``torch.dtype``), which ``weights_only`` refuses; it is
 read with an unpickler that resolves exactly an allow-list of names (that ``Config`` as a plain ``dict``,
 torch dtypes, ``OrderedDict``) and refuses every other global, so a malicious pickle fails instead of
-running code.
+running code. A ``torch_dist`` folder's ``.metadata`` (a plain pickle of PyTorch's distributed-checkpoint
+``Metadata``) is read the same way, with DCP's metadata classes as the allow-list.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import importlib
 import os
 import pickle
 import types
@@ -38,12 +41,45 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 
 class _Unpickler(pickle.Unpickler):
+    allowed: dict[tuple[str, str], Any] = _ALLOWED
+    what = "objects InternEvo stores in checkpoint metadata"
+
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
-            raise UnsafeCheckpointError(f"refusing to load {module}.{name}: not on the allow-list of objects "
-                                        "InternEvo stores in checkpoint metadata") from None
+            raise UnsafeCheckpointError(f"refusing to load {module}.{name}: not on the allow-list of "
+                                        f"{self.what}") from None
+
+
+#: what a DCP ``.metadata`` pickle may name (megatron-core's saves also keep their save plans in it)
+_DCP_NAMES = {
+    "torch.distributed.checkpoint.metadata": ("Metadata", "MetadataIndex", "TensorStorageMetadata",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"),
+    "torch.distributed.checkpoint.filesystem": ("_StorageInfo",),
+    "torch.distributed.checkpoint.planner": ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"),
+    "torch.serialization": ("_get_layout",),
+    "torch": ("Size",),
+}
+
+
+@functools.cache
+def _dcp_allowed() -> dict[tuple[str, str], Any]:
+    names: dict[tuple[str, str], Any] = {("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
+    names[("collections", "OrderedDict")] = collections.OrderedDict
+    for module, members in _DCP_NAMES.items():
+        imported = importlib.import_module(module)
+        names.update({(module, m): getattr(imported, m) for m in members if hasattr(imported, m)})
+    return names
+
+
+class _DcpUnpickler(_Unpickler):
+    what = "PyTorch distributed-checkpoint metadata classes"
+
+    def __init__(self, file: Any):
+        super().__init__(file)
+        self.allowed = _dcp_allowed()
 
 
 _pickle_module = types.ModuleType("adapter_safe_pickle")
@@ -52,9 +88,39 @@ _pickle_module.load = pickle.load  # type: ignore[attr-defined]
 _pickle_module.__name__ = "adapter_safe_pickle"
 
 
-def load_tensors(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """A model file: tensors only, memory-mapped."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+def load_tensors(path: str | os.PathLike, *, mmap: bool = True, megatron: bool = False) -> dict[str, Any]:
+    """A model file: tensors only, memory-mapped. ``megatron``: a ``model_optim_rng.pt`` as Megatron-LM
+    writes it, whose other entries hold a few more kinds of object (``megatron_globals``)."""
+    if not megatron:
+        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+    with torch.serialization.safe_globals(megatron_globals()):
+        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+
+
+@functools.cache
+def megatron_globals() -> list[Any]:
+    """What Megatron-LM's own legacy checkpoint files hold besides tensors, numbers and strings: ``args`` (an
+    ``argparse.Namespace``, with megatron-core enums such as ``ModelType`` and ``AttnBackend`` among its
+    values), the numpy RNG state (an ``ndarray``), and Transformer Engine's ``_extra_state`` (``io.BytesIO``
+    in older TE). All are plain data: constructing them runs no code of the file's choosing."""
+    import argparse
+    import enum
+    import io
+
+    import numpy
+
+    multiarray = getattr(numpy, "_core", None) or numpy.core
+    names: list[Any] = [argparse.Namespace, io.BytesIO, numpy.ndarray, numpy.dtype,
+                        multiarray.multiarray._reconstruct]
+    names += [type(numpy.dtype(code)) for code in ("u4", "i8", "f8", "f4")]
+    for module in ("megatron.core.enums", "megatron.core.transformer.enums"):
+        try:
+            imported = importlib.import_module(module)
+        except ImportError:
+            continue
+        names += [v for v in vars(imported).values()
+                  if isinstance(v, type) and issubclass(v, enum.Enum) and v.__module__ == module]
+    return names
 
 
 def load_metadata(path: str | os.PathLike) -> Any:
@@ -63,6 +129,12 @@ def load_metadata(path: str | os.PathLike) -> Any:
     ``Config`` objects come back as plain dicts."""
     obj = torch.load(Path(path), map_location="cpu", weights_only=False, pickle_module=_pickle_module)
     return _plain(obj)
+
+
+def load_dcp_metadata(path: str | os.PathLike) -> Any:
+    """A ``torch_dist`` folder's ``.metadata`` (PyTorch DCP ``Metadata``) through its allow-list."""
+    with open(path, "rb") as f:
+        return _DcpUnpickler(f).load()
 
 
 def _plain(obj: Any) -> Any:

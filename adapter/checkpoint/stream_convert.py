@@ -1,18 +1,18 @@
-"""Write a checkpoint in the ``internevo``, ``mcore-legacy`` or ``hf`` format one model unit at a time.
+"""Write a checkpoint in any format (``internevo``, ``mcore``, ``mcore-legacy``, ``hf``) one model unit at a time.
 
 A *unit* is the embedding, one transformer layer, or the final norm with the head. The converter reads one
 unit's logical tensors from the source (once, whatever the number of target files that need them), then
 cuts each target file's pieces of that unit, one file at a time, and appends them to the open files
-(``stream_write``). Memory stays about one unit in logical form plus one file's pieces of it, never a whole
-file or a whole model.
+(``stream_write``; ``mcore_dist.DistcpWriter`` for ``torch_dist``). Memory stays about one unit in logical
+form plus one file's pieces of it, never a whole file or a whole model.
 
 The per-format mappings are the same functions the in-memory paths use (``stage_state_dicts``,
-``chunk_state_dict``, ``iter_hf_tensors``): they are called with a view in which the current unit's tensors
-are real and every other tensor is a ``meta`` placeholder (shapes only, no work), and the real tensors that
-come out are exactly the unit's pieces, in file order. Every target file holds its units in model order,
-and the writers check each tensor's position, so nothing can land in the wrong record.
+``chunk_state_dict`` and ``sharded_items``, ``iter_hf_tensors``): they are called with a view in which the
+current unit's tensors are real and every other tensor is a ``meta`` placeholder (shapes only, no work),
+and the real tensors that come out are exactly the unit's pieces, in file order. Every target file holds
+its units in model order, and the writers check each tensor's position, so nothing can land in the wrong
+record.
 """
-
 from __future__ import annotations
 
 import json
@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import torch
 
 from adapter.checkpoint.memory import trim_heap
-from adapter.checkpoint.stream_write import SafetensorsWriter, TorchFileWriter, leaves
+from adapter.checkpoint.stream_write import Ordered, SafetensorsWriter, TorchFileWriter, leaves
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import logical_keys, model_units
+from adapter.model.mapping import LOGICAL_NAMES, logical_keys, model_units
 from adapter.runtime.layout import ParallelLayout
 
 
@@ -40,7 +40,8 @@ class FileGroup:
     names: list[str]
     units: set[int]
     build: Callable[[Mapping[str, torch.Tensor]], Iterator[Any]]
-    safetensors: bool = False
+    open: Callable[[Path, Any], Ordered] = TorchFileWriter
+    """Opens one file's writer from its path and its structure of ``meta`` placeholders."""
 
 
 def _stage_units(model: ModelConfig, layout: ParallelLayout, p: int) -> set[int]:
@@ -107,7 +108,30 @@ def hf_groups(model: ModelConfig, meta: Mapping[str, torch.Tensor], shard_bytes:
         tensors = OrderedDict(iter_hf_tensors(view, model))
         return (OrderedDict((k, tensors[k]) for k in keys) for keys in shards)
 
-    return [FileGroup(names, set(range(model.num_layers + 2)), build, safetensors=True)]
+    return [FileGroup(names, set(range(model.num_layers + 2)), build,
+                      lambda path, skeleton: SafetensorsWriter(path, skeleton, {"format": "pt"}))]
+
+
+def mcore_groups(model: ModelConfig, meta: Mapping[str, torch.Tensor]) -> list[FileGroup]:
+    """megatron-core's ``torch_dist``: one data file of layout-free chunks (``mcore_dist``)."""
+    from adapter.checkpoint.mcore_dist import (DATA_FILE, DistcpWriter, extra_state_keys, global_shapes,
+                                               sharded_items, whole_model)
+    from adapter.model.mapping import chunk_state_dict
+
+    whole = whole_model(model)
+    shapes = global_shapes(chunk_state_dict(meta, model, whole, 0, 0, 0, copy=False), model.num_layers)
+    names = LOGICAL_NAMES[model.family]
+    w1_w3 = {i: (names["w1"].format(i=i), names["w3"].format(i=i)) for i in range(model.num_layers)}
+    mlp_inputs = {k for pair in w1_w3.values() for k in pair}
+
+    def build(view: Mapping[str, torch.Tensor]) -> Iterator[OrderedDict]:
+        # linear_fc1's two chunks are w1 and w3 as they are: the fused tensor is only cut on meta
+        fused_on_meta = {k: view[k].to("meta") if k in mlp_inputs else view[k] for k in view}
+        gate_up = {i: (view[a], view[b]) for i, (a, b) in w1_w3.items()}
+        yield sharded_items(chunk_state_dict(fused_on_meta, model, whole, 0, 0, 0, copy=False), gate_up)
+
+    return [FileGroup([DATA_FILE], set(range(model.num_layers + 2)), build,
+                      lambda path, skeleton: DistcpWriter(path, skeleton, shapes, extra_state_keys(model.num_layers)))]
 
 
 class _UnitView(Mapping[str, torch.Tensor]):
@@ -167,6 +191,8 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
         groups = mcore_legacy_groups(model, layout)
     elif fmt == "hf":
         groups = hf_groups(model, meta, shard_bytes)
+    elif fmt == "mcore":
+        groups = mcore_groups(model, meta)
     else:
         raise ValueError(f"no streaming writer for {fmt!r}")
     writers: list[list[Any]] = []
@@ -175,8 +201,7 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
         for name, skeleton in zip(group.names, group.build(meta)):
             path = folder / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            files.append(SafetensorsWriter(path, skeleton, {"format": "pt"}) if group.safetensors
-                         else TorchFileWriter(path, skeleton))
+            files.append(group.open(path, skeleton))
         writers.append(files)
     view = _UnitView(source, meta, dtype)
     bar = _progress(sum(t.numel() * t.element_size() for t in meta.values()))
@@ -196,6 +221,10 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
         bar.close()
     if fmt == "hf":
         _finish_hf(groups[0], meta, model, folder)
+    elif fmt == "mcore":
+        from adapter.checkpoint.mcore_dist import finish_folder
+
+        finish_folder(folder, model)
 
 
 def _write_unit(group: FileGroup, files: list[Any], view: _UnitView) -> None:

@@ -97,7 +97,7 @@ def _pickle(skeleton: Any) -> tuple[bytes, list[_Storage]]:
     return buffer.getvalue(), storages
 
 
-class _Ordered:
+class Ordered:
     """Shared bookkeeping: the announced tensors, and which comes next."""
 
     def __init__(self, path: Path, expected: list[tuple[str, tuple[int, ...], torch.dtype]]):
@@ -122,7 +122,7 @@ class _Ordered:
             raise ValueError(f"{self.path}: closed before every tensor was written (next: {missing})")
 
 
-class TorchFileWriter(_Ordered):
+class TorchFileWriter(Ordered):
     """A ``torch.save`` file of ``skeleton``, whose tensors are then given one by one with ``write``."""
 
     def __init__(self, path: Path, skeleton: Any):
@@ -152,7 +152,7 @@ class TorchFileWriter(_Ordered):
         self.zip.write_end_of_file()
 
 
-class SafetensorsWriter(_Ordered):
+class SafetensorsWriter(Ordered):
     """A safetensors file of ``tensors`` (name → meta placeholder, in file order), filled with ``write``."""
 
     def __init__(self, path: Path, tensors: "OrderedDict[str, torch.Tensor]", metadata: dict[str, str] | None = None):

@@ -29,6 +29,8 @@ examples:
 
 --config CONFIG supplies model sizes a folder cannot tell (head counts for Megatron folders, or an
 InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config's layout, else 1.
+A torch_dist (--to mcore) folder has no layout: megatron-core loads it at any TP/PP/VPP; --tp/--pp/--vpp,
+when given, are only checked against the model (megatron could not load it at a size that does not fit).
 
 exit status: 0 ok (verify: the checkpoints match), 1 mismatch or bad checkpoint, 2 bad arguments.
 """
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if not problems else 1
         src = open_checkpoint(args.src, model)
         layout = None
+        if args.to == "mcore" and (args.tp or args.pp or args.vpp):
+            target_layout(src.model, args.tp or 1, args.pp or 1, args.vpp or 1)  # refuses sizes that do not fit
         if args.to in ("internevo", "mcore-legacy"):
             tp = args.tp or (layout_cfg.tp if layout_cfg else 1)
             pp = args.pp or (layout_cfg.pp if layout_cfg else 1)

@@ -19,7 +19,7 @@ an on-disk matter for the checkpoint bridge, the logical tensor is the same).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -83,6 +83,26 @@ MCORE_NAMES = {
 }
 
 
+#: Transformer Engine's fused names (megatron-core's TE layer spec, Megatron-LM's default on GPUs) → the
+#: local spec's: TE folds each pre-norm into the linear layer after it.
+TE_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def local_spec_name(key: str) -> Optional[str]:
+    """A megatron-core key (per-chunk or sharded) as the local spec names it; None for ``_extra_state``."""
+    if key.endswith("_extra_state") or "._extra_state/" in key:
+        return None
+    for te, local in TE_NAMES.items():
+        if key.endswith("." + te):
+            return key[: -len(te)] + local
+    return key
+
+
 def _layer_parts(model: ModelConfig) -> list[str]:
     parts = ["qkv.weight", "proj.weight", "norm1.weight", "norm2.weight"]
     if model.qkv_bias:
@@ -94,18 +114,27 @@ def _layer_parts(model: ModelConfig) -> list[str]:
     return parts
 
 
+def logical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of the logical state dict with its shape, in InternEvo's module order."""
+    h, f, vocab = model.hidden_size, model.ffn_hidden_size, model.vocab_size
+    rows = (model.num_attention_heads + 2 * model.num_kv_attention_heads) * model.head_dim
+    shapes = {"embedding": (vocab, h), "head": (vocab, h), "qkv.weight": (rows, h), "qkv.bias": (rows,),
+              "proj.weight": (h, h), "w1": (f, h), "w3": (f, h), "w2": (h, f)}
+    names = LOGICAL_NAMES[model.family]
+    out = {names["embedding"]: shapes["embedding"]}
+    for i in range(model.num_layers):
+        for part in _layer_parts(model) + ["w1", "w2", "w3"]:
+            out[names[part].format(i=i)] = shapes.get(part, (h,))  # norms and the output-projection bias
+    out[names["final_norm.weight"]] = (h,)
+    if model.norm_type == "layernorm":
+        out[names["final_norm.bias"]] = (h,)
+    out[names["head"]] = shapes["head"]
+    return out
+
+
 def logical_keys(model: ModelConfig) -> list[str]:
     """Every key of the logical state dict, in InternEvo's module order."""
-    names = LOGICAL_NAMES[model.family]
-    keys = [names["embedding"]]
-    for i in range(model.num_layers):
-        keys += [names[p].format(i=i) for p in _layer_parts(model)]
-        keys += [names[w].format(i=i) for w in ("w1", "w2", "w3")]
-    keys.append(names["final_norm.weight"])
-    if model.norm_type == "layernorm":
-        keys.append(names["final_norm.bias"])
-    keys.append(names["head"])
-    return keys
+    return list(logical_shapes(model))
 
 
 def model_units(model: ModelConfig) -> list[list[str]]:
@@ -191,6 +220,13 @@ def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
             out[MCORE_NAMES["final_norm.bias"]] = _chunk(logical[names["final_norm.bias"]], 1, 0, copy=copy)
         out[MCORE_NAMES["head"]] = _chunk(logical[names["head"]], tp, tp_rank, copy=copy)
     return out
+
+
+def expected_chunk(model: ModelConfig, layout: ParallelLayout, pp_rank: int, vp_stage: int,
+                   tp_rank: int) -> dict[str, torch.Tensor]:
+    """``chunk_state_dict`` from the model's sizes alone: every tensor as a ``meta`` tensor (fp32)."""
+    logical = {k: torch.empty(s, device="meta") for k, s in logical_shapes(model).items()}
+    return chunk_state_dict(logical, model, layout, pp_rank, vp_stage, tp_rank, copy=False)
 
 
 def logical_from_chunk(shards: list[Mapping[str, torch.Tensor]], model: ModelConfig, layout: ParallelLayout,

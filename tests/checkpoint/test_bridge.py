@@ -15,19 +15,23 @@ from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
 from adapter.checkpoint.read_internevo import CheckpointError
 from adapter.checkpoint.safe_load import UnsafeCheckpointError, load_metadata
 from adapter.config import RawConfig, normalize
-from tests.conftest import REPO, base_sections
+from tests.conftest import REPO, base_sections, render_sections
 from tests.model.workers import random_logical
 
 FIXTURES = REPO / "tests" / "fixtures" / "internevo"
 
 
-def tiny_model(family: str):
+def tiny_sections(family: str) -> dict:
     s = base_sections()
     s["model"].update(num_layers=6, num_attention_heads=8)
     if family == "internlm2":
         s["model_type"] = "INTERNLM2_PUBLIC"
         s["model"].update(num_kv_attention_heads=4, no_bias=False)
-    return normalize(RawConfig(s, "tiny.py", {})).model
+    return s
+
+
+def tiny_model(family: str):
+    return normalize(RawConfig(tiny_sections(family), "tiny.py", {})).model
 
 
 def write_internevo(folder: Path, logical, model, tp: int, pp: int, chunks: int) -> Path:
@@ -203,8 +207,9 @@ def test_cli_convert_inspect_verify_dry_run(tmp_path):
     assert "Traceback" not in refused.stderr + differ.stderr
 
 
-def _load_torch_dist_with_megatron(folder: str, family: str, tp: int, pp: int, vpp: int) -> list:
-    """In a spawned rank: megatron-core's own loader reads the checkpoint into a (tp, pp, vpp) model."""
+def _megatron_load_and_save(folder: str, saved: str, family: str, tp: int, pp: int, vpp: int) -> list:
+    """In a spawned rank: megatron-core's own loader reads the checkpoint into a (tp, pp, vpp) model, which
+    megatron-core's own saver then writes to ``saved`` (chunks split by the saving ranks)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
@@ -214,11 +219,8 @@ def _load_torch_dist_with_megatron(folder: str, family: str, tp: int, pp: int, v
     from adapter.model.mapping import chunk_state_dict, model_state
     from adapter.runtime.dist import init_distributed
 
-    s = base_sections()
-    s["model"].update(num_layers=6, num_attention_heads=8, num_chunks=vpp)
-    if family == "internlm2":
-        s["model_type"] = "INTERNLM2_PUBLIC"
-        s["model"].update(num_kv_attention_heads=4, no_bias=False)
+    s = tiny_sections(family)
+    s["model"]["num_chunks"] = vpp
     s["parallel"] = dict(tensor=tp, pipeline=dict(size=pp, interleaved_overlap=True))
     cfg = normalize(RawConfig(s, "tiny.py", {}))
     layout = validate(cfg, tp * pp)
@@ -233,23 +235,43 @@ def _load_torch_dist_with_megatron(folder: str, family: str, tp: int, pp: int, v
                                 ps.get_tensor_model_parallel_rank())
         got = model_state(chunk)
         wrong += [k for k in want if not torch.equal(want[k], got[k])]
+    dist_checkpointing.save({f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}, saved)
     return wrong
+
+
+def _dcp_summary(folder: Path) -> dict:
+    """Each key of a torch_dist folder: global shape and dtype for tensors, or ``bytes``."""
+    from adapter.checkpoint.safe_load import load_dcp_metadata
+
+    return {k: (tuple(v.size), v.properties.dtype) if hasattr(v, "chunks") else "bytes"
+            for k, v in load_dcp_metadata(folder / ".metadata").state_dict_metadata.items()}
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("family", ["internlm1", "internlm2"])
-def test_torch_dist_loads_at_other_layouts_in_megatron(tmp_path, family):
+def test_torch_dist_and_megatron_read_each_other(tmp_path, family):
     from tests.spawn import spawn
 
     model = tiny_model(family)
-    src = write_internevo(tmp_path / "src", random_logical(model, 7), model, 2, 1, 1)
+    logical = random_logical(model, 7)
+    src = write_internevo(tmp_path / "src", logical, model, 2, 1, 1)
     done = _cli("convert", src, tmp_path / "dist", "--to", "mcore")
     assert done.returncode == 0, done.stderr
-    # megatron-core's loader, at tp2 × pp2 × 2 virtual stages (an uneven split of 6 layers)
-    assert spawn(_load_torch_dist_with_megatron, 4, str(tmp_path / "dist"), family, 2, 2, 2) == [[], [], [], []]
-    # and back to InternEvo, bit-exact
-    back = _cli("convert", tmp_path / "dist", tmp_path / "back", "--to", "internevo", "--tp", "2")
-    assert back.returncode == 0, back.stderr
+    # megatron-core's loader, at tp2 × pp2 × 2 virtual stages (an uneven split of 6 layers), reads ours;
+    # megatron-core's saver writes the same model back from those ranks
+    (tmp_path / "megatron").mkdir()
+    assert spawn(_megatron_load_and_save, 4, str(tmp_path / "dist"), str(tmp_path / "megatron"), family,
+                 2, 2, 2) == [[], [], [], []]
+    ours, theirs = _dcp_summary(tmp_path / "dist"), _dcp_summary(tmp_path / "megatron")
+    assert ours == theirs  # the same keys, global shapes, dtypes and extra-state objects
+    assert len({f.name for f in (tmp_path / "megatron").glob("*.distcp")}) > 1
+    # our reader assembles megatron's tensor-parallel chunks, bit-exact
+    back = open_checkpoint(tmp_path / "megatron", model)
+    assert all(torch.equal(back.tensors[k], logical[k]) for k in logical)
+    config = tmp_path / "tiny.py"  # megatron's own folder does not record InternLM's sizes
+    config.write_text(render_sections(tiny_sections(family)))
+    assert _cli("convert", tmp_path / "megatron", tmp_path / "back", "--to", "internevo", "--tp", "2",
+                "--config", config).returncode == 0
     assert _cli("verify", src, tmp_path / "back").returncode == 0
 
 

@@ -38,12 +38,12 @@ class Tracked(dict):
 
 
 @pytest.mark.parametrize("fmt,tp,pp,vpp", [("internevo", 2, 2, 1), ("internevo", 1, 3, 2),
-                                           ("mcore-legacy", 4, 2, 2), ("hf", 1, 1, 1)])
+                                           ("mcore-legacy", 4, 2, 2), ("hf", 1, 1, 1), ("mcore", 1, 1, 1)])
 def test_each_tensor_read_once_and_one_unit_alive(tmp_path, fmt, tp, pp, vpp):
     model = tiny_model("internlm1")
     logical = random_logical(model, 21)
     source = Tracked(logical)
-    layout = None if fmt == "hf" else target_layout(model, tp, pp, vpp)
+    layout = None if fmt in ("hf", "mcore") else target_layout(model, tp, pp, vpp)
     (tmp_path / "out").mkdir()
     write_streaming(source, model, fmt, layout, tmp_path / "out", shard_bytes=100_000)
     assert sorted(source.reads) == sorted(logical_keys(model))  # every tensor, once
