@@ -45,7 +45,7 @@ from adapter.checkpoint.read_internevo import CheckpointError
 from adapter.checkpoint.stream_write import Ordered
 from adapter.checkpoint.unit_source import UnitSource
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import expected_chunk, local_spec_name, logical_from_chunk, logical_keys
+from adapter.model.mapping import expected_chunk, local_spec_name, logical_from_chunk, logical_keys, mcore_unit
 from adapter.runtime.layout import ParallelLayout
 
 MODEL_JSON = "internlm_model.json"
@@ -249,11 +249,9 @@ class DistTensors(UnitSource):
         self.layout = whole_model(model)
         logical_meta = logical_from_chunk([self.local], model, self.layout, 0, 0)
         super().__init__(model, {k: logical_meta[k] for k in logical_keys(model)})
-        last = model.num_layers + 1
-        self.names: list[list[str]] = [[] for _ in range(last + 1)]
+        self.names: list[list[str]] = [[] for _ in range(model.num_layers + 2)]
         for name in self.local:
-            _, layer = sharded_key(name)
-            self.names[0 if name.startswith("embedding.") else last if layer is None else 1 + layer].append(name)
+            self.names[mcore_unit(name, 0, model.num_layers)].append(name)
 
     def _check_chunks(self) -> None:
         sizes = {}

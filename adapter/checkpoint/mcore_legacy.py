@@ -20,7 +20,7 @@ from adapter.checkpoint.memory import drop_pages
 from adapter.checkpoint.read_internevo import CheckpointError, open_model_file
 from adapter.checkpoint.unit_source import UnitSource
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import MCORE_NAMES, expected_chunk, local_spec_name, logical_from_chunk, logical_keys
+from adapter.model.mapping import expected_chunk, local_spec_name, logical_from_chunk, logical_keys, mcore_unit
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -66,9 +66,8 @@ def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, "
                 shards.append(_local_names(files[(t, p)][entry]))
                 _check(shards[-1], expected_chunk(model, layout, p, vp, t), f"{ranks[(t, p)]} [{entry!r}]")
             chunks[(p, vp)] = shards
-    tensors = LegacyTensors(chunks, model, layout)
-    tensors.renamed = any(local_spec_name(k) not in (k, None) for k in files[(0, 0)]["model" if vpp == 1 else "model0"])
-    return layout, tensors
+    renamed = any(local_spec_name(k) not in (k, None) for k in files[(0, 0)]["model" if vpp == 1 else "model0"])
+    return layout, LegacyTensors(chunks, model, layout, renamed)
 
 
 def _check(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
@@ -95,9 +94,6 @@ def _local_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
 class LegacyTensors(UnitSource):
     """The logical tensors of Megatron-legacy files, one model unit (a layer) at a time.
 
@@ -105,9 +101,9 @@ class LegacyTensors(UnitSource):
     unit's tensors real and every other one a ``meta`` placeholder, and the source pages it read are dropped."""
 
     def __init__(self, chunks: dict[tuple[int, int], list[dict[str, torch.Tensor]]], model: ModelConfig,
-                 layout: ParallelLayout):
+                 layout: ParallelLayout, renamed: bool = False):
         self.chunks, self.layout = chunks, layout
-        self.renamed = False
+        self.renamed = renamed
         """Whether the files use Transformer Engine's names."""
         self.meta_chunks = {c: [{k: v.to("meta") for k, v in sd.items()} for sd in shards]
                             for c, shards in chunks.items()}
@@ -117,19 +113,13 @@ class LegacyTensors(UnitSource):
         super().__init__(model, {k: meta[k][0] for k in logical_keys(model)})
         self.chunk_of = {self.unit_of[k]: chunk for k, (_, chunk) in meta.items()}
 
-    def _unit_of_file_key(self, key: str, start: int) -> int:
-        m = _LOCAL_LAYER.match(key)
-        if m:
-            return 1 + start + int(m[1])
-        return 0 if key == MCORE_NAMES["embedding"] else self.model.num_layers + 1
-
     def _read_unit(self, unit: int) -> dict[str, torch.Tensor]:
         p, vp = self.chunk_of[unit]
         start = self.layout.stages[p][vp][0]
         read: list[torch.Tensor] = []
         shards = []
         for sd, meta in zip(self.chunks[(p, vp)], self.meta_chunks[(p, vp)]):
-            mine = {k: v for k, v in sd.items() if self._unit_of_file_key(k, start) == unit}
+            mine = {k: v for k, v in sd.items() if mcore_unit(k, start, self.model.num_layers) == unit}
             read += mine.values()
             shards.append({**meta, **mine})
         out = logical_from_chunk(shards, self.model, self.layout, p, vp)

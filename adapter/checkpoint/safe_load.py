@@ -93,7 +93,10 @@ def load_tensors(path: str | os.PathLike, *, mmap: bool = True, megatron: bool =
     writes it, whose other entries hold a few more kinds of object (``megatron_globals``)."""
     if not megatron:
         return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
-    with torch.serialization.safe_globals(megatron_globals()):
+    # megatron-core's enums cost 3 s of imports: only for files that name one (ours never do)
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    allowed = megatron_globals() + (megatron_enums() if any(n.startswith("megatron.") for n in names) else [])
+    with torch.serialization.safe_globals(allowed):
         return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
 
 
@@ -101,10 +104,10 @@ def load_tensors(path: str | os.PathLike, *, mmap: bool = True, megatron: bool =
 def megatron_globals() -> list[Any]:
     """What Megatron-LM's own legacy checkpoint files hold besides tensors, numbers and strings: ``args`` (an
     ``argparse.Namespace``, with megatron-core enums such as ``ModelType`` and ``AttnBackend`` among its
-    values), the numpy RNG state (an ``ndarray``), and Transformer Engine's ``_extra_state`` (``io.BytesIO``
-    in older TE). All are plain data: constructing them runs no code of the file's choosing."""
+    values: ``megatron_enums``), the numpy RNG state (an ``ndarray``), and Transformer Engine's
+    ``_extra_state`` (``io.BytesIO`` in older TE). All are plain data: constructing them runs no code of the
+    file's choosing."""
     import argparse
-    import enum
     import io
 
     import numpy
@@ -112,7 +115,15 @@ def megatron_globals() -> list[Any]:
     multiarray = getattr(numpy, "_core", None) or numpy.core
     names: list[Any] = [argparse.Namespace, io.BytesIO, numpy.ndarray, numpy.dtype,
                         multiarray.multiarray._reconstruct]
-    names += [type(numpy.dtype(code)) for code in ("u4", "i8", "f8", "f4")]
+    return names + [type(numpy.dtype(code)) for code in ("u4", "i8", "f8", "f4")]
+
+
+@functools.cache
+def megatron_enums() -> list[Any]:
+    """megatron-core's enums (``ModelType``, ``AttnBackend``, …), which Megatron-LM's ``args`` hold."""
+    import enum
+
+    names: list[Any] = []
     for module in ("megatron.core.enums", "megatron.core.transformer.enums"):
         try:
             imported = importlib.import_module(module)

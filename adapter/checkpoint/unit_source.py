@@ -1,7 +1,8 @@
 """A logical state dict read lazily, one model unit at a time, for sources that store units together.
 
-In Hugging Face and Megatron-legacy files a logical tensor is not a slice of one stored tensor: InternEvo's
-fused qkv is three HF tensors, ``w1``/``w3`` are halves of megatron's ``linear_fc1``. Such sources compute
+In Hugging Face and Megatron files (legacy and ``torch_dist``) a logical tensor is not a slice of one
+stored tensor: InternEvo's fused qkv is three HF tensors, ``w1``/``w3`` are halves of megatron's
+``linear_fc1``. Such sources compute
 a whole unit (``model_units``: the embedding, one layer, or the final norm and head) at once and keep it
 until a tensor of another unit is asked for, so a streaming conversion, which asks unit by unit, reads
 every stored tensor once and holds one unit.

@@ -19,6 +19,7 @@ an on-disk matter for the checkpoint bridge, the logical tensor is the same).
 
 from __future__ import annotations
 
+import re
 from typing import Mapping, Optional
 
 import torch
@@ -83,6 +84,8 @@ MCORE_NAMES = {
 }
 
 
+_CHUNK_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
 #: Transformer Engine's fused names (megatron-core's TE layer spec, Megatron-LM's default on GPUs) → the
 #: local spec's: TE folds each pre-norm into the linear layer after it.
 TE_NAMES = {
@@ -101,6 +104,15 @@ def local_spec_name(key: str) -> Optional[str]:
         if key.endswith("." + te):
             return key[: -len(te)] + local
     return key
+
+
+def mcore_unit(name: str, first_layer: int, num_layers: int) -> int:
+    """The model unit (``model_units`` index) of a chunk's megatron-core key, the chunk's layers starting at
+    global layer ``first_layer``: 0 for the embedding, ``1 + layer``, or ``num_layers + 1`` for the head."""
+    m = _CHUNK_LAYER.match(name)
+    if m:
+        return 1 + first_layer + int(m[1])
+    return 0 if name == MCORE_NAMES["embedding"] else num_layers + 1
 
 
 def _layer_parts(model: ModelConfig) -> list[str]:

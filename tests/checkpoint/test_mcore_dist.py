@@ -104,6 +104,11 @@ def test_damaged_and_hostile_folders_are_named(tmp_path):
     (damaged / DATA_FILE).write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="tensor embedding.word_embeddings.weight .* cannot be read"):
         open_checkpoint(damaged).tensors["tok_embeddings.weight"]
+    # ... and a conversion from it fails after opening its output files, leaving nothing behind
+    with pytest.raises(CheckpointError, match="tensor embedding.word_embeddings.weight .* cannot be read"):
+        write_checkpoint(open_checkpoint(damaged), "hf", tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder either
     # a checkpoint of another model size
     other = dataclasses.replace(model, ffn_hidden_size=model.ffn_hidden_size * 2)
     with pytest.raises(CheckpointError, match=r"tensor decoder.layers.mlp.linear_fc1.weight has shape"):
@@ -138,4 +143,3 @@ def test_damaged_and_hostile_folders_are_named(tmp_path):
     (evil_state / DATA_FILE).write_bytes(bytes(data))
     assert compare(open_checkpoint(evil_state), src) == []
     assert not _Evil.marker.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no half-written output
