@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1024, help="model initialisation seed (InternEvo's default)")
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOPS of one device, to report MFU")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in this launch")
-    parser.add_argument("--tensorboard-dir", help="TensorBoard folder (default: runs/<JOB_NAME>/tensorboard)")
+    parser.add_argument("--run-dir", help="folder for metrics.jsonl (every step's numbers at full precision) and "
+                        "TensorBoard logs (default: runs/<JOB_NAME>)")
+    parser.add_argument("--tensorboard-dir", help="TensorBoard folder (default: the config's tensorboard_folder, "
+                        "else <run-dir>/tensorboard)")
     # the deepspeed launcher appends --local_rank; torchrun sets LOCAL_RANK instead
     args, _ = parser.parse_known_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg, layout, RunOptions(seed=args.seed, peak_tflops=args.peak_tflops, max_steps=args.max_steps,
-                                      tensorboard_dir=args.tensorboard_dir))
+                                      tensorboard_dir=args.tensorboard_dir, run_dir=args.run_dir))
     except ConfigError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

@@ -104,22 +104,32 @@ def latest_checkpoint(save_folder: Path, snapshot_folder: Optional[Path]) -> Opt
     return best[1] if best else None
 
 
-def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, chunks: list) -> None:
-    """Initialise the chunks from an InternEvo-format model folder saved at any layout (resharded here)."""
+def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, chunks: list, field: str) -> None:
+    """Initialise the chunks from a model checkpoint in any format ``internlm-ckpt`` reads (InternEvo at any
+    layout, Hugging Face, megatron-core ``torch_dist`` or legacy), resharded to this rank on the fly.
+
+    Call it before the DeepSpeed engine exists: ZeRO copies its fp32 master weights from the module at
+    ``deepspeed.initialize``, and weights loaded afterwards would be overwritten by the first update.
+    ``field`` names the config key that pointed here, for errors.
+    """
     from megatron.core import parallel_state as ps
 
-    from adapter.checkpoint.read_internevo import read_internevo
+    from adapter.checkpoint.convert import open_checkpoint
+    from adapter.checkpoint.read_internevo import CheckpointError
     from adapter.model.mapping import chunk_state_dict
 
-    source = read_internevo(folder, cfg.model)
-    logical = dict(source.logical())
-    pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-    for vp, chunk in enumerate(chunks):
-        state = chunk_state_dict(logical, cfg.model, layout, pp_rank, vp, tp_rank)
-        missing, unexpected = chunk.load_state_dict(state, strict=False)
-        if unexpected or any(not k.endswith("_extra_state") for k in missing):
-            raise ConfigError("ckpt", f"{folder}: weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+    try:
+        source = open_checkpoint(folder, cfg.model)
+        pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+        for vp, chunk in enumerate(chunks):
+            # only this chunk's tensors are read: the source is lazy
+            state = chunk_state_dict(source.tensors, cfg.model, layout, pp_rank, vp, tp_rank)
+            missing, unexpected = chunk.load_state_dict(state, strict=False)
+            if unexpected or any(not k.endswith("_extra_state") for k in missing):
+                raise CheckpointError(f"{folder}: weights do not fit the model (missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]})")
+    except (CheckpointError, KeyError, RuntimeError) as exc:  # wrong sizes or names: say which file and key
+        raise ConfigError(field, f"cannot initialise the model from {folder}: {exc}") from None
 
 
 def load_training_state(folder: Path, trainer, load_optimizer: bool) -> dict:
@@ -127,6 +137,8 @@ def load_training_state(folder: Path, trainer, load_optimizer: bool) -> dict:
     returns ``context.pt`` (with ``sampler`` holding the sampler state)."""
     trainer.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=load_optimizer,
                                    load_lr_scheduler_states=False, load_module_strict=False)
+    # DeepSpeed restores the saving run's clipping threshold with the optimizer state; this run's config decides
+    trainer.optimizer.clip_grad = trainer.cfg.applied_clip_grad_norm
     context = load_metadata(folder / "context.pt")
     trainer.step_count = int(context["step_count"])
     if load_optimizer and "grad_scaler" in context:

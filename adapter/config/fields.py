@@ -72,6 +72,27 @@ def _growth(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
                            f"growth_factor={gs.growth_factor:g}, backoff_factor={gs.backoff_factor:g} are lost")
 
 
+def _clip(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
+    zo = cfg.zero_optimizer
+    if cfg.model.dtype != "fp32":
+        return "exact", ("clips the global norm over all parameters to clip_grad_norm, as InternEvo does in "
+                         f"{cfg.model.dtype} (every parameter is in one group, so its per-group clipping is the same)")
+    if zo.clip_in_fp32:
+        return "approximate", ("adapter.clip_grad_in_fp32=True clips this fp32 run; InternEvo 0.5.2 does not clip "
+                               "in fp32 (HybridZeroOptimizer._step clips only when model.dtype is not float32)")
+    return "exact", ("InternEvo 0.5.2 does not clip in fp32 (HybridZeroOptimizer._step clips only when model.dtype "
+                     "is not float32; torch.tf32 counts as float32): the norm is computed and reported, AdamW gets "
+                     "the unclipped gradient, and so here (ds: gradient_clipping = 0). Set "
+                     "adapter = dict(clip_grad_in_fp32=True) to clip anyway")
+
+
+def _clip_option(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
+    if value and cfg.model.dtype == "fp32":
+        return "approximate", "clips this fp32 run to clip_grad_norm, which InternEvo 0.5.2 does not"
+    return "exact", "no effect: InternEvo's clipping rule applies" if not value else \
+        f"no effect in {cfg.model.dtype}, where InternEvo clips anyway"
+
+
 def _max_scale(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
     if cfg.model.dtype != "fp16":
         return "exact", "only used by the fp16 loss scaler"
@@ -352,11 +373,11 @@ RULES: tuple[Rule, ...] = (
     Rule("hybrid_zero_optimizer.overlap_sync_param", "exact", "-", judge=_overlap_param),
     Rule("hybrid_zero_optimizer.reduce_bucket_size", "exact",
          "ds: zero_optimization.reduce_bucket_size and allgather_bucket_size (both count elements)"),
-    Rule("hybrid_zero_optimizer.clip_grad_norm", "exact", "ds: gradient_clipping",
-         "one global norm over all parameters; InternEvo clips per parameter group, which is the same here "
-         "because every parameter is in one group"),
+    Rule("hybrid_zero_optimizer.clip_grad_norm", "exact", "ds: gradient_clipping (0 in fp32)", judge=_clip),
     Rule("loss.label_smoothing", "exact", "train: cross-entropy label smoothing"),
     Rule("loss.moe_loss_coeff", "exact", "-", "no MoE models"),
+    # options of this adapter, in a section InternEvo does not read
+    Rule("adapter.clip_grad_in_fp32", "exact", "ds: gradient_clipping = clip_grad_norm in fp32", judge=_clip_option),
     # checkpoints
     Rule("ckpt.enable_save_ckpt", "exact", "train: save checkpoints", _CKPT_NOTE),
     Rule("ckpt.save_ckpt_folder", "exact", "train: checkpoint folder (local: or boto3:)", _CKPT_NOTE),
@@ -373,6 +394,70 @@ RULES: tuple[Rule, ...] = (
     Rule("ckpt.auto_resume", "exact", "train: resume from the newest complete checkpoint", _CKPT_NOTE),
     Rule("ckpt.stop_file_path", "exact", "train: stop file asking for a save", _CKPT_NOTE),
 )
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What InternEvo's own training runs exercise of one field (``tests/fixtures/internevo/internlm2_traj_*``,
+    8 steps each, matched by ``tests/train/test_internevo_trajectory.py``)."""
+
+    values: tuple[Any, ...] | None = None
+    """The values the runs use; ``None``: the field enters a formula the runs exercise, so any value."""
+    fp32_only: bool = False
+    """The runs are fp32; in fp16/bf16 the field does something they do not exercise."""
+
+
+_ANY, _FP32 = Checked(), Checked(fp32_only=True)
+
+#: Training-behaviour fields whose "exact" is backed by InternEvo's own runs. A training field (``TRAINING``)
+#: absent here, or given a value the runs do not exercise, is reported ``approximate`` rather than ``exact``:
+#: its rule was read from InternEvo's source but never held against an InternEvo run.
+CHECKED_BY_INTERNEVO_RUNS: dict[str, Checked] = {
+    "model.dtype": Checked(("torch.float32",)),
+    "parallel.zero1.size": _ANY, "parallel.zero1": _ANY,  # the int form of zero1.size
+    "parallel.zero1.fsdp": Checked((False,)),
+    "data.seq_len": _ANY, "data.micro_num": _ANY, "data.micro_bsz": _ANY, "data.total_steps": _ANY,
+    "data.train_folder": _ANY, "data.seed": _ANY, "data.num_worker": _ANY,
+    "data.valid_every": Checked((0,)), "data.valid_micro_num": _ANY, "data.valid_folder": Checked((None,)),
+    "data.pack_sample_into_one": Checked((False,)), "data.use_packed_dataset": Checked((True,)),
+    "data.skip_batches": Checked(("",)), "data.rampup_batch_size": Checked(("",)), "data.min_length": Checked((0,)),
+    "data.type": Checked(("tokenized",)),
+    "adam.lr": _ANY, "adam.adam_beta1": _ANY, "adam.adam_beta2": _ANY, "adam.adam_eps": _ANY,
+    "adam.weight_decay": _ANY, "adam.adam_beta2_c": Checked((0,)),
+    "lr_scheduler.total_steps": _ANY, "lr_scheduler.warmup_ratio": _ANY, "lr_scheduler.eta_min": _ANY,
+    "lr_scheduler.init_steps": Checked((0,)), "lr_scheduler.last_epoch": Checked((-1,)),
+    "beta2_scheduler.init_beta2": _ANY, "beta2_scheduler.c": Checked((0,)), "beta2_scheduler.cur_iter": Checked((-1,)),
+    "grad_scaler.fp16.initial_scale": _FP32, "grad_scaler.fp16.min_scale": _FP32,
+    "grad_scaler.fp16.growth_interval": _FP32, "grad_scaler.growth_factor": _FP32,
+    "grad_scaler.backoff_factor": _FP32, "grad_scaler.max_scale": _FP32, "grad_scaler.hysteresis": _FP32,
+    "hybrid_zero_optimizer.clip_grad_norm": _FP32, "hybrid_zero_optimizer.reduce_bucket_size": _ANY,
+    "hybrid_zero_optimizer.overlap_sync_grad": Checked((False,)),
+    "hybrid_zero_optimizer.overlap_sync_param": Checked((False,)),
+    "loss.label_smoothing": Checked((0,)),
+}
+TRAINING = ("model.dtype", "parallel.zero1", "data.", "adam.", "lr_scheduler.", "beta2_scheduler.", "grad_scaler.",
+            "hybrid_zero_optimizer.", "loss.")
+UNCHECKED_NOTE = ("not claimed exact: InternEvo's rule as read from its source, but no InternEvo-written run "
+                  "exercises this value")
+
+
+def is_training(path: str) -> bool:
+    """Whether ``path`` shapes the training numbers (optimizer, schedules, data order, precision)."""
+    return any(path == t or path.startswith(t if t.endswith(".") else t + ".") for t in TRAINING)
+
+
+def checked_by_internevo_runs(cfg: "InternLMConfig", path: str, value: Any) -> bool:
+    """Whether InternEvo's own runs exercise ``path`` with ``value`` (see ``CHECKED_BY_INTERNEVO_RUNS``)."""
+    checked = CHECKED_BY_INTERNEVO_RUNS.get(path)
+    if checked is None or (checked.fp32_only and cfg.model.dtype != "fp32"):
+        return False
+    return checked.values is None or any(same_value(value, v) for v in checked.values)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal values, except that booleans never equal numbers (``False == 0`` in Python)."""
+    return a is b if isinstance(a, bool) or isinstance(b, bool) else a == b
+
 
 _BY_PATH = {rule.path: rule for rule in RULES}
 _FREE_FORM = ("monitor", "moe", "gradient_handler", "ckpt.load_ckpt_info", "data.min_length_dict")

@@ -157,7 +157,7 @@ def normalize(raw: RawConfig) -> InternLMConfig:
     _check_known_keys(raw)
     r = _Reader(raw)
     for name in ("model", "data", "parallel", "adam", "lr_scheduler", "beta2_scheduler", "grad_scaler",
-                 "hybrid_zero_optimizer", "loss", "ckpt", "monitor"):
+                 "hybrid_zero_optimizer", "loss", "ckpt", "monitor", "adapter"):
         r.section(name, required=name in ("model", "data", "adam"))
 
     parallel = _parallel(r)
@@ -205,7 +205,9 @@ def normalize(raw: RawConfig) -> InternLMConfig:
         overlap_sync_param=r.bool("hybrid_zero_optimizer.overlap_sync_param", False),
         reduce_bucket_size=r.int("hybrid_zero_optimizer.reduce_bucket_size", 512 * 1024 * 1024, minimum=1),
         clip_grad_norm=r.float("hybrid_zero_optimizer.clip_grad_norm", 0.0, minimum=0.0),
+        clip_in_fp32=r.bool("adapter.clip_grad_in_fp32", False),
     )
+    r.defaulted.pop("adapter.clip_grad_in_fp32", None)  # our option, not InternEvo's: no InternEvo default to report
     label_smoothing = r.float("loss.label_smoothing", 0.0, minimum=0.0, maximum=1.0)
     r.float("loss.moe_loss_coeff", 1.0)
 

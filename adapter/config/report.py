@@ -1,9 +1,10 @@
 """The fidelity report: every field the user wrote, and where it went (torch-free).
 
 Each given leaf is judged by its row in ``fields.RULES``: ``exact``, ``approximate`` (how) or
-``unsupported`` (why, and what is lost). Defaults InternEvo would fill in are listed separately, so a
-reader can see the values a run really uses. The same data is rendered as JSON (for tools) and
-Markdown (for people).
+``unsupported`` (why, and what is lost). A training field (optimizer, schedules, data, precision) is
+``exact`` only where InternEvo's own runs exercise it with that value (``fields.CHECKED_BY_INTERNEVO_RUNS``).
+Defaults InternEvo would fill in are listed separately, so a reader can see the values a run really uses.
+The same data is rendered as JSON (for tools) and Markdown (for people).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def field_reports(cfg: InternLMConfig) -> list[FieldReport]:
             verdict = rule.judge(cfg, value)
             if verdict is not None:
                 status, note = verdict
+        if status == "exact" and fields.is_training(path) and not fields.checked_by_internevo_runs(cfg, path, value):
+            status, note = "approximate", f"{note}; {fields.UNCHECKED_NOTE}" if note else fields.UNCHECKED_NOTE
         out.append(FieldReport(path, _jsonable(value), status, rule.target, note))
     return out
 
@@ -131,6 +134,12 @@ def general_notes(cfg: InternLMConfig, layout: ParallelLayout) -> dict[str, str]
             + (f"; InternEvo shards inside groups of zero1={cfg.parallel.zero1_size}." if cfg.parallel.zero1_size > 1
                else ".")),
     }
+    if cfg.model.dtype == "fp32" and cfg.zero_optimizer.clip_grad_norm > 0:
+        notes["Gradient clipping"] = (
+            "InternEvo 0.5.2 computes and reports the gradient norm in fp32 but does not clip "
+            f"(clip_grad_norm={cfg.zero_optimizer.clip_grad_norm:g} takes effect only in fp16/bf16); "
+            + ("adapter.clip_grad_in_fp32=True clips this run anyway." if cfg.zero_optimizer.clip_in_fp32 else
+               "this run does the same (gradient_clipping 0). adapter = dict(clip_grad_in_fp32=True) clips anyway."))
     if cfg.model.dtype == "fp16":
         notes["Loss scaling"] = (
             "DeepSpeed's dynamic loss scaler: initial_scale_power, loss_scale_window (= growth_interval), "

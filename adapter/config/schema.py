@@ -166,6 +166,8 @@ class ZeroOptimizerConfig:
     overlap_sync_param: bool
     reduce_bucket_size: int
     clip_grad_norm: float
+    clip_in_fp32: bool = False
+    """``adapter.clip_grad_in_fp32``: clip fp32 runs too (InternEvo 0.5.2 does not, see ``applied_clip_grad_norm``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +215,18 @@ class InternLMConfig:
     """Every field InternEvo would fill in with a default, as dotted path → default value."""
     lines: dict[str, int] = field(default_factory=dict, repr=False)
     """Dotted path → line in ``source``, so later checks can point at the line."""
+
+    @property
+    def applied_clip_grad_norm(self) -> float:
+        """The max norm gradients are clipped to (0: no clipping; the norm is still computed and reported).
+
+        InternEvo 0.5.2 clips only in fp16/bf16: ``HybridZeroOptimizer._step`` unscales and clips
+        ``if gpc.config.model.dtype is not torch.float32`` (``torch.tf32`` becomes float32 too), so in fp32
+        ``clip_grad_norm`` decides only whether the norm is computed and AdamW gets the unclipped gradient
+        (measured in the ``internlm2_traj_*`` fixtures). ``adapter.clip_grad_in_fp32=True`` clips anyway.
+        """
+        zo = self.zero_optimizer
+        return zo.clip_grad_norm if self.model.dtype != "fp32" or zo.clip_in_fp32 else 0.0
 
     def error(self, path: str, message: str) -> ConfigError:
         """A ``ConfigError`` for ``path``, located at its line in the config file when known."""

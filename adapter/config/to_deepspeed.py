@@ -26,7 +26,7 @@ def deepspeed_config(cfg: InternLMConfig, layout: ParallelLayout) -> dict[str, A
     }
     if layout.dp is not None:
         ds["train_batch_size"] = per_rank * layout.dp
-    ds["gradient_clipping"] = zo.clip_grad_norm
+    ds["gradient_clipping"] = cfg.applied_clip_grad_norm  # InternEvo 0.5.2 clips nothing in fp32
     ds["zero_optimization"] = {
         "stage": 1,
         # InternEvo's reduce_bucket_size counts elements, like DeepSpeed's bucket sizes

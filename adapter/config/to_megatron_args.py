@@ -13,7 +13,7 @@ from adapter.runtime.layout import ParallelLayout
 
 def megatron_args(cfg: InternLMConfig, layout: ParallelLayout) -> list[str]:
     """Arguments (``--flag`` or ``--flag value``) in the order Megatron-LM's help lists their groups."""
-    m, d, a, lr, gs, zo = cfg.model, cfg.data, cfg.adam, cfg.lr_scheduler, cfg.grad_scaler, cfg.zero_optimizer
+    m, d, a, lr, gs = cfg.model, cfg.data, cfg.adam, cfg.lr_scheduler, cfg.grad_scaler
     args = [
         f"--num-layers {m.num_layers}",
         f"--hidden-size {m.hidden_size}",
@@ -78,7 +78,7 @@ def megatron_args(cfg: InternLMConfig, layout: ParallelLayout) -> list[str]:
         f"--adam-beta2 {cfg.beta2_scheduler.init_beta2:g}",
         f"--adam-eps {a.eps:g}",
         f"--weight-decay {a.weight_decay:g}",
-        f"--clip-grad {zo.clip_grad_norm:g}",
+        f"--clip-grad {cfg.applied_clip_grad_norm:g}",
         f"--seed {d.seed}",
     ]
     if m.dtype == "bf16":

@@ -4,7 +4,8 @@
   ``save_ckpt_folder`` (numbered folders and both snapshot slots); otherwise ``load_ckpt_folder`` or
   ``load_ckpt_info`` with ``content`` including ``"all"``; ``load_optimizer=False`` keeps a fresh optimizer.
   Without any of those, ``load_model_only_folder`` (or ``load_ckpt_info`` with ``content=("model",)``)
-  initialises the weights only, from an InternEvo folder saved at any layout.
+  initialises the weights only, from any checkpoint ``internlm-ckpt`` reads (InternEvo at any layout, Hugging
+  Face, megatron-core), before the DeepSpeed engine copies them into its fp32 master weights.
 * Save: a normal checkpoint when ``step % checkpoint_every == 0`` or at ``total_steps``, else a snapshot into
   ``snapshot_ckpt_folder/{0,1}`` (alternating, starting with 0) when ``step % oss_snapshot_freq == 0``, else
   when the stop file asks for it: it holds one integer, ``-N`` = save at step N, ``+N`` = save and stop.
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +49,16 @@ def _all_ok(ok: bool) -> bool:
     return int(flag[0]) == 0
 
 
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a launch starts from: ``where`` is None for a fresh start; ``full`` resumes the whole training
+    state, otherwise only the weights are loaded. ``field`` is the config key that chose it."""
+
+    where: Optional[Location]
+    full: bool
+    field: str
+
+
 class Checkpointer:
     def __init__(self, cfg: InternLMConfig, layout: ParallelLayout):
         self.cfg, self.layout = cfg, layout
@@ -63,22 +75,26 @@ class Checkpointer:
         self.pending: Optional[tuple[Future, Location, int, Path]] = None
 
     # ---- resume
-    def _resume_source(self) -> tuple[Optional[Location], bool]:
+    def plan_resume(self) -> "ResumePlan":
+        """What this launch starts from, decided once (collective with S3 auto-resume)."""
         ck = self.cfg.ckpt
         if ck.auto_resume and self.save is not None:
             latest = self._latest()
             if latest is not None:
-                return latest, True
+                return ResumePlan(latest, True, "ckpt.save_ckpt_folder")
         info = ck.load_ckpt_info
         if info is not None:
             content = info.get("content", ("all",))
             content = (content,) if isinstance(content, str) else content
-            return parse_location(info["path"], "ckpt.load_ckpt_info.path"), "all" in content
+            return ResumePlan(parse_location(info["path"], "ckpt.load_ckpt_info.path"), "all" in content,
+                              "ckpt.load_ckpt_info")
         if ck.load_ckpt_folder:
-            return parse_location(ck.load_ckpt_folder, "ckpt.load_ckpt_folder"), True
+            return ResumePlan(parse_location(ck.load_ckpt_folder, "ckpt.load_ckpt_folder"), True,
+                              "ckpt.load_ckpt_folder")
         if ck.load_model_only_folder:
-            return parse_location(ck.load_model_only_folder, "ckpt.load_model_only_folder"), False
-        return None, False
+            return ResumePlan(parse_location(ck.load_model_only_folder, "ckpt.load_model_only_folder"), False,
+                              "ckpt.load_model_only_folder")
+        return ResumePlan(None, False, "")
 
     def _latest(self) -> Optional[Location]:
         if self.save.backend == "local":
@@ -114,18 +130,18 @@ class Checkpointer:
         dist.barrier()
         return local
 
-    def resume(self, trainer, chunks: list) -> dict:
-        """Load what the config asks for; returns the restored context (``{}`` for a fresh start)."""
-        where, full = self._resume_source()
-        if where is None:
-            return {}
-        folder = self._materialise(where)
-        if full:
-            if completed_step(folder) is None:
-                raise ConfigError("ckpt", f"{where}: not a complete checkpoint (no N.step marker)")
-            return load_training_state(folder, trainer, self.cfg.ckpt.load_optimizer)
-        load_model_weights(folder, self.cfg, self.layout, chunks)
-        return {}
+    def load_weights(self, plan: "ResumePlan", chunks: list) -> None:
+        """A weights-only start: load ``plan``'s model into the chunks. Must run before the engine is built
+        (``save.load_model_weights`` says why)."""
+        load_model_weights(self._materialise(plan.where), self.cfg, self.layout, chunks, plan.field)
+
+    def load_state(self, plan: "ResumePlan", trainer) -> dict:
+        """A full resume: model, optimizer (unless ``load_optimizer=False``) and counters; returns the restored
+        context (``context.pt`` with the sampler state under ``sampler``)."""
+        folder = self._materialise(plan.where)
+        if completed_step(folder) is None:
+            raise ConfigError(plan.field, f"{plan.where}: not a complete checkpoint (no N.step marker)")
+        return load_training_state(folder, trainer, self.cfg.ckpt.load_optimizer)
 
     # ---- save
     def _stop_request(self) -> int:

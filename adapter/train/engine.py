@@ -13,8 +13,14 @@ Who does what, per optimizer step:
    summed over the tensor group here; then ``engine.allreduce_gradients()`` averages every gradient over
    data parallel once (ZeRO-1's reduction).
 4. ``engine.step()``: DeepSpeed checks for inf/nan (and then skips the update, as InternEvo does), computes
-   the global norm over data × tensor × pipeline ranks, unscales, clips, runs AdamW on its optimizer-state
-   partition and all-gathers the updated parameters.
+   the global norm over data × tensor × pipeline ranks, unscales, clips (in fp16/bf16 only, as InternEvo
+   0.5.2: ``InternLMConfig.applied_clip_grad_norm``), runs AdamW on its optimizer-state partition and
+   all-gathers the updated parameters.
+
+The engine copies the module's weights into its fp32 master partitions when it is built, so weights from a
+checkpoint must be in the chunks before ``Trainer`` is constructed (``train.loop`` does so); a full resume
+goes through DeepSpeed's own ``load_checkpoint``, which restores (or, without optimizer state, refreshes)
+the masters.
 
 The optimizer is a client ``torch.optim.AdamW`` over one parameter group (InternEvo decays every
 parameter), so DeepSpeed builds no fused-Adam extension; DeepSpeed's shared-memory inference all-reduce

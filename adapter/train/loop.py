@@ -2,16 +2,20 @@
 
 Order of things: process groups and megatron's parallel state from the config's layout, the model chunks,
 the DeepSpeed engine (``engine.Trainer``), then per step: this data-parallel rank's batch, forward/backward
-through megatron's schedule, the optimizer step, logging (console progress bar and TensorBoard on the log
-rank) and checkpoints.
+through megatron's schedule, the optimizer step, logging on the log rank (console line and progress bar,
+``metrics.jsonl``, TensorBoard) and checkpoints.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,6 +25,8 @@ from tqdm import tqdm
 
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
+
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -33,6 +39,9 @@ class RunOptions:
     max_steps: Optional[int] = None
     """Stop after this many steps in this launch (``total_steps`` still drives the schedules)."""
     tensorboard_dir: Optional[str] = None
+    """Default: ``tensorboard_folder`` from the config, else ``<run_dir>/tensorboard``."""
+    run_dir: Optional[str] = None
+    """Where the run's own outputs go (``metrics.jsonl``, TensorBoard logs); default ``runs/<JOB_NAME>``."""
 
 
 def is_log_rank() -> bool:
@@ -64,12 +73,17 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     config = transformer_config(cfg, layout, use_cpu_initialization=not torch.cuda.is_available())
     chunks = build_model_chunks(config, model_options(cfg))
-    trainer = Trainer(cfg, layout, chunks, config)
     checkpointer = Checkpointer(cfg, layout)
-    context = checkpointer.resume(trainer, chunks)
+    start = checkpointer.plan_resume()
+    if start.where is not None and not start.full:
+        # before the engine exists: DeepSpeed ZeRO copies its fp32 master weights from the module at
+        # initialisation, so weights loaded later would be replaced by random init + update at step 1
+        checkpointer.load_weights(start, chunks)
+    trainer = Trainer(cfg, layout, chunks, config)
+    context = checkpointer.load_state(start, trainer) if start.full else {}
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    logger = _Logger(cfg, options, trainer.step_count) if is_log_rank() else None
+    logger = StepLogger(cfg, options, trainer.step_count) if is_log_rank() else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     sampler, data = build_train_batches(cfg.data, dp_rank, dp_size, sampler_state=context.pop("sampler", None))
     # InternEvo's TrainState, saved as context.pt
@@ -97,7 +111,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
         flops = flops_per_token(cfg.model, mean_attended_length(piece_lengths(micro))) * result.tokens
         record = {"step": trainer.step_count, "batch_count": batch_count, "loss": result.loss, "lr": result.lr,
                   "beta2": result.beta2, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                  "skipped": result.skipped, "tokens_per_s": result.tokens / seconds,
+                  "skipped": result.skipped, "tokens": result.tokens, "tokens_per_s": result.tokens / seconds,
                   "tflops": flops / seconds / 1e12 / dist.get_world_size()}
         if options.peak_tflops:
             record["mfu"] = record["tflops"] / options.peak_tflops
@@ -132,20 +146,33 @@ def _validate(trainer, batches: list[dict], cfg: InternLMConfig, layout: Paralle
     return sum(losses) / len(losses) if losses else float("nan")
 
 
-class _Logger:
-    """One console line per step (with a progress bar when stderr is a terminal), and TensorBoard scalars."""
+class StepLogger:
+    """Per step: one console line (with a progress bar when stderr is a terminal), one JSON line with every
+    number at full precision (``<run_dir>/metrics.jsonl``, appended to across launches), and TensorBoard
+    scalars when ``enable_tb`` is set and tensorboard is installed."""
 
     def __init__(self, cfg: InternLMConfig, options: RunOptions, start_step: int):
         self.bar = tqdm(total=cfg.data.total_steps, initial=start_step, desc=cfg.job_name, unit="step",
                         dynamic_ncols=True, disable=not sys.stderr.isatty())
-        folder = options.tensorboard_dir or cfg.tensorboard_folder or os.path.join("runs", cfg.job_name, "tensorboard")
+        run_dir = Path(options.run_dir or os.path.join("runs", cfg.job_name))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
         self.writer = None
         if cfg.enable_tb:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(folder)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional dependency
+                warnings.warn(f"enable_tb is set but tensorboard is not installed (pip install tensorboard): no "
+                              f"TensorBoard logs; the metrics are in {run_dir / METRICS_FILE}", stacklevel=2)
+            else:
+                folder = options.tensorboard_dir or cfg.tensorboard_folder or str(run_dir / "tensorboard")
+                self.writer = SummaryWriter(folder)
 
     def log(self, r: dict) -> None:
+        # json writes floats as repr, so every digit survives; inf/nan (a skipped step's norm) become null
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+        self.metrics.write(json.dumps(finite) + "\n")
+        self.metrics.flush()
         mfu = f" mfu={r['mfu']:.1%}" if "mfu" in r else ""
         valid = "".join(f" {k}={v:.4f}" for k, v in r.items() if k.startswith("valid/"))
         tqdm.write(f"step {r['step']:>5} loss={r['loss']:.4f} lr={r['lr']:.3g} grad_norm={r['grad_norm']:.3f} "
@@ -162,5 +189,6 @@ class _Logger:
 
     def close(self) -> None:
         self.bar.close()
+        self.metrics.close()
         if self.writer is not None:
             self.writer.close()

@@ -22,11 +22,12 @@ def learning_rate(t: int, base_lr: float, cfg: LRSchedulerConfig) -> float:
     ``eta_min + (base - eta_min) * (1 + cos(pi * k / T_max)) / 2`` with ``k = t - (init + warmup)`` and
     ``T_max = total - init - warmup`` (periodic after ``total``, as InternEvo's is).
 
-    This is InternEvo's *intended* closed form. InternEvo computes the cosine part with torch's chainable
-    ``CosineAnnealingLR``, whose first step changed in recent torch releases: with torch >= 2.x (2.13 in
-    the fixtures) its values above ``eta_min`` are multiplied by ``2 / (1 + cos(pi / T_max))`` between
-    warmup and ``total_steps`` (e.g. 1.0396 for T_max = 8). We follow the formula, which is what InternEvo
-    produced with the torch versions it was written for; ``tests/train/test_schedules.py`` pins both.
+    This is what InternEvo 0.5.2 gives on the torch it was written for (<= 2.7). InternEvo's WarmupScheduler
+    calls the cosine's ``CosineAnnealingLR.get_lr()`` at the hand-over while its ``last_epoch`` is 0; torch
+    <= 2.7 returns the current lr there, torch >= 2.8 (``_is_initial``) applies the chained formula, which
+    multiplies every later value above ``eta_min`` by ``2 / (1 + cos(pi / T_max))`` (1.0718 for T_max = 6).
+    ``tests/train/test_internevo_trajectory.py`` pins this form to InternEvo's own runs (their generator
+    restored the <= 2.7 branch and checked it against torch 2.7.1's scheduler).
     """
     warmup = int(cfg.total_steps * cfg.warmup_ratio)
     if t < cfg.init_steps:

@@ -27,8 +27,9 @@ def test_lr_schedule_against_internevo(family):
     # warmup and everything from total_steps on: identical
     for t in list(range(warmup)) + list(range(sched.total_steps, len(lrs))):
         assert ours[t] == pytest.approx(lrs[t], rel=1e-12), t
-    # cosine part: torch 2.13's chainable CosineAnnealingLR scales (lr - eta_min) by 2 / (1 + cos(pi / T_max));
-    # we follow InternEvo's intended closed form (documented in adapter/train/schedules.py)
+    # cosine part: these fixtures ran InternEvo on unpatched torch 2.13, whose CosineAnnealingLR (>= 2.8) scales
+    # (lr - eta_min) by 2 / (1 + cos(pi / T_max)); we follow InternEvo on its own torch (<= 2.7), which the
+    # internlm2_traj_* runs pin exactly (test_internevo_trajectory.py)
     factor = 2 / (1 + math.cos(math.pi / t_max))
     for t in range(warmup, sched.total_steps):
         assert lrs[t] - sched.eta_min == pytest.approx(factor * (ours[t] - sched.eta_min), rel=1e-9), t

@@ -41,6 +41,9 @@ def train_config(family: str, world: int, tp: int = 1, pp: int = 1, vpp: int = 1
                          pipeline=dict(size=pp, interleaved_overlap=True))
     # as the 7B demo sets it: must not make DeepSpeed reduce a gradient per micro-batch
     s["hybrid_zero_optimizer"]["overlap_sync_grad"] = True
+    # the reference clips (torch's clip_grad_norm_), so these fp32 runs opt in to clipping; InternEvo's own
+    # fp32 rule (no clipping) is held against its runs in test_internevo_trajectory
+    s["adapter"] = dict(clip_grad_in_fp32=True)
     cfg = normalize(RawConfig(s, f"train_{family}.py", {}))
     return cfg, validate(cfg, world)
 
