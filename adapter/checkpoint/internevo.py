@@ -171,14 +171,6 @@ def merge(model: ModelConfig, kind: str, pieces: list[torch.Tensor], out: torch.
     return pieces[0] if out is None else out.copy_(pieces[0])
 
 
-def logical_from_shards(shards: Mapping[tuple[int, int], Mapping[str, torch.Tensor]], model: ModelConfig,
-                        layout: ParallelLayout, pp_rank: int) -> dict[str, torch.Tensor]:
-    """The logical tensors of pipeline stage ``pp_rank`` from its files, ``shards[(tp_rank, pp_rank)]``."""
-    files = [shards[(t, pp_rank)] for t in range(layout.tp)]
-    return {key: merge(model, kind, [f[file_key] for f in (files[:1] if kind == "first" else files)])
-            for key, (file_key, kind) in stage_sources(model, layout, pp_rank).items()}
-
-
 def model_config_dict(model: ModelConfig) -> dict:
     """``model_config.pt`` content: the model section in InternEvo's own keys, as a plain dict."""
     out = {

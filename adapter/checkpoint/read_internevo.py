@@ -99,7 +99,7 @@ class InternEvoCheckpoint:
         sd = open_model_file(path)
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise CheckpointError(f"{path}: expected a dict of tensors")
-        return _modernise(sd, self.family) if self.legacy else sd
+        return _modernise(sd) if self.legacy else sd
 
     def logical(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.lazy().items()
@@ -189,7 +189,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                     raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
                                           f"together: shapes {[tuple(t.shape) for t in pieces]}")
 
-def _modernise(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+def _modernise(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The 2023 InternLM1 naming (``w2``/``w3`` swapped, ``embedding.word_embeddings``) as today's."""
     out = {}
     for key, value in sd.items():
         if key.endswith("mlp.w2.weight"):

@@ -28,7 +28,8 @@ examples:
   internlm-ckpt verify llm_ckpts/5000 hf/internlm-7b
 
 --config CONFIG supplies model sizes a folder cannot tell (head counts for Megatron folders, or an
-InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config's layout, else 1.
+InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config's layout, else 1 (with an
+explicit --pp, --vpp defaults to 1, not to the config's model.num_chunks).
 A torch_dist (--to mcore) folder has no layout: megatron-core loads it at any TP/PP/VPP; --tp/--pp/--vpp,
 when given, are only checked against the model (megatron could not load it at a size that does not fit).
 
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.to in ("internevo", "mcore-legacy"):
             tp = args.tp or (layout_cfg.tp if layout_cfg else 1)
             pp = args.pp or (layout_cfg.pp if layout_cfg else 1)
-            vpp = args.vpp or (layout_cfg.vpp if layout_cfg else 1)
+            # the config's chunks belong to the config's pipeline: an explicit --pp starts from 1 chunk
+            vpp = args.vpp or (layout_cfg.vpp if layout_cfg and not args.pp else 1)
             layout = target_layout(src.model, tp, pp, vpp)
         check_target(args.dst, args.overwrite)
         if args.dry_run:

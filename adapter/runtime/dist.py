@@ -53,14 +53,3 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-def ensure_single_process_env() -> None:
-    """Rendezvous variables for a one-process group (offline tools), unless a launcher already set them."""
-    import socket
-
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)

@@ -15,17 +15,12 @@ import torch
 from adapter.model.forward import MicroBatch
 
 
-def _row_bounds(cu_seqlens, row: int) -> torch.Tensor:
-    bounds = cu_seqlens[row] if isinstance(cu_seqlens, (list, tuple)) else cu_seqlens[row]
-    return torch.as_tensor(bounds, dtype=torch.int32)
-
-
 def to_microbatches(batch: dict, *, packed: bool, micro_bsz: int, seq_len: int) -> list[MicroBatch]:
     """One ``MicroBatch`` per row of an InternEvo batch (``input_ids``/``labels`` ``[micro_num, packed_length]``)."""
     out = []
     for row in range(batch["input_ids"].shape[0]):
         ids, labels = batch["input_ids"][row:row + 1], batch["labels"][row:row + 1]
-        cu = _row_bounds(batch["cu_seqlens"], row)
+        cu = torch.as_tensor(batch["cu_seqlens"][row], dtype=torch.int32)
         if packed:
             out.append(MicroBatch(ids, labels, cu))
             continue

@@ -14,8 +14,8 @@ from adapter.checkpoint.convert import compare, open_checkpoint, target_layout, 
 from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
 from adapter.checkpoint.read_internevo import CheckpointError
 from adapter.checkpoint.safe_load import UnsafeCheckpointError, load_metadata
-from adapter.config import RawConfig, normalize
-from tests.conftest import REPO, base_sections, render_sections
+from adapter.config import RawConfig, normalize, read_config
+from tests.conftest import CONFIGS, REPO, base_sections, render_sections
 from tests.model.workers import random_logical
 
 FIXTURES = REPO / "tests" / "fixtures" / "internevo"
@@ -325,3 +325,25 @@ def test_isp_folders_are_read(tmp_path, family):
     (tmp_path / "isp" / "model_tp1_wp1_pp0.pt").unlink()
     with pytest.raises(CheckpointError, match="model_tp1_wp1_pp0.pt is missing"):
         open_checkpoint(tmp_path / "isp")
+
+
+def test_cli_explicit_pp_does_not_inherit_the_configs_chunks(tmp_path, capsys):
+    """``internlm_configs/tiny.py`` is laid out as pp=2 × 2 chunks; ``--tp 1 --pp 1`` with it means one stage
+    of one chunk, not "--vpp needs --pp > 1". Without ``--pp`` the config's whole layout applies."""
+    from adapter.cli.ckpt import main
+
+    config = CONFIGS / "tiny.py"
+    model = read_config(config)[0].model
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(shard_state_dict(random_logical(model, 0), model, target_layout(model, 1, 1, 1), 0, 0),
+               src / "model_tp0_pp0.pt")
+    assert main(["convert", str(src), str(tmp_path / "one"), "--to", "internevo", "--tp", "1", "--pp", "1",
+                 "--config", str(config)]) == 0
+    assert main(["inspect", str(tmp_path / "one"), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert '"pp": 1' in out and '"vpp": 1' in out
+    assert main(["convert", str(src), str(tmp_path / "cfg"), "--to", "internevo", "--config", str(config)]) == 0
+    assert main(["inspect", str(tmp_path / "cfg"), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert '"pp": 2' in out and '"vpp": 2' in out
