@@ -182,7 +182,6 @@ def test_zero2_at_data_parallel_2_reproduces_internevo_trajectory(two_processes)
     averaged gradient belongs to; InternEvo prints rank 0's."""
     root, c = two_processes["root"], two_processes["configs"]
     assert_matches_internevo(root / "zero2", ZERO2, c["zero2"])
-    assert all(abs(s["loss"] - sum(s["rank_losses"]) / 2) < 1e-6 for s in trajectory(ZERO2))
 
 
 @pytest.mark.multiproc
