@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from adapter.checkpoint.internevo import model_config_dict, shard_state_dict  # noqa: E402
+from adapter.checkpoint.formats.internevo import model_config_dict, shard_state_dict  # noqa: E402
 from adapter.config import RawConfig, normalize  # noqa: E402
 
 

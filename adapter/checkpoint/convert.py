@@ -1,15 +1,16 @@
 """Open, convert and compare checkpoints in any supported format, through the logical state dict.
 
-Formats: ``internevo`` (``model_tp{t}_pp{p}.pt`` folders), ``mcore`` (megatron-core's ``torch_dist``
-distributed checkpoint of the adapter's model, loadable at any layout), ``mcore-legacy`` (Megatron-LM's
-per-rank ``iter_*/mp_rank_*`` layout) and ``hf`` (transformers ``LlamaForCausalLM`` safetensors; InternLM2's
-official naming is read too). Every conversion goes source → InternEvo's logical (tp=1) tensors → target,
+Formats are plug-ins (``adapter.checkpoint.formats``): ``internevo`` (``model_tp{t}_pp{p}.pt`` folders),
+``mcore`` (megatron-core's ``torch_dist`` distributed checkpoint of the adapter's model, loadable at any
+layout), ``mcore-legacy`` (Megatron-LM's per-rank ``iter_*/mp_rank_*`` layout) and ``hf`` (transformers
+``LlamaForCausalLM`` safetensors; InternLM2's official naming is read too). Every conversion goes source → InternEvo's logical (tp=1) tensors → target,
 using only slicing, concatenation and row reordering, so round trips are bit-exact (a ``--dtype`` cast
 aside). Outputs are written into a temporary folder next to the target and renamed at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Mapping, Optional
 import torch
 
 from adapter.atomic import atomic_directory
-from adapter.checkpoint.read_internevo import CheckpointError, read_internevo
+from adapter.checkpoint import formats
+from adapter.checkpoint.errors import CheckpointError
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
@@ -34,7 +36,7 @@ class Checkpoint:
     model: ModelConfig
     layout: Optional[ParallelLayout]
     tensors: Mapping[str, torch.Tensor]
-    """Read on access, one model unit at a time (``UnitSource``; InternEvo folders tensor by tensor)."""
+    """Read on access, one model unit at a time (``io.lazy.UnitSource``; InternEvo folders tensor by tensor)."""
     generation: str = ""
     """Key-naming generation, e.g. ``internevo`` or ``internevo-2023`` (w2/w3 swapped), ``hf-llama``."""
 
@@ -42,51 +44,18 @@ class Checkpoint:
 def detect_format(path: Path) -> str:
     if not path.exists():
         raise CheckpointError(f"{path}: does not exist")
-    if path.is_dir():
-        names = {p.name for p in path.iterdir()}
-        if any(n.startswith("model_tp") and n.endswith(".pt") for n in names):
-            return "internevo"
-        if "metadata.json" in names and (".metadata" in names or any(n.endswith(".distcp") for n in names)):
-            return "mcore"
-        if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names):
-            return "mcore-legacy"
-        if "config.json" in names and any(n.endswith(".safetensors") for n in names):
-            return "hf"
-    raise CheckpointError(f"{path}: not an InternEvo, Megatron (legacy) or Hugging Face checkpoint folder")
+    found = formats.detect({p.name for p in path.iterdir()}) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"{path}: not a checkpoint folder of a known format ({', '.join(formats.REGISTRY)})")
+    return found.NAME
 
 
 def open_checkpoint(path: str | Path, model: Optional[ModelConfig] = None) -> Checkpoint:
     """Read any supported checkpoint. ``model`` (from ``--config``) supplies sizes the files cannot tell."""
     path = Path(path)
     fmt = detect_format(path)
-    if fmt == "internevo":
-        ckpt = read_internevo(path, model)
-        if ckpt.model is None:
-            raise CheckpointError(f"{path}: no model_config.pt, so head counts are unknown; pass --config")
-        tensors = ckpt.lazy()
-        tensors.validate()
-        return Checkpoint(path, fmt, ckpt.model, ckpt.layout(), tensors,
-                          "internevo-2023 (w2/w3 swapped)" if ckpt.legacy else "internevo")
-    if fmt == "mcore":
-        from adapter.checkpoint.mcore_dist import read_torch_dist
-
-        model, tensors = read_torch_dist(path, model)
-        return Checkpoint(path, fmt, model, None, tensors, "mcore-torch_dist" + _te(tensors.renamed))
-    if fmt == "mcore-legacy":
-        from adapter.checkpoint.mcore_legacy import read_mcore_legacy
-
-        if model is None:
-            raise CheckpointError(f"{path}: Megatron checkpoints do not record InternLM's sizes; pass --config")
-        layout, tensors = read_mcore_legacy(path, model)
-        return Checkpoint(path, fmt, model, layout, tensors, "mcore-legacy" + _te(tensors.renamed))
-    from adapter.checkpoint.hf_io import read_hf
-
-    model, tensors, generation = read_hf(path, model)
-    return Checkpoint(path, fmt, model, None, tensors, generation)
-
-
-def _te(renamed: bool) -> str:
-    return " (Transformer Engine names)" if renamed else ""
+    model, layout, tensors, generation = formats.get(fmt).open_folder(path, model)
+    return Checkpoint(path, fmt, model, layout, tensors, generation)
 
 
 def target_layout(model: ModelConfig, tp: int, pp: int, vpp: int) -> ParallelLayout:
@@ -109,18 +78,7 @@ def target_layout(model: ModelConfig, tp: int, pp: int, vpp: int) -> ParallelLay
 
 
 def planned_files(fmt: str, layout: Optional[ParallelLayout]) -> list[str]:
-    if fmt == "internevo":
-        return [f"model_tp{t}_pp{p}.pt" for p in range(layout.pp) for t in range(layout.tp)] + ["model_config.pt"]
-    if fmt == "mcore-legacy":
-        from adapter.checkpoint.mcore_legacy import rank_dir
-
-        return [f"iter_0000000/{rank_dir(t, p, layout.pp)}/model_optim_rng.pt"
-                for p in range(layout.pp) for t in range(layout.tp)] + ["latest_checkpointed_iteration.txt"]
-    if fmt == "mcore":
-        from adapter.checkpoint.mcore_dist import DATA_FILE, METADATA, MODEL_JSON
-
-        return ["metadata.json", METADATA, DATA_FILE, "common.pt", MODEL_JSON]
-    return ["config.json", "model*.safetensors (an index past the shard size)"]
+    return formats.get(fmt).planned_files(layout)
 
 
 def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optional[ParallelLayout], *,
@@ -128,27 +86,30 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
                      shard_bytes: int = 2 * 1024**3) -> Path:
     """Write ``src`` as ``fmt`` into ``dst`` atomically, one model unit at a time (``stream_convert``).
     ``shard_bytes`` bounds each HF safetensors file."""
-    import dataclasses
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        write_streaming(src.tensors, src.model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes,
+                        where=str(src.path))
+    return Path(dst)
 
-    from adapter.checkpoint.stream_convert import write_streaming
 
-    model = src.model
+def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt: str,
+                    layout: Optional[ParallelLayout], folder: Path, *, dtype: Optional[torch.dtype] = None,
+                    shard_bytes: int = 2 * 1024**3, where: str = "source") -> None:
+    """Write logical tensors as ``fmt`` into ``folder`` (which must exist and be empty)."""
+    from adapter.checkpoint.stream_convert import meta_tensors, write_groups
+
     if dtype is not None:
         model = dataclasses.replace(model, dtype={v: k for k, v in DTYPES.items()}[dtype])
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
-        try:
-            write_streaming(src.tensors, model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes)
-        except CheckpointError:
-            raise
-        except ValueError as exc:  # a tensor that does not fit the model or the target layout
-            raise CheckpointError(f"{src.path}: {exc}") from exc
-        if fmt == "mcore-legacy":
-            (tmp / "latest_checkpointed_iteration.txt").write_text("0\n")
-        elif fmt == "internevo":
-            from adapter.checkpoint.internevo import model_config_dict
-
-            torch.save(model_config_dict(model), tmp / "model_config.pt")
-    return Path(dst)
+    target = formats.get(fmt)
+    try:
+        meta = meta_tensors(source, model, dtype)
+        groups = target.file_groups(model, layout, meta, shard_bytes)
+        write_groups(source, model, groups, meta, folder, dtype)
+        target.finish(folder, model, groups, meta)
+    except CheckpointError:
+        raise
+    except ValueError as exc:  # a tensor that does not fit the model or the target layout
+        raise CheckpointError(f"{where}: {exc}") from exc
 
 
 def compare(a: Checkpoint, b: Checkpoint, atol: float = 0.0) -> list[str]:

@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from adapter.checkpoint.formats import REGISTRY
+
 DESCRIPTION = """\
 Move InternLM weights between InternEvo's sharded checkpoints (model_tp{t}_pp{p}.pt, any TP/PP and virtual
 chunks), megatron-core's distributed checkpoint (torch_dist, loadable at any layout) and Megatron-LM's
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.add_argument("--to", required=True, choices=("internevo", "mcore", "mcore-legacy", "hf"),
+    convert.add_argument("--to", required=True, choices=list(REGISTRY),
                          help="internevo: model_tp*_pp*.pt; mcore: megatron-core torch_dist (loads at any layout); "
                               "mcore-legacy: Megatron-LM iter_*/mp_rank_*; hf: transformers LlamaForCausalLM")
     convert.add_argument("--tp", type=int, help="target tensor-parallel size")
@@ -71,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     from adapter.atomic import TargetExistsError, check_target
+    from adapter.checkpoint import formats
     from adapter.checkpoint.convert import (DTYPES, compare, describe, dumps, open_checkpoint, planned_files,
                                             target_layout, write_checkpoint)
-    from adapter.checkpoint.read_internevo import CheckpointError
+    from adapter.checkpoint.errors import CheckpointError
     from adapter.config import ConfigError, read_config
 
     try:
@@ -92,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if not problems else 1
         src = open_checkpoint(args.src, model)
         layout = None
-        if args.to == "mcore" and (args.tp or args.pp or args.vpp):
+        needs_layout = formats.get(args.to).NEEDS_LAYOUT
+        if not needs_layout and (args.tp or args.pp or args.vpp):
             target_layout(src.model, args.tp or 1, args.pp or 1, args.vpp or 1)  # refuses sizes that do not fit
-        if args.to in ("internevo", "mcore-legacy"):
+        if needs_layout:
             tp = args.tp or (layout_cfg.tp if layout_cfg else 1)
             pp = args.pp or (layout_cfg.pp if layout_cfg else 1)
             # the config's chunks belong to the config's pipeline: an explicit --pp starts from 1 chunk

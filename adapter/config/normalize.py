@@ -349,7 +349,7 @@ def _model(r: _Reader) -> ModelConfig:
     num_layers = r.int("model.num_layers", required=True, minimum=1)
     hidden = r.int("model.hidden_size", required=True, minimum=1)
     heads = r.int("model.num_attention_heads", required=True, minimum=1)
-    if family == "internlm2":
+    if family != "internlm1":
         kv_heads = r.int("model.num_kv_attention_heads", heads, minimum=1)
     elif r.lookup("model.num_kv_attention_heads") is not _MISSING:
         raise r.error("model.num_kv_attention_heads", "InternLM1 (model_type 'INTERNLM') has no grouped-query "

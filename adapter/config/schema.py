@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from adapter.config.errors import ConfigError
 
-Family = Literal["internlm1", "internlm2"]
+Family = Literal["internlm1", "internlm2", "llama2"]
 DType = Literal["bf16", "fp16", "fp32"]
 TensorMode = Literal["mtp", "msp", "fsp", "isp"]
 
 #: InternEvo ``model_type`` → model family built by this adapter.
-MODEL_TYPES: dict[str, Family] = {"INTERNLM": "internlm1", "INTERNLM2_PUBLIC": "internlm2"}
+MODEL_TYPES: dict[str, Family] = {"INTERNLM": "internlm1", "INTERNLM2_PUBLIC": "internlm2", "LLAMA2": "llama2"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +50,7 @@ class ModelConfig:
     rope_base: float
     qk_interleaved: bool
     no_bias: bool
-    """InternLM2 only: drop the ``wqkv``/``wo`` biases. InternLM1 always has them."""
+    """InternLM2 and LLAMA2: drop the attention biases (q/k/v and output projection). InternLM1 always has them."""
     embed_grad_scale: float
     parallel_output: bool
     use_dynamic_ntk_rope: bool
@@ -63,12 +63,12 @@ class ModelConfig:
 
     @property
     def qkv_bias(self) -> bool:
-        """InternLM1 always has a qkv bias; InternLM2 unless ``no_bias``."""
+        """InternLM1 always has a qkv bias; InternLM2 and LLAMA2 unless ``no_bias``."""
         return self.family == "internlm1" or not self.no_bias
 
     @property
     def out_proj_bias(self) -> bool:
-        """The attention output projection has a bias exactly when qkv does (both families)."""
+        """The attention output projection has a bias exactly when qkv does (every family)."""
         return self.qkv_bias
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from adapter.checkpoint.save import (MARKER, atomic_save, completed_step, latest_checkpoint, load_model_weights,
+from adapter.train.state_files import (MARKER, atomic_save, completed_step, latest_checkpoint, load_model_weights,
                                      load_training_state, save_checkpoint)
 from adapter.checkpoint.storage import Location, ObjectStore, StorageError, parse_location
 from adapter.config.errors import ConfigError

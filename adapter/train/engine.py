@@ -37,7 +37,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer import TransformerConfig
 
-from adapter.checkpoint.safe_load import load_deepspeed_file
+from adapter.checkpoint.io.safe_load import load_deepspeed_file
 from adapter.config.schema import InternLMConfig
 from adapter.config.to_deepspeed import deepspeed_config
 from adapter.model.forward import MicroBatch, run_microbatches

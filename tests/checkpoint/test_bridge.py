@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from adapter.checkpoint.convert import compare, open_checkpoint, target_layout, write_checkpoint
-from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
-from adapter.checkpoint.read_internevo import CheckpointError
-from adapter.checkpoint.safe_load import UnsafeCheckpointError, load_metadata
+from adapter.checkpoint.formats.internevo import model_config_dict, shard_state_dict
+from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.io.safe_load import UnsafeCheckpointError, load_metadata
 from adapter.config import RawConfig, normalize, read_config
 from tests.conftest import CONFIGS, REPO, base_sections, render_sections
 from tests.model.workers import random_logical
@@ -27,6 +27,9 @@ def tiny_sections(family: str) -> dict:
     if family == "internlm2":
         s["model_type"] = "INTERNLM2_PUBLIC"
         s["model"].update(num_kv_attention_heads=4, no_bias=False)
+    elif family == "llama2":
+        s["model_type"] = "LLAMA2"
+        s["model"].update(num_kv_attention_heads=4)
     return s
 
 
@@ -47,7 +50,7 @@ def write_internevo(folder: Path, logical, model, tp: int, pp: int, chunks: int)
 LAYOUTS = [(tp, pp, c) for tp in (1, 2, 4) for pp in (1, 2, 3) for c in (1, 2) if not (c == 2 and pp == 1)]
 
 
-@pytest.mark.parametrize("family", ["internlm1", "internlm2"])
+@pytest.mark.parametrize("family", ["internlm1", "internlm2", "llama2"])
 def test_reshard_matrix_round_trips_bit_exact(tmp_path, family):
     model = tiny_model(family)
     logical = random_logical(model, 0)
@@ -62,7 +65,7 @@ def test_reshard_matrix_round_trips_bit_exact(tmp_path, family):
         assert compare(back, src) == []
 
 
-@pytest.mark.parametrize("family", ["internlm1", "internlm2"])
+@pytest.mark.parametrize("family", ["internlm1", "internlm2", "llama2"])
 def test_internevo_mcore_internevo_is_bit_exact(tmp_path, family):
     model = tiny_model(family)
     src = open_checkpoint(write_internevo(tmp_path / "src", random_logical(model, 1), model, 4, 2, 2))
@@ -241,7 +244,7 @@ def _megatron_load_and_save(folder: str, saved: str, family: str, tp: int, pp: i
 
 def _dcp_summary(folder: Path) -> dict:
     """Each key of a torch_dist folder: global shape and dtype for tensors, or ``bytes``."""
-    from adapter.checkpoint.safe_load import load_dcp_metadata
+    from adapter.checkpoint.io.safe_load import load_dcp_metadata
 
     return {k: (tuple(v.size), v.properties.dtype) if hasattr(v, "chunks") else "bytes"
             for k, v in load_dcp_metadata(folder / ".metadata").state_dict_metadata.items()}
@@ -276,7 +279,7 @@ def test_torch_dist_and_megatron_read_each_other(tmp_path, family):
 
 
 def test_deepspeed_files_load_through_the_allow_list(tmp_path):
-    from adapter.checkpoint.safe_load import load_deepspeed_file
+    from adapter.checkpoint.io.safe_load import load_deepspeed_file
 
     _Evil.marker = tmp_path / "pwned"
     torch.save({"optimizer_state_dict": {"x": _Evil()}}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -288,8 +291,6 @@ def test_deepspeed_files_load_through_the_allow_list(tmp_path):
 def _write_isp(folder: Path, logical: dict, model, tp: int, wp: int, pp: int) -> None:
     """An ISP folder as INTERNEVO_FORMAT.md §3.2 describes it: linears (weights and biases) cut on rows over
     the weight-parallel ranks, embedding on hidden and head on vocabulary over the tensor ranks, norms whole."""
-    from adapter.checkpoint.internevo import split_sizes
-
     layout = target_layout(model, 1, pp, 1)
     plain = {p: shard_state_dict(logical, model, layout, 0, p) for p in range(pp)}  # tp=1 names and layers
     folder.mkdir(parents=True)
@@ -301,8 +302,8 @@ def _write_isp(folder: Path, logical: dict, model, tp: int, wp: int, pp: int) ->
                     if key.endswith(("embedding.weight", "tok_embeddings.weight")):
                         out[key] = value.chunk(tp, dim=1)[t].clone()
                     elif key.endswith(("head.weight", "output.weight")):
-                        sizes = split_sizes(value.shape[0], tp)
-                        out[key] = value.split(sizes)[t].clone()
+                        n = value.shape[0]  # InternEvo: the first n % tp ranks get one more row
+                        out[key] = value.split([n // tp + (r < n % tp) for r in range(tp)])[t].clone()
                     elif "norm" in key:
                         out[key] = value.clone()
                     else:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from adapter.checkpoint.convert import compare, open_checkpoint, write_checkpoint
-from adapter.checkpoint.hf import hf_config, hf_to_internevo, internevo_to_hf
-from adapter.checkpoint.stream_convert import write_streaming
+from adapter.checkpoint.formats.hf import hf_config, hf_to_internevo, internevo_to_hf
+from adapter.checkpoint.convert import write_streaming
 from tests.checkpoint.test_bridge import FIXTURES, tiny_model
 from tests.model.workers import random_logical
 

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from adapter.checkpoint.hf import hf_config, hf_to_internevo, internevo_to_hf
+from adapter.checkpoint.formats.hf import hf_config, hf_to_internevo, internevo_to_hf
 from adapter.config import read_config
 from adapter.config.schema import ModelConfig
 

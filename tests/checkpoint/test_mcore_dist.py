@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from adapter.checkpoint.convert import compare, open_checkpoint, target_layout, write_checkpoint
-from adapter.checkpoint.mcore_dist import DATA_FILE, METADATA, DistTensors
-from adapter.checkpoint.read_internevo import CheckpointError
-from adapter.checkpoint.safe_load import load_dcp_metadata
+from adapter.checkpoint.formats.mcore import DATA_FILE, METADATA, DistTensors
+from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.io.safe_load import load_dcp_metadata
 from adapter.model.mapping import logical_keys, model_units
 from tests.checkpoint.test_bridge import tiny_model, write_internevo
 from tests.model.workers import random_logical

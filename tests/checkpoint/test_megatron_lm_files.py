@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from adapter.checkpoint.convert import compare, open_checkpoint, target_layout, write_checkpoint
-from adapter.checkpoint.mcore_dist import METADATA
-from adapter.checkpoint.read_internevo import CheckpointError
-from adapter.checkpoint.safe_load import load_dcp_metadata
+from adapter.checkpoint.formats.mcore import METADATA
+from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.io.safe_load import load_dcp_metadata
 from adapter.model.mapping import TE_NAMES
 from tests.checkpoint.test_bridge import tiny_model, write_internevo
 from tests.model.workers import random_logical

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adapter.checkpoint.stream_write import SafetensorsWriter, TorchFileWriter, leaves
+from adapter.checkpoint.io.stream_write import SafetensorsWriter, TorchFileWriter, leaves
 
 
 def _sample() -> dict:

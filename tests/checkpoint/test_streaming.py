@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapter.checkpoint.convert import open_checkpoint, target_layout
-from adapter.checkpoint.stream_convert import write_streaming
+from adapter.checkpoint.convert import write_streaming
 from adapter.config import RawConfig, normalize
 from adapter.model.mapping import logical_keys, model_units
 from tests.checkpoint.test_bridge import tiny_model, write_internevo
@@ -74,7 +74,7 @@ def test_internevo_source_pages_are_released(tmp_path):
         del value
         assert mapped_rss() < total / 50, key  # boundary pages and zip headers only
     # the measurement sees mapped pages: touching a mapped tensor without releasing it shows up
-    from adapter.checkpoint.safe_load import load_tensors
+    from adapter.checkpoint.io.safe_load import load_tensors
 
     mapped = load_tensors(folder / "model_tp0_pp0.pt")
     for t in mapped.values():
@@ -85,7 +85,7 @@ def test_internevo_source_pages_are_released(tmp_path):
 def test_hf_source_is_read_layer_by_layer_once(tmp_path, monkeypatch):
     """An HF folder converts to InternEvo reading each safetensors tensor once, with plain file reads."""
     from adapter.checkpoint.convert import write_checkpoint
-    from adapter.checkpoint.hf_io import HFTensors
+    from adapter.checkpoint.formats.hf import HFTensors
 
     model = tiny_model("internlm2")
     logical = random_logical(model, 22)
@@ -97,13 +97,13 @@ def test_hf_source_is_read_layer_by_layer_once(tmp_path, monkeypatch):
     src = open_checkpoint(tmp_path / "hf")
     assert reads == []  # opening reads headers only
     write_checkpoint(src, "internevo", tmp_path / "ie", target_layout(model, 2, 2, 2))
-    assert sorted(reads) == sorted(src.tensors.hf_meta)  # every HF tensor, once
+    assert sorted(reads) == sorted(src.tensors.entries)  # every HF tensor, once
     back = open_checkpoint(tmp_path / "ie")
     assert all(torch.equal(back.tensors[k], logical[k]) for k in logical)
 
 
 def test_truncated_safetensors_is_named(tmp_path):
-    from adapter.checkpoint.read_internevo import CheckpointError
+    from adapter.checkpoint.errors import CheckpointError
 
     model = tiny_model("internlm1")
     (tmp_path / "hf").mkdir()
@@ -115,7 +115,7 @@ def test_truncated_safetensors_is_named(tmp_path):
 
 
 def test_megatron_legacy_source_is_read_one_unit_at_a_time(tmp_path):
-    from adapter.checkpoint.read_internevo import CheckpointError
+    from adapter.checkpoint.errors import CheckpointError
 
     model = tiny_model("internlm2")
     logical = random_logical(model, 24)

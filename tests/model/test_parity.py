@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.model.workers import LAYOUTS
+from tests.model import workers
 from tests.spawn import spawn
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "internevo"
@@ -28,7 +29,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def matrix():
-    fixtures = {f: str(FIXTURES / f"{f}_tiny") for f in FAMILIES}
+    fixtures = {f: str(FIXTURES / f"{f}_tiny") for f in FAMILIES + ["llama2"]}
     return spawn(__import__("tests.model.workers", fromlist=["parity_matrix"]).parity_matrix, 4, FAMILIES,
                  list(LAYOUTS), fixtures)[0]
 
@@ -87,7 +88,7 @@ def test_packed_row_equals_pieces_alone(matrix, family):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["llama2"])
 @pytest.mark.parametrize("layout", ["tp1_pp1", "tp2_pp2"])
 def test_internevo_fixture_logits(matrix, family, layout):
     expected = torch.load(FIXTURES / f"{family}_tiny" / "logits.pt", weights_only=True)
@@ -112,7 +113,7 @@ def test_recompute_follows_internevo_rule(matrix, family):
 def test_transformers_llama_oracle_on_random_weights(matrix, family):
     """The same random weights in transformers' LlamaForCausalLM give the same logits."""
     transformers = pytest.importorskip("transformers")
-    from adapter.checkpoint.hf import hf_config, internevo_to_hf
+    from adapter.checkpoint.formats.hf import hf_config, internevo_to_hf
     from tests.model.workers import tiny_config
 
     ref = matrix[(family, "reference")]
@@ -158,3 +159,27 @@ def test_label_smoothing_matches_torch_under_tensor_parallelism(smoothing):
     for result in spawn(_smoothed_losses, 2, smoothing):
         assert rel(result["ours"], result["ref"]) <= 1e-6
         assert rel(result["grad"], result["ref_grad"]) <= 1e-5
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_megatron_key_matches_one_table_row(matrix, family):
+    """The state dict of a real megatron-core ``GPTModel`` (embedding, layers, final norm, head): each key
+    is a Transformer Engine ``_extra_state`` or matches exactly one row of the tensor table, and every row
+    of the table is met."""
+    from adapter.weights.mcore import local_spec_name, mcore_table
+
+    model = workers.tiny_config(family)[0].model
+    table = mcore_table(model)
+    keys = [k for k in matrix[(family, "reference")]["mcore_keys"] if local_spec_name(k) is not None]
+    rows = table.embedding + table.layer + table.final
+    assert all(sum(_matches(row, k) for row in rows) == 1 for k in keys), keys
+    assert all(any(_matches(row, k) for k in keys) for row in rows)
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in keys  # megatron-core's literal names
+    assert "decoder.layers.5.mlp.linear_fc1.weight" in keys and "output_layer.weight" in keys
+
+
+def _matches(row, key: str) -> bool:
+    head, _, tail = row.name.partition("{i}")
+    middle = key[len(head):len(key) - len(tail)] if tail else key[len(head):]
+    return key.startswith(head) and key.endswith(tail) and (middle.isdigit() if "{i}" in row.name else key == row.name)

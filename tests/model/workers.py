@@ -31,6 +31,9 @@ def tiny_config(family: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = 
     if family == "internlm2":
         s["model_type"] = "INTERNLM2_PUBLIC"
         s["model"].update(num_kv_attention_heads=2, no_bias=True, rope_base=1e6)
+    elif family == "llama2":  # GQA with the attention biases InternEvo's LLAMA2 has by default
+        s["model_type"] = "LLAMA2"
+        s["model"].update(num_kv_attention_heads=2)
     s["parallel"] = dict(zero1=-1, tensor=dict(size=tp, mode="msp" if sp else "mtp"),
                          pipeline=dict(size=pp, interleaved_overlap=True))
     cfg = normalize(RawConfig(s, f"tiny_{family}.py", {}))
@@ -39,35 +42,19 @@ def tiny_config(family: str, tp: int = 1, pp: int = 1, vpp: int = 1, sp: bool = 
 
 def random_logical(model, seed: int) -> dict[str, torch.Tensor]:
     """Random weights large enough that attention, rotary and every bias matter."""
-    from adapter.model.mapping import LOGICAL_NAMES, logical_keys
+    from adapter.model.mapping import logical_shapes, model_units
 
-    names = LOGICAL_NAMES[model.family]
-    shapes = {"embedding": (model.vocab_size, model.hidden_size), "head": (model.vocab_size, model.hidden_size)}
-    qkv_rows = (model.num_attention_heads + 2 * model.num_kv_attention_heads) * model.head_dim
+    embedding = model_units(model)[0][0]
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for key in logical_keys(model):
-        if key in (names["embedding"], names["head"]):
-            shape = shapes["embedding"]
-        elif "qkv" in key.lower() and key.endswith("weight"):
-            shape = (qkv_rows, model.hidden_size)
-        elif "qkv" in key.lower():
-            shape = (qkv_rows,)
-        elif key.endswith(("w1.weight", "w3.weight")):
-            shape = (model.ffn_hidden_size, model.hidden_size)
-        elif key.endswith("w2.weight"):
-            shape = (model.hidden_size, model.ffn_hidden_size)
-        elif key.endswith(("out_proj.weight", "wo.weight")):
-            shape = (model.hidden_size, model.hidden_size)
-        else:  # norms and the output-projection bias
-            shape = (model.hidden_size,)
+    for key, shape in logical_shapes(model).items():
         t = torch.randn(shape, generator=g)
         if "norm" in key:
             t = 1 + 0.1 * t
         elif len(shape) == 1:
             t = 0.1 * t
         else:
-            t = t * (0.5 / shape[1] ** 0.5) if key not in (names["embedding"],) else t * 0.5
+            t = t * (0.5 / shape[1] ** 0.5) if key != embedding else t * 0.5
         out[key] = t
     return out
 
@@ -179,7 +166,7 @@ def _reference_extras(chunk, batch, seed: int) -> dict:
         bounds = batch.cu_seqlens.tolist()
         pieces = [chunk(batch.input_ids[:, a:b], None, None) for a, b in zip(bounds[:-1], bounds[1:])]
     return {"tokens": tokens, "unpacked_logits": unpacked, "packed_logits": packed, "piece_logits": pieces,
-            "row_causal_logits": row_causal,
+            "row_causal_logits": row_causal, "mcore_keys": list(chunk.state_dict()),
             "cu_seqlens": batch.cu_seqlens}
 
 

@@ -89,7 +89,7 @@ def assert_matches_internevo(run: Path, fixture: Path, config: Path) -> dict[str
 def random_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """Random 4-layer weights (not the model's own init) as an InternEvo folder, and as a dict."""
     from adapter.checkpoint.convert import target_layout
-    from adapter.checkpoint.internevo import shard_state_dict
+    from adapter.checkpoint.formats.internevo import shard_state_dict
     from adapter.config import read_config
     from tests.model.workers import random_logical
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from adapter.checkpoint.convert import compare, open_checkpoint
-from adapter.checkpoint.safe_load import load_deepspeed_file
-from adapter.checkpoint.save import latest_checkpoint
+from adapter.checkpoint.io.safe_load import load_deepspeed_file
+from adapter.train.state_files import latest_checkpoint
 from adapter.config import RawConfig, normalize, validate
 from adapter.model.mapping import logical_from_chunk
 from tests.conftest import REPO, base_sections

@@ -67,6 +67,12 @@ def test_internlm2_tensor_parallel_matches_reference(single, two):
 
 
 @pytest.mark.multiproc
+def test_llama2_pipeline_matches_reference(single, two):
+    """InternEvo's LLAMA2 (separate wq/wk/wv in its files, GQA with biases) trains like the others."""
+    _compare(two[("llama2", "pp2_vpp2")], single["reference"]["llama2"], RTOL)
+
+
+@pytest.mark.multiproc
 def test_dp2_pp2_matches_reference(single, four):
     _compare(four["dp2_pp2"], single["reference"]["internlm1"], RTOL)
 

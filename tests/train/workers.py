@@ -33,6 +33,9 @@ def train_config(family: str, world: int, tp: int = 1, pp: int = 1, vpp: int = 1
     if family == "internlm2":
         s["model_type"] = "INTERNLM2_PUBLIC"
         s["model"].update(num_kv_attention_heads=2, no_bias=True)
+    elif family == "llama2":  # GQA with attention biases (InternEvo's LLAMA2 default)
+        s["model_type"] = "LLAMA2"
+        s["model"].update(num_kv_attention_heads=2)
     s["data"].update(micro_num=micro_num or GLOBAL_MICROBATCHES // dp, micro_bsz=2, seq_len=16, total_steps=10)
     # Adam's eps 1e-8 turns tensor-parallel rounding noise into visible update noise (CPU_NOTES P8)
     s["adam"].update(lr=1e-2, adam_eps=1e-4, weight_decay=0.1)
@@ -164,7 +167,7 @@ def accumulation(family: str) -> dict:
 def single_process_suite() -> dict:
     """Everything that needs one rank: both references, the adapter at dp=1, and the accumulation check."""
     return {
-        "reference": {family: reference(family) for family in ("internlm1", "internlm2")},
+        "reference": {family: reference(family) for family in ("internlm1", "internlm2", "llama2")},
         "dp1": train_layout("internlm1", "dp1"),
         "accumulation": accumulation("internlm1"),
     }
@@ -174,6 +177,7 @@ def two_rank_suite() -> dict | None:
     out = {("internlm1", name): train_layout("internlm1", name) for name in ("dp2", "dp2_recompute", "tp2_sp",
                                                                             "pp2_vpp2")}
     out[("internlm2", "tp2_sp")] = train_layout("internlm2", "tp2_sp")
+    out[("llama2", "pp2_vpp2")] = train_layout("llama2", "pp2_vpp2")
     out[("internlm1", "dp2_bf16")] = train_layout("internlm1", "dp2", dtype="torch.bfloat16")
     return out if dist.get_rank() == 0 else None
 

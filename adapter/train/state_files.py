@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from adapter.checkpoint.internevo import model_config_dict, shard_state_dict
-from adapter.checkpoint.safe_load import load_metadata
+from adapter.checkpoint.formats.internevo import model_config_dict, shard_state_dict
+from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
@@ -115,7 +115,7 @@ def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout
     from megatron.core import parallel_state as ps
 
     from adapter.checkpoint.convert import open_checkpoint
-    from adapter.checkpoint.read_internevo import CheckpointError
+    from adapter.checkpoint.errors import CheckpointError
     from adapter.model.mapping import chunk_state_dict
 
     try:

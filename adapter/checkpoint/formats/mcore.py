@@ -18,11 +18,11 @@ Sharded keys are megatron-core's for its GPT model: a layer's tensors are stacke
 linear layer's ``_extra_state`` is a bytes object ``…._extra_state/shard_{i}_{L}``. A test holds this
 against what megatron-core's own ``dist_checkpointing.save`` writes, and loads ours with megatron's loader.
 
-Writing (``DistcpWriter``, driven by ``stream_convert``) takes the chunks in model order as they are cut
+Writing (``DistcpWriter``, driven by ``stream_convert`` through ``file_groups``) takes the chunks in model order as they are cut
 and writes ``.metadata`` last, so memory is one unit. Reading (``DistTensors``) unpickles nothing but DCP's
 metadata classes (``safe_load.load_dcp_metadata``), reads a unit's chunks by offset however the saving
 ranks split them (megatron's multi-rank saves split them by tensor rank), accepts Transformer Engine's fused
-pre-norm names (``mapping.TE_NAMES``: Megatron-LM's GPU models), and never loads the ``_extra_state``
+pre-norm names (``weights.mcore.TE_NAMES``: Megatron-LM's GPU models), and never loads the ``_extra_state``
 objects.
 """
 
@@ -34,20 +34,26 @@ import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_files
 import torch.distributed.checkpoint.metadata as md
 
-from adapter.checkpoint.memory import empty_huge
-from adapter.checkpoint.read_internevo import CheckpointError
-from adapter.checkpoint.stream_write import Ordered
-from adapter.checkpoint.unit_source import UnitSource
+from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.io.lazy import UnitSource
+from adapter.checkpoint.io.memory import empty_huge
+from adapter.checkpoint.io.stream_write import Ordered
+from adapter.checkpoint.stream_convert import FileGroup
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import expected_chunk, local_spec_name, logical_from_chunk, logical_keys, mcore_unit
-from adapter.runtime.layout import ParallelLayout
+from adapter.families import FAMILIES, logical_table
+from adapter.model.mapping import logical_shapes
+from adapter.weights.mcore import local_spec_name, mcore_table
+from adapter.weights.table import Unit, whole_shape, whole_unit
 
+NAME = "mcore"
+HELP = "megatron-core torch_dist (megatron loads it at any layout)"
+NEEDS_LAYOUT = False
 MODEL_JSON = "internlm_model.json"
 DATA_FILE = "__0_0.distcp"
 METADATA = ".metadata"
@@ -57,16 +63,9 @@ BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1",
                        "mlp.linear_fc2")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_SWIGLU = "mlp.linear_fc1.weight"
 
 Item = tuple[str, tuple[int, ...]]
 """A chunk: its sharded key and global offsets."""
-
-
-def whole_model(model: ModelConfig) -> ParallelLayout:
-    """The single-rank layout whose one chunk holds every tensor, with global layer numbers."""
-    return ParallelLayout(tp=1, pp=1, vpp=1, dp=None, zero1=None, sequence_parallel=False,
-                          stages=(((0, model.num_layers),),))
 
 
 def sharded_key(name: str) -> tuple[str, Optional[int]]:
@@ -75,33 +74,32 @@ def sharded_key(name: str) -> tuple[str, Optional[int]]:
     return (f"decoder.layers.{m[2]}", int(m[1])) if m else (name, None)
 
 
-def sharded_items(chunk: Mapping[str, torch.Tensor],
-                  gate_up: Optional[Mapping[int, tuple[torch.Tensor, torch.Tensor]]] = None
-                  ) -> "OrderedDict[Item, torch.Tensor]":
-    """The chunks of a whole-model megatron state dict (``chunk_state_dict`` at ``whole_model``), in order.
-    ``gate_up`` gives each layer's ``w1`` and ``w3`` (the two ``linear_fc1`` chunks) without the halves
-    being cut from the fused tensor."""
+def unit_items(unit: Unit) -> "OrderedDict[Item, torch.Tensor]":
+    """One unit's chunks, in order: each megatron tensor at tp=1 as one chunk at its global offsets, stacked
+    on a leading layer axis inside the layers, except a tensor fused by plain concatenation (SwiGLU's
+    ``linear_fc1``), which megatron stores as one chunk per atom (gate rows, then up rows)."""
     out: OrderedDict[Item, torch.Tensor] = OrderedDict()
-    for name, t in chunk.items():
+    for name, stored in mcore_table(unit.model).keys(unit.model, unit.unit):
         key, layer = sharded_key(name)
-        if layer is None:
-            out[(key, (0,) * t.dim())] = t
-        elif key.endswith(_SWIGLU):
-            half = t.shape[0] // 2
-            gate, up = gate_up[layer] if gate_up is not None else (t[:half], t[half:])
-            out[(key, (layer, 0, 0))] = gate.unsqueeze(0)
-            out[(key, (layer, half, 0))] = up.unsqueeze(0)
+        lead = () if layer is None else (layer,)
+        if stored.fused and stored.blocks == 1:
+            row = 0
+            for atom in stored.atoms:
+                t = unit.atom(atom)
+                out[(key, lead + (row,) + (0,) * (t.dim() - 1))] = t.unsqueeze(0) if lead else t
+                row += t.shape[0]
         else:
-            out[(key, (layer,) + (0,) * t.dim())] = t.unsqueeze(0)
+            t = unit.piece(stored, 1, 0)
+            out[(key, lead + (0,) * t.dim())] = t.unsqueeze(0) if lead else t
     return out
 
 
-def global_shapes(chunk: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, tuple[int, ...]]:
-    """Each sharded key's global shape, from a whole-model state dict (``meta`` tensors will do)."""
+def global_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each sharded key's global shape."""
     out = {}
-    for name, t in chunk.items():
+    for name, stored in mcore_table(model).all_keys(model):
         key, layer = sharded_key(name)
-        out[key] = ((num_layers,) if layer is not None else ()) + tuple(t.shape)
+        out[key] = ((model.num_layers,) if layer is not None else ()) + whole_shape(model, stored)
     return out
 
 
@@ -157,7 +155,7 @@ class DistcpWriter(Ordered):
 
 def finish_folder(folder: Path, model: ModelConfig) -> None:
     """The small files beside the chunks: megatron's backend marker and common state, and our model sizes."""
-    from adapter.checkpoint.internevo import model_config_dict
+    from adapter.checkpoint.formats.internevo import model_config_dict
 
     (folder / "metadata.json").write_text(json.dumps(BACKEND))
     torch.save({}, folder / "common.pt")
@@ -174,8 +172,7 @@ def read_torch_dist(folder: Path, model: Optional[ModelConfig]) -> tuple[ModelCo
         if not path.exists():
             raise CheckpointError(f"{folder}: no {MODEL_JSON}, so the model sizes are unknown; pass --config")
         meta = json.loads(path.read_text())
-        model = normalize_model("INTERNLM" if meta["family"] == "internlm1" else "INTERNLM2_PUBLIC", meta["model"],
-                                str(path))
+        model = normalize_model(FAMILIES[meta["family"]].model_type, meta["model"], str(path))
     return model, DistTensors(folder, model)
 
 
@@ -211,10 +208,10 @@ class DistTensors(UnitSource):
 
     The metadata is checked up front against the model (every sharded key present with its global shape,
     no other tensor, each layer's chunks tiling it, every chunk inside its file); a unit is assembled from
-    its chunks, read with plain file reads, and mapped with ``logical_from_chunk``."""
+    its chunks, read with plain file reads, and converted through the tensor tables."""
 
     def __init__(self, folder: Path, model: ModelConfig):
-        from adapter.checkpoint.safe_load import load_dcp_metadata
+        from adapter.checkpoint.io.safe_load import load_dcp_metadata
 
         self.folder = folder
         try:
@@ -228,8 +225,7 @@ class DistTensors(UnitSource):
             key = local_spec_name(stored)  # Transformer Engine's fused names read as the local spec's
             if key is not None and isinstance(entry, md.TensorStorageMetadata):
                 tensors[key], self.stored_key[key] = entry, stored
-        expected = expected_chunk(model, whole_model(model), 0, 0, 0)
-        shapes = global_shapes(expected, model.num_layers)
+        shapes = global_shapes(model)
         for key, shape in shapes.items():
             if key not in tensors:
                 raise CheckpointError(f"{folder / METADATA}: missing tensor {key}")
@@ -244,14 +240,8 @@ class DistTensors(UnitSource):
         """Whether the folder uses Transformer Engine's names."""
         self.storage = metadata.storage_data
         self._check_chunks()
-        self.local = {name: torch.empty(t.shape, dtype=tensors[sharded_key(name)[0]].properties.dtype, device="meta")
-                      for name, t in expected.items()}
-        self.layout = whole_model(model)
-        logical_meta = logical_from_chunk([self.local], model, self.layout, 0, 0)
-        super().__init__(model, {k: logical_meta[k] for k in logical_keys(model)})
-        self.names: list[list[str]] = [[] for _ in range(model.num_layers + 2)]
-        for name in self.local:
-            self.names[mcore_unit(name, 0, model.num_layers)].append(name)
+        dtype = next(iter(tensors.values())).properties.dtype
+        super().__init__(model, {k: torch.empty(s, dtype=dtype, device="meta") for k, s in logical_shapes(model).items()})
 
     def _check_chunks(self) -> None:
         sizes = {}
@@ -287,21 +277,18 @@ class DistTensors(UnitSource):
         return md.MetadataIndex(self.stored_key[key], chunk.offsets)
 
     def _read_unit(self, unit: int) -> dict[str, torch.Tensor]:
-        real = {}
         files: dict[str, Any] = {}
         try:
-            for name in self.names[unit]:
-                real[name] = self._assemble(name, files)
+            source = whole_unit(self.model, unit, mcore_table(self.model), lambda name: self._assemble(name, files))
+            return {key: piece for key, _, piece in source.convert(logical_table(self.model), 1, 0)}
         finally:
             for f in files.values():
                 f.close()
-        out = logical_from_chunk([{**self.local, **real}], self.model, self.layout, 0, 0)
-        return {k: v for k, v in out.items() if v.device.type != "meta"}
 
     def _assemble(self, name: str, files: dict[str, Any]) -> torch.Tensor:
         """The whole-model tensor ``name`` from its chunks (a chunk that is all of it is used as read)."""
         key, layer = sharded_key(name)
-        entry, local = self.entries[key], self.local[name]
+        entry = self.entries[key]
         chunks = [c for c in entry.chunks if layer is None or c.offsets[0] == layer]
         out = None
         for chunk in chunks:
@@ -310,7 +297,7 @@ class DistTensors(UnitSource):
             if len(chunks) == 1:
                 return piece
             if out is None:
-                out = empty_huge(local.shape, local.dtype)
+                out = empty_huge(entry.size[1:] if layer is not None else entry.size, entry.properties.dtype)
             start = chunk.offsets[1:] if layer is not None else chunk.offsets
             out[tuple(slice(o, o + s) for o, s in zip(start, piece.shape))].copy_(piece)
         return out
@@ -350,3 +337,32 @@ class DistTensors(UnitSource):
         if got != nbytes:
             raise CheckpointError(f"{where} is truncated ({got} of {nbytes} bytes)")
         return out
+
+
+# -- the format's verbs (``adapter.checkpoint.formats``) -------------------------------------------------------
+def detect(names: set[str]) -> bool:
+    return "metadata.json" in names and (METADATA in names or any(n.endswith(".distcp") for n in names))
+
+
+def open_folder(path: Path, model: Optional[ModelConfig]) -> tuple[ModelConfig, None, DistTensors, str]:
+    model, tensors = read_torch_dist(path, model)
+    return model, None, tensors, "mcore-torch_dist" + (" (Transformer Engine names)" if tensors.renamed else "")
+
+
+def planned_files(layout: Any) -> list[str]:
+    return ["metadata.json", METADATA, DATA_FILE, "common.pt", MODEL_JSON]
+
+
+def file_groups(model: ModelConfig, layout: Any, meta: Mapping[str, torch.Tensor], shard_bytes: int) -> list[FileGroup]:
+    """One data file of layout-free chunks."""
+    def entries(unit: Unit) -> Iterator[tuple[int, Item, torch.Tensor]]:
+        for item, t in unit_items(unit).items():
+            yield 0, item, t
+
+    return [FileGroup([DATA_FILE], list(range(model.num_layers + 2)), entries, OrderedDict,
+                      lambda path, items: DistcpWriter(path, items, global_shapes(model),
+                                                       extra_state_keys(model.num_layers)))]
+
+
+def finish(folder: Path, model: ModelConfig, groups: list[FileGroup], meta: Mapping[str, torch.Tensor]) -> None:
+    finish_folder(folder, model)

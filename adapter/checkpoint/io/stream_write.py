@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from adapter.checkpoint.memory import empty_huge
+from adapter.checkpoint.io.memory import empty_huge
 
 #: safetensors' dtype names
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

@@ -5,24 +5,33 @@
 files Megatron-LM wrote also ``args``, RNG and optimizer states (read through an allow-list, not used);
 ``<root>/latest_checkpointed_iteration.txt`` names the iteration. The pipeline suffix is present only when
 the pipeline size is above 1, as Megatron-LM writes it. State-dict keys are megatron-core's
-(``adapter.model.mapping.MCORE_NAMES``); Transformer Engine's fused names are read too
-(``TE_NAMES``). Writing is ``stream_convert.mcore_legacy_groups``.
+(``adapter.weights.mcore``); Transformer Engine's fused names are read too
+(``TE_NAMES``).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from adapter.checkpoint.memory import drop_pages
-from adapter.checkpoint.read_internevo import CheckpointError, open_model_file
-from adapter.checkpoint.unit_source import UnitSource
+from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.io.lazy import UnitSource
+from adapter.checkpoint.io.memory import drop_pages
+from adapter.checkpoint.io.safe_load import open_model_file
+from adapter.checkpoint.stream_convert import FileGroup
 from adapter.config.schema import ModelConfig
-from adapter.model.mapping import expected_chunk, local_spec_name, logical_from_chunk, logical_keys, mcore_unit
+from adapter.families import logical_table
+from adapter.model.mapping import chunk_units, expected_chunk, local_spec_name, logical_shapes
+from adapter.weights.mcore import mcore_table
+from adapter.weights.table import Unit
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
+NAME = "mcore-legacy"
+HELP = "Megatron-LM iter_*/mp_rank_* files at any --tp/--pp/--vpp"
+NEEDS_LAYOUT = True
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
 
@@ -97,32 +106,79 @@ def _local_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class LegacyTensors(UnitSource):
     """The logical tensors of Megatron-legacy files, one model unit (a layer) at a time.
 
-    The files are memory-mapped once; a unit is computed by ``logical_from_chunk`` on its chunk with that
-    unit's tensors real and every other one a ``meta`` placeholder, and the source pages it read are dropped."""
+    The files are memory-mapped once; a unit is converted from its chunk's tensor-rank pieces through the
+    tensor tables, and the source pages it read are dropped (they stay in the page cache)."""
 
     def __init__(self, chunks: dict[tuple[int, int], list[dict[str, torch.Tensor]]], model: ModelConfig,
                  layout: ParallelLayout, renamed: bool = False):
         self.chunks, self.layout = chunks, layout
         self.renamed = renamed
         """Whether the files use Transformer Engine's names."""
-        self.meta_chunks = {c: [{k: v.to("meta") for k, v in sd.items()} for sd in shards]
-                            for c, shards in chunks.items()}
-        meta = {}
-        for (p, vp), shards in self.meta_chunks.items():
-            meta.update({k: (v, (p, vp)) for k, v in logical_from_chunk(shards, model, layout, p, vp).items()})
-        super().__init__(model, {k: meta[k][0] for k in logical_keys(model)})
-        self.chunk_of = {self.unit_of[k]: chunk for k, (_, chunk) in meta.items()}
+        dtype = next(iter(chunks[(0, 0)][0].values())).dtype
+        super().__init__(model, {k: torch.empty(s, dtype=dtype, device="meta") for k, s in logical_shapes(model).items()})
+        self.where = {unit: (p, vp, local) for p in range(layout.pp) for vp in range(layout.vpp)
+                      for unit, local in chunk_units(model, layout, p, vp)}
 
     def _read_unit(self, unit: int) -> dict[str, torch.Tensor]:
-        p, vp = self.chunk_of[unit]
-        start = self.layout.stages[p][vp][0]
-        read: list[torch.Tensor] = []
-        shards = []
-        for sd, meta in zip(self.chunks[(p, vp)], self.meta_chunks[(p, vp)]):
-            mine = {k: v for k, v in sd.items() if mcore_unit(k, start, self.model.num_layers) == unit}
-            read += mine.values()
-            shards.append({**meta, **mine})
-        out = logical_from_chunk(shards, self.model, self.layout, p, vp)
-        for t in read:  # every result is a copy
+        p, vp, local = self.where[unit]
+        shards, read = self.chunks[(p, vp)], []
+
+        def pieces(stored, key: str) -> list[torch.Tensor]:
+            got = [shards[r][key] for r in stored.holders(self.layout.tp)]
+            read.extend(got)
+            return got
+
+        source = Unit(self.model, unit, mcore_table(self.model), self.layout.tp, pieces, local)
+        out = dict((key, piece) for key, _, piece in source.convert(logical_table(self.model), 1, 0))
+        mapped = {t.untyped_storage().data_ptr() for t in read}
+        out = {k: v.clone() if v.untyped_storage().data_ptr() in mapped else v for k, v in out.items()}
+        for t in read:  # nothing returned is a view of the mapped files any more
             drop_pages(t)
-        return {k: v for k, v in out.items() if v.device.type != "meta"}
+        return out
+
+
+# -- the format's verbs (``adapter.checkpoint.formats``) -------------------------------------------------------
+def detect(names: set[str]) -> bool:
+    return "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names)
+
+
+def open_folder(path: Path, model: Optional[ModelConfig]) -> tuple[ModelConfig, ParallelLayout, LegacyTensors, str]:
+    if model is None:
+        raise CheckpointError(f"{path}: Megatron checkpoints do not record InternLM's sizes; pass --config")
+    layout, tensors = read_mcore_legacy(path, model)
+    return model, layout, tensors, "mcore-legacy" + (" (Transformer Engine names)" if tensors.renamed else "")
+
+
+def planned_files(layout: ParallelLayout, iteration: int = 0) -> list[str]:
+    return [f"iter_{iteration:07d}/{rank_dir(t, p, layout.pp)}/model_optim_rng.pt"
+            for p in range(layout.pp) for t in range(layout.tp)] + ["latest_checkpointed_iteration.txt"]
+
+
+def file_groups(model: ModelConfig, layout: ParallelLayout, meta: Mapping[str, torch.Tensor],
+                shard_bytes: int, iteration: int = 0) -> list[FileGroup]:
+    """One group per pipeline stage: its tensor ranks' ``model_optim_rng.pt``, each ``{"model": chunk}`` (or
+    ``model0``, ``model1``… with virtual stages), ``iteration`` and ``checkpoint_version``."""
+    def structure(entries: list[tuple[Any, torch.Tensor]]) -> dict:
+        state: dict[str, Any] = {"iteration": iteration, "checkpoint_version": 3.0}
+        for (chunk, key), t in entries:
+            state.setdefault(chunk, {})[key] = t
+        return state
+
+    groups = []
+    for p in range(layout.pp):
+        where = {unit: (vp, local) for vp in range(layout.vpp) for unit, local in chunk_units(model, layout, p, vp)}
+
+        def entries(unit: Unit, where: dict = where) -> Iterator[tuple[int, Any, torch.Tensor]]:
+            vp, local = where[unit.unit]
+            chunk = "model" if layout.vpp == 1 else f"model{vp}"
+            for t in range(layout.tp):
+                for key, _, piece in unit.convert(mcore_table(model), layout.tp, t, local):
+                    yield t, (chunk, key), piece
+
+        names = [f"iter_{iteration:07d}/{rank_dir(t, p, layout.pp)}/model_optim_rng.pt" for t in range(layout.tp)]
+        groups.append(FileGroup(names, sorted(where), entries, structure))
+    return groups
+
+
+def finish(folder: Path, model: ModelConfig, groups: list[FileGroup], meta: Mapping[str, torch.Tensor]) -> None:
+    (folder / "latest_checkpointed_iteration.txt").write_text("0\n")

@@ -16,11 +16,14 @@ import functools
 import importlib
 import os
 import pickle
+import re
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from adapter.checkpoint.errors import CheckpointError
 
 _DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "half", "float")}
 
@@ -163,3 +166,16 @@ def load_deepspeed_file(path: str | os.PathLike, map_location: Any = None) -> An
 
     with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def open_model_file(path: Path, megatron: bool = False) -> Any:
+    """A model file, memory-mapped and read with ``weights_only=True``; any failure names the file.
+    ``megatron``: Megatron-LM's ``model_optim_rng.pt``, with its few kinds of non-tensor object allowed."""
+    try:
+        return load_tensors(path, megatron=megatron)
+    except Exception as exc:
+        refused = re.search(r"GLOBAL (\S+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:  # torch's message goes on to suggest weights_only=False, which is not advice to pass on
+            raise CheckpointError(f"{path}: cannot be read: it asks to load {refused[1]}, which is neither a "
+                                  "tensor nor on the allow-list (refused, not run)") from exc
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,145 @@
+"""One stored tensor of one format: which model *atoms* it holds, how they are fused, how it splits.
+
+An atom is a tensor every format agrees on (``q.weight``, ``gate``, ``head``…, see ``weights.atoms``). A
+stored tensor holds one atom, or several fused on rows: InternEvo's ``wqkv`` holds ``q``, ``k`` and ``v``,
+megatron-core's ``linear_fc1`` holds ``gate`` and ``up``. Fusion is written once, here:
+
+* the atoms' rows are cut into ``blocks`` equal blocks and interleaved block by block: block ``b`` of the
+  fused tensor is ``[atom_0 block b; atom_1 block b; …]``. ``blocks = 1`` is plain concatenation
+  (InternLM1's ``Wqkv = [Q; K; V]``); ``blocks = kv heads`` is the grouped-query layout (InternLM2's
+  ``wqkv`` and megatron-core's ``linear_qkv``: per kv head, its query heads, then its k, then its v).
+
+The tensor-parallel split is one of a few kinds:
+
+* ``replicated``: whole on every rank; ``first``: whole on rank 0 only (InternEvo's row-parallel bias);
+* ``rows``/``columns``: equal slices of dim 0/1; ``uneven_rows``: InternEvo's head, first ranks one row
+  larger when the vocabulary does not divide;
+* a fused tensor always splits on rows *atom by atom*: rank ``r`` holds the fusion of every atom's
+  ``r``-th row slice, with ``blocks / tp`` blocks (so a grouped qkv splits into whole kv groups, a slice of
+  the fused tensor) or, when ``blocks = 1``, one (``[Q_r; K_r; V_r]``, megatron's ``[gate_r; up_r]``).
+
+Everything only slices, reshapes and concatenates, so every conversion is bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+SPLITS = ("replicated", "first", "rows", "columns", "uneven_rows")
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """InternEvo's uneven split: rank ``r`` gets ``n // parts + (r < n % parts)`` (first ranks larger)."""
+    return [n // parts + (r < n % parts) for r in range(parts)]
+
+
+def _slice(t: torch.Tensor, dim: int, sizes: Sequence[int], rank: int) -> torch.Tensor:
+    return t.narrow(dim, sum(sizes[:rank]), sizes[rank])
+
+
+def _even(t: torch.Tensor, dim: int, parts: int, what: str) -> list[int]:
+    n = t.shape[dim]
+    if n % parts:
+        raise ValueError(f"{what}: dimension {dim} of a {tuple(t.shape)} tensor does not split into {parts} "
+                         "equal parts")
+    return [n // parts] * parts
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor as one format stores it. ``name`` may hold ``{i}``, the layer number in that format's files."""
+
+    name: str
+    atoms: tuple[str, ...]
+    split: str = "replicated"
+    blocks: int = 1
+    """Fused tensors: the row blocks its atoms are interleaved in (see the module docstring)."""
+    rows: tuple[int, ...] = ()
+    """Fused tensors: each atom's row count (GQA's q has more rows than k and v); ``Table.of`` fills it."""
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"{self.name}: unknown split {self.split!r}")
+        if self.fused and self.split != "rows":
+            raise ValueError(f"{self.name}: a fused tensor splits on rows")
+
+    @property
+    def fused(self) -> bool:
+        return len(self.atoms) > 1
+
+    def holders(self, tp: int) -> list[int]:
+        """The tensor ranks whose files hold a piece."""
+        return [0] if self.split == "first" else list(range(tp))
+
+    # -- whole tensor ⇄ atoms ------------------------------------------------------------------------------
+    def fuse(self, atoms: Sequence[torch.Tensor], blocks: Optional[int] = None) -> torch.Tensor:
+        """The stored tensor from its atoms (a single atom is returned as it is); ``blocks`` defaults to
+        the whole tensor's (a rank's piece has ``rank_blocks``)."""
+        if not self.fused:
+            return atoms[0]
+        b = self.blocks if blocks is None else blocks
+        rest = tuple(atoms[0].shape[1:])
+        return torch.cat([a.reshape(b, a.shape[0] // b, *rest) for a in atoms], 1).reshape(-1, *rest)
+
+    def unfuse(self, fused: torch.Tensor, tp: int = 1) -> list[torch.Tensor]:
+        """The atoms of the whole stored tensor, or (``tp > 1``) of one rank's piece of it."""
+        if not self.fused:
+            return [fused]
+        b = self.rank_blocks(tp)
+        rest = tuple(fused.shape[1:])
+        sizes = [r // tp // b for r in self.rows]
+        return [p.reshape(-1, *rest) for p in fused.reshape(b, sum(sizes), *rest).split(sizes, 1)]
+
+    # -- tensor parallelism ----------------------------------------------------------------------------------
+    def rank_blocks(self, tp: int) -> int:
+        """Blocks in one rank's piece of a fused tensor."""
+        if self.blocks % tp == 0:
+            return self.blocks // tp
+        if self.blocks == 1:
+            return 1
+        raise ValueError(f"{self.name}: {self.blocks} groups do not split over {tp} tensor ranks")
+
+    def sliceable(self, tp: int) -> bool:
+        """Whether every rank's piece is a plain slice of the whole tensor (no regrouping)."""
+        return not self.fused or self.blocks % tp == 0
+
+    def shard(self, atoms: Sequence[torch.Tensor], tp: int, rank: int) -> Optional[torch.Tensor]:
+        """Rank ``rank``'s piece from the whole atoms (None when that rank's file has none). Plain slices
+        stay views; a caller that needs its own storage copies."""
+        if self.fused:
+            mine = [_slice(a, 0, _even(a, 0, tp, self.name), rank) for a in atoms]
+            return self.fuse(mine, self.rank_blocks(tp))
+        return self.cut(atoms[0], tp, rank)
+
+    def cut(self, whole: torch.Tensor, tp: int, rank: int) -> Optional[torch.Tensor]:
+        """Rank ``rank``'s piece from the whole stored tensor."""
+        if self.split == "first":
+            return whole if rank == 0 else None
+        if self.split == "replicated":
+            return whole
+        if not self.sliceable(tp):
+            return self.shard(self.unfuse(whole), tp, rank)
+        if self.split == "uneven_rows":
+            return _slice(whole, 0, split_sizes(whole.shape[0], tp), rank)
+        dim = 1 if self.split == "columns" else 0
+        return _slice(whole, dim, _even(whole, dim, tp, self.name), rank)
+
+    def merge(self, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The whole atoms from the pieces of ``holders``."""
+        if not self.fused:
+            return [self.join(pieces)]
+        per_rank = [self.unfuse(p, len(pieces)) for p in pieces]
+        return [torch.cat([r[i] for r in per_rank]) for i in range(len(self.atoms))]
+
+    def join(self, pieces: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole stored tensor from the pieces of ``holders`` (into ``out`` when given: then always a
+        copy; without it a replicated tensor is the rank-0 piece itself)."""
+        if self.split in ("first", "replicated") or (len(pieces) == 1 and out is None):
+            return pieces[0] if out is None else out.copy_(pieces[0])
+        if not self.sliceable(len(pieces)):
+            whole = self.fuse(self.merge(pieces))
+            return whole if out is None else out.copy_(whole)
+        return torch.cat(list(pieces), 1 if self.split == "columns" else 0, out=out)

@@ -1,0 +1,132 @@
+"""A format's tensor table, and the one conversion every reader and writer uses: a unit's stored tensors in
+one table (at one tensor-parallel size) → another table's pieces for one rank.
+
+A ``Table`` lists a format's ``Stored`` tensors outside and inside a layer, in file order. Tables are
+built per model (``Table.of``), keeping only tensors whose atoms the model has.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from adapter.config.schema import ModelConfig
+from adapter.weights import atoms as A
+from adapter.weights.stored import Stored
+
+
+@dataclass(frozen=True)
+class Table:
+    embedding: tuple[Stored, ...]
+    layer: tuple[Stored, ...]
+    """Per-layer tensors; their names hold ``{i}``."""
+    final: tuple[Stored, ...]
+
+    @classmethod
+    def of(cls, model: ModelConfig, embedding: Sequence[Stored], layer: Sequence[Stored],
+           final: Sequence[Stored]) -> "Table":
+        """The table of the tensors this model has; fused tensors get their atoms' row counts."""
+        def keep(rows: Sequence[Stored]) -> tuple[Stored, ...]:
+            out = []
+            for s in rows:
+                if all(A.present(model, a) for a in s.atoms):
+                    out.append(Stored(s.name, s.atoms, s.split, s.blocks, A.rows(model, s.atoms))
+                               if s.fused and not s.rows else s)
+            return tuple(out)
+
+        return cls(keep(embedding), keep(layer), keep(final))
+
+    def unit(self, model: ModelConfig, unit: int) -> tuple[Stored, ...]:
+        """The stored tensors of ``unit`` (0 embedding, ``1 + i`` layer ``i``, ``L + 1`` final)."""
+        if unit == 0:
+            return self.embedding
+        return self.final if unit == A.num_units(model) - 1 else self.layer
+
+    def keys(self, model: ModelConfig, unit: int, layer_name: Optional[int] = None) -> list[tuple[str, Stored]]:
+        """``(key, stored)`` of a unit, the layer numbered ``layer_name`` (default: its global index)."""
+        i = unit - 1 if layer_name is None else layer_name
+        return [(s.name.format(i=i), s) for s in self.unit(model, unit)]
+
+    def all_keys(self, model: ModelConfig) -> list[tuple[str, Stored]]:
+        """Every key with global layer numbers, unit by unit."""
+        return [kv for u in range(A.num_units(model)) for kv in self.keys(model, u)]
+
+    def find(self, key: str) -> Optional[tuple[Stored, Optional[int]]]:
+        """The row a key matches, with its layer number (None outside the layers)."""
+        for s in self.embedding + self.final:
+            if key == s.name:
+                return s, None
+        for s in self.layer:
+            m = _pattern(s.name).match(key)
+            if m:
+                return s, int(m[1])
+        return None
+
+
+def whole_shape(model: ModelConfig, stored: Stored) -> tuple[int, ...]:
+    """The shape of a stored tensor at tensor-parallel size 1."""
+    first = A.shape(model, stored.atoms[0])
+    return (sum(A.rows(model, stored.atoms)), *first[1:]) if stored.fused else first
+
+
+def _pattern(template: str) -> re.Pattern:
+    head, _, tail = template.partition("{i}")
+    return re.compile("^" + re.escape(head) + r"(\d+)" + re.escape(tail) + "$")
+
+
+class Unit:
+    """One unit of a model as some table stores it at some tensor-parallel size, read on demand.
+
+    ``pieces(stored, key)`` returns the pieces of the ranks that hold the tensor (``stored.holders``).
+    Whole tensors and atoms are computed once each and kept for the unit."""
+
+    def __init__(self, model: ModelConfig, unit: int, table: Table, tp: int,
+                 pieces: Callable[[Stored, str], list[torch.Tensor]], layer_name: Optional[int] = None):
+        self.model, self.unit, self.tp, self.pieces = model, unit, tp, pieces
+        self.rows = table.keys(model, unit, layer_name)
+        self._whole: dict[str, torch.Tensor] = {}
+        self._atoms: dict[str, torch.Tensor] = {}
+
+    def whole(self, key: str, stored: Stored) -> torch.Tensor:
+        if key not in self._whole:
+            self._whole[key] = stored.join(self.pieces(stored, key))
+        return self._whole[key]
+
+    def atom(self, name: str) -> torch.Tensor:
+        if name not in self._atoms:
+            key, stored = next((k, s) for k, s in self.rows if name in s.atoms)
+            if self.tp == 1 or stored.sliceable(self.tp):
+                values = stored.unfuse(self.whole(key, stored))
+            else:
+                values = stored.merge(self.pieces(stored, key))
+            self._atoms.update(zip(stored.atoms, values))
+        return self._atoms[name]
+
+    def same(self, target: Stored) -> Optional[tuple[str, Stored]]:
+        """A source tensor laid out exactly like ``target`` (same atoms, same fusion), if any."""
+        return next(((k, s) for k, s in self.rows if s.atoms == target.atoms and s.blocks == target.blocks), None)
+
+    def piece(self, target: Stored, tp: int, rank: int) -> Optional[torch.Tensor]:
+        """``target``'s piece for tensor rank ``rank`` of ``tp`` (None when that rank's file has none)."""
+        same = self.same(target)
+        if same is not None:
+            return target.cut(self.whole(*same), tp, rank)
+        return target.shard([self.atom(a) for a in target.atoms], tp, rank)
+
+    def convert(self, table: Table, tp: int, rank: int,
+                layer_name: Optional[int] = None) -> Iterator[tuple[str, Stored, torch.Tensor]]:
+        """``(key, stored, piece)`` of rank ``rank``'s file in ``table``, in its order; the layer is
+        numbered ``layer_name`` there (default: its global index)."""
+        for key, stored in table.keys(self.model, self.unit, layer_name):
+            piece = self.piece(stored, tp, rank)
+            if piece is not None:
+                yield key, stored, piece
+
+
+def whole_unit(model: ModelConfig, unit: int, table: Table,
+                 get: Callable[[str], torch.Tensor]) -> Unit:
+    """A unit whose whole (tp=1) stored tensors ``get(key)`` returns, keyed with global layer numbers."""
+    return Unit(model, unit, table, 1, lambda stored, key: [get(key)])
