@@ -387,9 +387,7 @@ def _model(r: _Reader) -> ModelConfig:
                       "is only meaningful for InternLM2")
     norm_type = r.str("model.norm_type", "rmsnorm", allow_none=False)
     # read the remaining model keys so that they are type-checked and reported
-    for path, default in (("model.drop_rate", 0.0), ("model.attn_drop_rate", 0.0)):
-        r.float(path, default, minimum=0.0, maximum=1.0)
-    for path in ("model.embed_split_hidden", "model.apply_post_layer_norm", "model.residual_in_fp32",
+    for path in ("model.embed_split_hidden", "model.apply_post_layer_norm",
                  "model.is_reward", "model.dropout_selective_checkpoint", "model.use_scaled_init",
                  "model.use_swiglu", "model.deepnorm", "model.norm_head", "model.mlp_layer_fusion"):
         r.bool(path, fields.MODEL_BOOL_DEFAULTS[path])
@@ -426,6 +424,9 @@ def _model(r: _Reader) -> ModelConfig:
         use_dynamic_ntk_rope=r.bool("model.use_dynamic_ntk_rope", False),
         max_position_embeddings=r.int("model.max_position_embeddings", 2048, minimum=1),
         use_fp32_norm=r.bool("use_fp32_norm", False),
+        drop_rate=r.float("model.drop_rate", 0.0, minimum=0.0, maximum=1.0),
+        attn_drop_rate=r.float("model.attn_drop_rate", 0.0, minimum=0.0, maximum=1.0),
+        residual_in_fp32=r.bool("model.residual_in_fp32", False),
     )
 
 

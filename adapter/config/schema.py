@@ -56,6 +56,12 @@ class ModelConfig:
     use_dynamic_ntk_rope: bool
     max_position_embeddings: int
     use_fp32_norm: bool
+    drop_rate: float
+    """Dropout on the residual branches (megatron-core's ``hidden_dropout``)."""
+    attn_drop_rate: float
+    """Dropout on the attention probabilities (megatron-core's ``attention_dropout``)."""
+    residual_in_fp32: bool
+    """Keep the residual stream in fp32 (megatron-core's ``fp32_residual_connection``)."""
 
     @property
     def head_dim(self) -> int:
