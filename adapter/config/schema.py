@@ -13,12 +13,13 @@ from typing import Any, Literal
 
 from adapter.config.errors import ConfigError
 
-Family = Literal["internlm1", "internlm2"]
+Family = Literal["internlm1", "internlm2", "llama2"]
 DType = Literal["bf16", "fp16", "fp32"]
 TensorMode = Literal["mtp", "msp", "fsp", "isp"]
 
-#: InternEvo ``model_type`` → model family built by this adapter.
-MODEL_TYPES: dict[str, Family] = {"INTERNLM": "internlm1", "INTERNLM2_PUBLIC": "internlm2"}
+#: InternEvo ``model_type`` → model family built by this adapter. LLAMA2 (InternEvo's ``Llama2``) is InternLM2's
+#: architecture with separate ``wq``/``wk``/``wv`` weights, so megatron-core builds both the same way.
+MODEL_TYPES: dict[str, Family] = {"INTERNLM": "internlm1", "INTERNLM2_PUBLIC": "internlm2", "LLAMA2": "llama2"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +32,7 @@ class ModelConfig:
     hidden_size: int
     num_attention_heads: int
     num_kv_attention_heads: int
-    """Equals ``num_attention_heads`` for InternLM1 (no GQA)."""
+    """Equals ``num_attention_heads`` for InternLM1 (no GQA); InternLM2 and LLAMA2 may group the kv heads."""
     vocab_size: int
     mlp_ratio: float
     ffn_hidden_size: int
@@ -50,7 +51,8 @@ class ModelConfig:
     rope_base: float
     qk_interleaved: bool
     no_bias: bool
-    """InternLM2 only: drop the ``wqkv``/``wo`` biases. InternLM1 always has them."""
+    """InternLM2 and LLAMA2: drop the attention biases (``wqkv``/``wq``, ``wk``, ``wv`` and ``wo``); InternEvo's
+    default is False, so both have them unless told. InternLM1 always has them. No family has MLP biases."""
     embed_grad_scale: float
     parallel_output: bool
     use_dynamic_ntk_rope: bool
@@ -69,12 +71,12 @@ class ModelConfig:
 
     @property
     def qkv_bias(self) -> bool:
-        """InternLM1 always has a qkv bias; InternLM2 unless ``no_bias``."""
+        """InternLM1 always has a qkv bias; InternLM2 and LLAMA2 unless ``no_bias``."""
         return self.family == "internlm1" or not self.no_bias
 
     @property
     def out_proj_bias(self) -> bool:
-        """The attention output projection has a bias exactly when qkv does (both families)."""
+        """The attention output projection has a bias exactly when qkv does (every family)."""
         return self.qkv_bias
 
 
