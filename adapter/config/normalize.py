@@ -21,15 +21,6 @@ from adapter.config.load import RawConfig
 from adapter.config.reader import MISSING, Reader, suggest
 from adapter.config.schema import MODEL_TYPES, InternLMConfig, ModelConfig
 
-#: InternEvo's accepted dtype strings (``launch.py:267-288``) → (dtype, tf32).
-DTYPES = {
-    "torch.bfloat16": ("bf16", False),
-    "torch.float16": ("fp16", False),
-    "torch.half": ("fp16", False),
-    "torch.float32": ("fp32", False),
-    "torch.tf32": ("fp32", True),
-}
-
 
 def ffn_hidden_size(hidden_size: int, mlp_ratio: float, multiple_of: int = 256) -> int:
     """InternEvo's FeedForward width: ``multiple_of * ceil(int(H * mlp_ratio) / multiple_of)``.
@@ -164,9 +155,9 @@ def _check_family_keys(r: Reader) -> None:
 
 
 def _model(r: Reader, v: dict[str, Any]) -> None:
-    """Family, dtype, MLP width and the bias rule, which no single row can say."""
+    """Family, dtype (one key, two attributes), MLP width and the bias rule, which no single row can say."""
     v["model.family"] = r.family
-    v["model.dtype"], v["model.tf32"] = DTYPES[r.value("model.dtype")]
+    v["model.dtype"], v["model.tf32"] = r.value("model.dtype")
     hidden, mlp_ratio = v["model.hidden_size"], v["model.mlp_ratio"]
     if int(hidden * mlp_ratio) < 1:
         raise r.error("model.mlp_ratio", f"gives an empty MLP (hidden_size {hidden} × {mlp_ratio})")

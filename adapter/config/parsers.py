@@ -41,6 +41,21 @@ def skip_batches(value: Any) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+#: InternEvo's accepted dtype strings (``launch.py:267-288``) → (dtype, tf32).
+DTYPES = {
+    "torch.bfloat16": ("bf16", False),
+    "torch.float16": ("fp16", False),
+    "torch.half": ("fp16", False),
+    "torch.float32": ("fp32", False),
+    "torch.tf32": ("fp32", True),
+}
+
+
+def dtype(value: str) -> tuple[str, bool]:
+    """``"torch.tf32"`` → ``("fp32", True)``: fp32 parameters with TF32 matmuls, as InternEvo sets them up."""
+    return DTYPES[value]
+
+
 def norm_type(value: str) -> str:
     """InternEvo's ``new_layer_norm`` builds RMSNorm for ``"rmsnorm"`` and LayerNorm for anything else."""
     return "rmsnorm" if value == "rmsnorm" else "layernorm"
