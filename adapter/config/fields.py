@@ -1,398 +1,450 @@
-"""Every InternEvo config key we know, and where it goes: the fidelity table.
+"""Every InternEvo config key we know: how to read it, its default, where it goes, and how faithfully.
 
-One row per dotted key. ``status`` is how faithfully DeepSpeed + megatron-core (as this adapter drives
-them) reproduce InternEvo's behaviour for that key:
+One row per dotted key. The table drives the code: ``normalize`` reads every row as its ``kind`` says (type,
+bounds, choices, InternEvo 0.5.2's default), puts the value into the typed attribute named by ``into``, refuses
+values megatron-core cannot build (``requires``) and keys the model family's InternEvo builder does not take
+(``families``); the unknown-key check and the fidelity report read the same rows. ``to`` says where the
+translators put the value, and a test holds every verbatim target to the rendered outputs.
+
+``status`` is how faithfully DeepSpeed + megatron-core (as this adapter drives them) reproduce InternEvo's
+behaviour for that key:
 
 * ``exact``: same numbers (or the key has no effect in InternEvo 0.5.2 either),
 * ``approximate``: close, and the note says how it differs,
 * ``unsupported``: no equivalent, and the note says what the user loses.
 
-A row's ``judge`` refines the status from the value actually given (``adam_beta2_c=0`` is exact,
-``0.8`` is not). The table doubles as the list of known keys for the unknown-key check, so it must
-stay torch-free.
+A row's ``judge`` refines the status from the value actually given (``judges.py``). This module stays
+torch-free: the command-line check imports it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from adapter.config import judges, parsers
+from adapter.config.judges import Judge, Status
 
 if TYPE_CHECKING:
     from adapter.config.schema import InternLMConfig
 
-Status = Literal["exact", "approximate", "unsupported"]
-Judge = Callable[["InternLMConfig", Any], "tuple[Status, str] | None"]
+Kind = Literal["int", "float", "bool", "str", "ratio", "count", "dict", "any"]
+"""How a value is read: ``ratio`` is True, False or a fraction in [0, 1]; ``count`` is an int where ``None`` or
+``float("inf")`` mean "never" (read as ``None``); ``any`` is taken as written (then ``parse``\\d)."""
+Where = Literal["ds", "mcore", "model", "args", "train"]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""The default of a key InternEvo cannot run without."""
 
 
 @dataclass(frozen=True)
-class Rule:
+class Same:
+    """A default that is the normalised value of another key (``lr_scheduler.total_steps`` → ``data.total_steps``)."""
+
     path: str
-    status: Status
-    target: str
-    """Where the value lands: DeepSpeed JSON keys (``ds:``), TransformerConfig fields (``mcore:``),
-    model-builder options (``model:``) or training-loop behaviour (``train:``)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One place a translator writes the value.
+
+    ``where``: ``ds`` (ds_config.json, dotted keys, list items by index), ``mcore`` (TransformerConfig field),
+    ``model`` (ModelOptions field), ``args`` (Megatron-LM argument; a switch for booleans) or ``train`` (read at
+    run time by the training entry point). A ``verbatim`` target carries the typed value of ``attr`` (default: the
+    row's ``into``) unchanged; the others follow from it as ``formula`` says.
+    """
+
+    where: Where
+    key: str
+    attr: str | None = None
+    formula: str = ""
+    verbatim: bool = True
+
+    def describe(self) -> str:
+        return f"{self.where}: {self.key}{' ' + self.formula if self.formula else ''}"
+
+
+def ds(key: str, attr: str | None = None, formula: str = "") -> Target:
+    return Target("ds", key, attr, formula)
+
+
+def mcore(key: str, attr: str | None = None, formula: str = "") -> Target:
+    return Target("mcore", key, attr, formula)
+
+
+def opt(key: str, attr: str | None = None, formula: str = "") -> Target:
+    return Target("model", key, attr, formula)
+
+
+def arg(flag: str, attr: str | None = None, formula: str = "") -> Target:
+    return Target("args", flag, attr, formula)
+
+
+def derived(where: Where, key: str, formula: str) -> Target:
+    """An output that follows from the value without carrying it (``zero_optimization.stage = 1``)."""
+    return Target(where, key, formula=formula, verbatim=False)
+
+
+def run(what: str) -> Target:
+    """Behaviour of the training entry point, with no key in the translated files."""
+    return Target("train", what, verbatim=False)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One InternEvo key. Rows without a ``kind`` are not read by the loop: a variant spelling that
+    ``spellings.py`` rewrites, or a key that is only reported."""
+
+    path: str
+    kind: Kind | None = None
+    default: Any = None
+    """InternEvo 0.5.2's value when the key is absent, ``REQUIRED``, or ``Same(path)``."""
+    into: str | None = None
+    """The typed attribute it fills, dotted from ``InternLMConfig`` (``"adam.beta1"``); ``None``: only checked."""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    nullable: bool | None = None
+    """Whether ``None`` is accepted; by default exactly when the default is ``None``."""
+    parse: Callable[[Any], Any] | None = None
+    """Turns the checked value into the typed one; raises ``ValueError`` with the message for the user."""
+    families: tuple[str, ...] = ()
+    """Model families whose InternEvo builder takes the key (empty: all); it is refused for the others."""
+    why_not: str = ""
+    """The refusal for other families, when the generic one (the builder has no such argument) would mislead."""
+    requires: tuple[Any, str] | None = None
+    """(the only value megatron-core can build the same way, why); other values are refused."""
+    status: Status = "exact"
+    to: tuple[Target, ...] = ()
     note: str = ""
     judge: Judge | None = None
+    free_form: bool = False
+    """Its value may hold keys of its own that are not checked (``monitor``, ``load_ckpt_info``)."""
+
+    @property
+    def accepts_none(self) -> bool:
+        return self.default is None if self.nullable is None else self.nullable
+
+    def takes(self, family: str) -> bool:
+        return not self.families or family in self.families
+
+    @property
+    def target(self) -> str:
+        """The targets as the fidelity report prints them (``-``: none)."""
+        return "; ".join(t.describe() for t in self.to) or "-"
 
 
-def _zero1(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    size = cfg.parallel.zero1_size
-    if size == 1:
-        return "approximate", ("zero1=1 means plain data parallelism in InternEvo; DeepSpeed stage 1 still "
-                               "partitions optimizer states over all data-parallel ranks (same numbers, less memory)")
-    if size <= 0:
-        return "exact", "ZeRO-1 over the whole data-parallel group, as DeepSpeed stage 1 does"
-    return "approximate", (
-        f"zero1={size} partitions optimizer states inside groups of {size} data-parallel ranks; DeepSpeed "
-        "stage 1 partitions over all data-parallel ranks. Same numbers, but communication scales differently: "
-        "InternEvo measured 88.9% scaling with zero1=8 vs 55.9% with all-rank ZeRO-1 on 1024 GPUs "
-        "(InternLM-7B). Memory per rank is lower with DeepSpeed.")
-
-
-def _beta2_c(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    b2 = cfg.beta2_scheduler
-    if b2.c <= 0:
-        return "exact", "beta2_scheduler.c <= 0 keeps beta2 constant, which is what AdamW does"
-    if b2.init_beta2 >= 1:
-        return "exact", "beta2 = max(init_beta2, ...) stays at init_beta2"
-    first = math.floor((1 - b2.init_beta2) ** (-1 / b2.c)) + 1  # first step where 1 - t**-c > init_beta2
-    return "unsupported", (f"InternEvo raises beta2 to max(init_beta2, 1 - t**-c) (c={b2.c:g}), above "
-                           f"{b2.init_beta2:g} from step {first} on; DeepSpeed's AdamW keeps beta2 constant")
-
-
-def _growth(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.model.dtype != "fp16":
-        return "exact", "only used by the fp16 loss scaler (InternEvo also scales bf16 losses, a numerical no-op)"
-    gs = cfg.grad_scaler
-    if gs.growth_factor == 2.0 and gs.backoff_factor == 0.5:
-        return "approximate", ("DeepSpeed's fixed factor 2 matches; its growth fires one step later than "
-                               "InternEvo's growth_interval count and it raises at min_scale instead of clamping")
-    return "unsupported", (f"DeepSpeed's dynamic loss scaler always grows by 2 and backs off by 1/2; "
-                           f"growth_factor={gs.growth_factor:g}, backoff_factor={gs.backoff_factor:g} are lost")
-
-
-def _clip(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    zo = cfg.zero_optimizer
-    if cfg.model.dtype != "fp32":
-        return "exact", ("clips the global norm over all parameters to clip_grad_norm, as InternEvo does in "
-                         f"{cfg.model.dtype} (every parameter is in one group, so its per-group clipping is the same)")
-    if zo.clip_in_fp32:
-        return "approximate", ("adapter.clip_grad_in_fp32=True clips this fp32 run; InternEvo 0.5.2 does not clip "
-                               "in fp32 (HybridZeroOptimizer._step clips only when model.dtype is not float32)")
-    return "exact", ("InternEvo 0.5.2 does not clip in fp32 (HybridZeroOptimizer._step clips only when model.dtype "
-                     "is not float32; torch.tf32 counts as float32): the norm is computed and reported, AdamW gets "
-                     "the unclipped gradient, and so here (ds: gradient_clipping = 0). Set "
-                     "adapter = dict(clip_grad_in_fp32=True) to clip anyway")
-
-
-def _clip_option(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if value and cfg.model.dtype == "fp32":
-        return "approximate", "clips this fp32 run to clip_grad_norm, which InternEvo 0.5.2 does not"
-    return "exact", "no effect: InternEvo's clipping rule applies" if not value else \
-        f"no effect in {cfg.model.dtype}, where InternEvo clips anyway"
-
-
-def _max_scale(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.model.dtype != "fp16":
-        return "exact", "only used by the fp16 loss scaler"
-    return "unsupported", ("DeepSpeed's loss scaler has no upper bound: after enough overflow-free windows the "
-                           "scale can exceed max_scale (harmless unless it overflows, which then backs off)")
-
-
-def _fp16_only(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.model.dtype != "fp16":
-        return "exact", "unused: loss scaling only matters for fp16 (InternEvo's bf16 scaling is a no-op)"
-    return None
-
-
-def _initial_scale(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.model.dtype != "fp16":
-        return "exact", "unused: loss scaling only matters for fp16 (InternEvo's bf16 scaling is a no-op)"
-    power = math.log2(cfg.grad_scaler.initial_scale) if cfg.grad_scaler.initial_scale > 0 else 0.5
-    if power.is_integer():
-        return None
-    return "approximate", f"DeepSpeed takes a power of two: 2**{round(power)} instead of {cfg.grad_scaler.initial_scale:g}"
-
-
-def _lr_schedule(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    return "approximate", "DeepSpeed's WarmupCosineLR differs from InternEvo's schedule: see 'LR schedule' below"
-
-
-def _rampup(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.data.rampup_batch_size is None:
-        return "exact", "disabled"
-    return None
-
-
-def _checkpoint(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    ratio = cfg.model.checkpoint
-    if ratio in (0.0, 1.0):
-        return None
-    from adapter.runtime.layout import partition_uniform
-
-    sizes = {e - s for stage in partition_uniform(cfg.model.num_layers, cfg.parallel.pipeline_size,
-                                                  cfg.model.num_chunks) for s, e in stage}
-    if len(sizes) == 1:
-        return None
-    return "exact", ("the pipeline split is uneven, so InternEvo recomputes a different number of layers per "
-                     "chunk; the model builder gives each chunk its own count (transformer_config.yaml and "
-                     "Megatron-LM's --recompute-num-layers hold one number, the first chunk's)")
-
-
-def _tensor_mode(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    mode = cfg.parallel.tensor_mode
-    if mode == "isp":
-        return "unsupported", ("isp (InternEvo's all-to-all sequence parallelism with weight parallelism) has no "
-                               "megatron-core equivalent; use 'msp'")
-    if mode == "fsp":
-        return "approximate", ("fsp becomes megatron sequence parallelism (= msp): same numbers, but the column "
-                               "linears keep the all-gathered input as activation, using more memory")
-    if mode == "msp" and cfg.parallel.tensor_size == 1:
-        return "exact", "sequence parallelism with tensor size 1 is a no-op in both frameworks"
-    return None
-
-
-def _fsdp(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.parallel.fsdp:
-        return "approximate", ("FSDP shards parameters and gradients too; DeepSpeed ZeRO stage 1 shards only "
-                               "optimizer states, so each rank holds full parameters and gradients")
-    return None
-
-
-def _dtype(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.model.dtype == "bf16":
-        return "exact", "bf16 params with fp32 master weights; gradients accumulate in bf16 as InternEvo's do"
-    if cfg.model.dtype == "fp16":
-        return "exact", "fp16 params with fp32 master weights and dynamic loss scaling"
-    if cfg.model.tf32:
-        return "exact", "fp32 with TF32 matmuls enabled by the training entry point"
-    return None
-
-
-def _drop(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if value in (0, 0.0):
-        return None
-    return "approximate", "dropout is applied at megatron-core's positions, with its own RNG streams"
-
-
-def _must_be(expected: Any, message: str) -> Judge:
-    def judge(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-        return None if value == expected else ("unsupported", message)
-
-    return judge
-
-
-def _off_is_exact(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    """Switched-off features lose nothing."""
-    if value in (None, False, "", 0, 1) and not isinstance(value, float):
-        return "exact", "disabled"
-    return None
-
-
-def _weight(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if cfg.parallel.weight_size == 1:
-        return "exact", "weight parallel size 1: no weight parallelism"
-    return None
-
-
-def _overlap_grad(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if not cfg.zero_optimizer.overlap_sync_grad:
-        return "exact", "no overlap, as configured"
-    return "approximate", ("gradients are reduced once, after the schedule's last backward pass, not overlapped "
-                           "with it: megatron-core's schedule runs every micro-batch inside one DeepSpeed step, "
-                           "and DeepSpeed's overlap hooks would reduce after the first micro-batch "
-                           "(overlap_comm = false)")
-
-
-def _overlap_param(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if not value:
-        return "exact", "no overlap, as configured"
-    return "approximate", ("DeepSpeed stage 1 all-gathers updated parameters after the step (no asynchronous "
-                           "broadcast overlapped with the next forward)")
-
-
-def _async_upload(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
-    if not cfg.given.get("ckpt.async_upload"):
-        return "exact", "synchronous saving, as configured"
-    if not cfg.ckpt.async_upload:
-        return "exact", "ignored for non-object-store folders, as InternEvo does (it saves synchronously)"
-    return "exact", ("uploaded from a local staging folder in a background thread; the completion marker goes "
-                     "up only after every file, as in InternEvo")
-
-
+#: The class InternEvo 0.5.2's ``model_initializer`` builds for each family (``internlm/model/registry.py``).
+BUILDERS = {"internlm1": "InternLM1 (internlm/model/modeling_internlm.py)",
+            "internlm2": "InternLM2 (internlm/model/modeling_internlm2.py)",
+            "llama2": "Llama2 (internlm/model/modeling_llama.py)"}
+#: Families whose builder takes the NTK-rope, MoE and norm-head keys; InternEvo's Llama2 has no such arguments.
+_INTERNLM = ("internlm1", "internlm2")
 _CKPT_NOTE = "read by the training entry point's checkpoint manager, not by DeepSpeed or megatron-core"
 _DATA_NOTE = "read by the training entry point's InternEvo-compatible data pipeline"
+_FP16 = "(fp16 runs)"
+_INIT = "random init only: megatron-core's init_method_std (0.02) draws every weight"
+_WEIGHT = "weight parallelism belongs to isp"
 
-RULES: tuple[Rule, ...] = (
+FIELDS: tuple[Field, ...] = (
     # top level
-    Rule("JOB_NAME", "exact", "train: run name in logs and TensorBoard"),
-    Rule("model_type", "exact", "model: family (INTERNLM → InternLM1 spec, INTERNLM2_PUBLIC → InternLM2 spec)"),
-    Rule("DO_ALERT", "unsupported", "-", "Feishu alerting is not part of this adapter", _off_is_exact),
-    Rule("cudnn_deterministic", "exact", "train: torch.backends.cudnn.deterministic"),
-    Rule("cudnn_benchmark", "exact", "train: torch.backends.cudnn.benchmark"),
-    Rule("use_fp32_norm", "exact", "mcore: RMSNorm math is fp32 either way", "",
-         _must_be(False, "norm weights are stored in the model dtype, not kept in fp32")),
-    Rule("enable_tb", "exact", "train: TensorBoard writer on the last pipeline stage"),
-    Rule("tensorboard_folder", "exact", "train: TensorBoard log folder"),
-    Rule("resume_tb_folder", "unsupported", "-", "TensorBoard logs are not copied from an earlier run", _off_is_exact),
-    Rule("alert_address", "unsupported", "-", "alerting is not part of this adapter", _off_is_exact),
-    Rule("metric_dtype", "unsupported", "-", "metrics are computed in fp32 always"),
-    Rule("monitor", "unsupported", "-", "Feishu alerts and light-monitor heartbeats are not part of this adapter", _off_is_exact),
-    Rule("gradient_handler", "exact", "-", "DeepSpeed ZeRO-1 reduces gradients itself"),
-    Rule("only_load_lr", "unsupported", "-", "resuming only the learning rate is not supported", _off_is_exact),
-    Rule("output_tf32", "unsupported", "-", "not read", _off_is_exact),
-    Rule("moe", "unsupported", "-", "mixture-of-experts models are not supported", _off_is_exact),
+    Field("JOB_NAME", "str", "AnonymousJob", "job_name", to=(run("run name in logs and TensorBoard"),)),
+    Field("model_type", "str", "INTERNLM", "model.model_type", to=(opt("family", "model.family"),),
+          note="INTERNLM → internlm1, INTERNLM2_PUBLIC → internlm2, LLAMA2 → llama2"),
+    Field("DO_ALERT", status="unsupported", note="Feishu alerting is not part of this adapter",
+          judge=judges.off_is_exact),
+    Field("cudnn_deterministic", "bool", False, "cudnn_deterministic",
+          to=(run("torch.backends.cudnn.deterministic"),)),
+    Field("cudnn_benchmark", "bool", False, "cudnn_benchmark", to=(run("torch.backends.cudnn.benchmark"),)),
+    Field("use_fp32_norm", "bool", False, "model.use_fp32_norm",
+          note="RMSNorm math is fp32 in megatron-core either way",
+          judge=judges.must_be(False, "norm weights are stored in the model dtype, not kept in fp32")),
+    Field("enable_tb", "bool", True, "enable_tb", to=(run("TensorBoard writer on the last pipeline stage"),)),
+    Field("tensorboard_folder", "str", None, "tensorboard_folder", to=(run("TensorBoard log folder"),)),
+    Field("resume_tb_folder", status="unsupported", note="TensorBoard logs are not copied from an earlier run",
+          judge=judges.off_is_exact),
+    Field("alert_address", status="unsupported", note="alerting is not part of this adapter",
+          judge=judges.off_is_exact),
+    Field("metric_dtype", status="unsupported", note="metrics are computed in fp32 always"),
+    Field("monitor", "dict", None, free_form=True, status="unsupported",
+          note="Feishu alerts and light-monitor heartbeats are not part of this adapter", judge=judges.off_is_exact),
+    Field("gradient_handler", free_form=True, note="DeepSpeed ZeRO-1 reduces gradients itself"),
+    Field("only_load_lr", status="unsupported", note="resuming only the learning rate is not supported",
+          judge=judges.off_is_exact),
+    Field("output_tf32", status="unsupported", note="not read", judge=judges.off_is_exact),
+    Field("moe", free_form=True, status="unsupported", note="mixture-of-experts models are not supported",
+          judge=judges.off_is_exact),
     # model
-    Rule("model.num_layers", "exact", "mcore: num_layers"),
-    Rule("model.hidden_size", "exact", "mcore: hidden_size"),
-    Rule("model.num_attention_heads", "exact", "mcore: num_attention_heads"),
-    Rule("model.num_kv_attention_heads", "exact", "mcore: num_query_groups"),
-    Rule("model.vocab_size", "exact", "model: vocab_size (no padding, as InternEvo)"),
-    Rule("model.mlp_ratio", "exact", "mcore: ffn_hidden_size = 256*ceil(int(hidden*mlp_ratio)/256)"),
-    Rule("model.multiple_of", "exact", "mcore: ffn_hidden_size rounding"),
-    Rule("model.norm_type", "exact", "mcore: normalization (RMSNorm, or LayerNorm for any other value)"),
-    Rule("model.layer_norm_epsilon", "exact", "mcore: layernorm_epsilon"),
-    Rule("model.dtype", "exact", "ds: bf16/fp16 sections; mcore: params_dtype, pipeline_dtype, bf16/fp16", judge=_dtype),
-    Rule("model.checkpoint", "exact",
-         "mcore: recompute_granularity='full', recompute_method='block', recompute_num_layers=int(local*ratio)",
-         judge=_checkpoint),
-    Rule("model.num_chunks", "exact", "mcore: virtual_pipeline_model_parallel_size + pipeline_model_parallel_layout"),
-    Rule("model.use_flash_attn", "exact",
-         "model: flash-attn varlen core attention on CUDA when installed, torch SDPA otherwise (both honour cu_seqlens)"),
-    Rule("model.rope_base", "exact", "model: rotary_base"),
-    Rule("model.qk_interleaved", "exact", "mcore: rotary_interleaved"),
-    Rule("model.adapt_hf", "exact", "mcore: rotary_interleaved = not adapt_hf"),
-    Rule("model.no_bias", "exact", "mcore: add_qkv_bias; model: output-projection bias (no MLP bias either way)"),
-    Rule("model.embed_grad_scale", "exact", "-", "1 leaves the embedding gradient unscaled, as here",
-         _must_be(1.0, "InternEvo scales the embedding gradient by embed_grad_scale; it is not applied here")),
-    Rule("model.parallel_output", "exact", "model: logits stay vocab-parallel for the parallel cross-entropy"),
-    Rule("model.embed_split_hidden", "exact", "-", "InternEvo 0.5.2 pops and ignores it too"),
-    Rule("model.apply_post_layer_norm", "exact", "-", "InternEvo 0.5.2 pops and ignores it (always pre-norm)"),
-    Rule("model.norm_head", "exact", "-", "computed and then unused in InternEvo 0.5.2"),
-    Rule("model.use_dynamic_ntk_rope", "exact", "-", "",
-         _must_be(False, "dynamic NTK rotary scaling is not implemented; plain RoPE is used")),
-    Rule("model.max_position_embeddings", "exact", "-", "only used by dynamic NTK rope in InternEvo"),
-    Rule("model.drop_rate", "exact", "mcore: hidden_dropout", judge=_drop),
-    Rule("model.attn_drop_rate", "exact", "mcore: attention_dropout", judge=_drop),
-    Rule("model.residual_in_fp32", "exact", "mcore: fp32_residual_connection"),
-    Rule("model.is_reward", "exact", "-", "", _must_be(False, "reward-model heads are not supported")),
-    Rule("model.dropout_selective_checkpoint", "exact", "-", "a memory optimisation with no numerical effect at dropout 0"),
-    Rule("model.use_scaled_init", "approximate", "mcore: output_layer_init_method (scaled normal)",
-         "initialisation follows megatron-core's normal/scaled-normal scheme, not InternEvo's exact draws"),
-    Rule("model.use_swiglu", "exact", "mcore: gated_linear_unit + silu", "",
-         _must_be(True, "only the SwiGLU MLP is supported")),
-    Rule("model.deepnorm", "exact", "-", "", _must_be(False, "DeepNorm residual scaling is not supported")),
-    Rule("model.mlp_layer_fusion", "exact", "mcore: linear_fc1 is always fused [w1; w3]",
-         "checkpoints keep w1/w3 split either way, as InternEvo's save hooks do"),
-    Rule("model.num_experts", "exact", "-", "", _must_be(1, "mixture-of-experts models are not supported")),
-    Rule("model.moe_type", "exact", "-", "unused without experts"),
-    Rule("model.moe_use_residual", "exact", "-", "unused without experts"),
-    Rule("model.embedding_init_std", "approximate", "mcore: init_method_std", "random init only"),
-    Rule("model.attn_wqkv_init_std", "approximate", "mcore: init_method_std", "random init only"),
-    Rule("model.attn_other_init_std", "approximate", "mcore: init_method_std", "random init only"),
-    Rule("model.ffn_uplayer_init_std", "approximate", "mcore: init_method_std", "random init only"),
-    Rule("model.ffn_other_init_std", "approximate", "mcore: init_method_std", "random init only"),
-    Rule("model.out_head_init_std", "approximate", "mcore: init_method_std", "random init only"),
-    Rule("model.init_type", "approximate", "mcore: init_method (normal)", "random init only"),
-    # parallel
-    Rule("parallel.zero1", "exact", "ds: zero_optimization.stage = 1", judge=_zero1),
-    Rule("parallel.zero1.size", "exact", "ds: zero_optimization.stage = 1", judge=_zero1),
-    Rule("parallel.zero1.fsdp", "exact", "ds: zero_optimization.stage = 1", judge=_fsdp),
-    Rule("parallel.tensor", "exact", "mcore: tensor_model_parallel_size"),
-    Rule("parallel.tensor.size", "exact", "mcore: tensor_model_parallel_size"),
-    Rule("parallel.tensor.mode", "exact", "mcore: sequence_parallel (msp/fsp)", judge=_tensor_mode),
-    Rule("parallel.sequence_parallel", "exact", "mcore: sequence_parallel",
-         "legacy top-level flag: with an int tensor size it means mode 'msp'"),
-    Rule("parallel.pipeline", "exact", "mcore: pipeline_model_parallel_size"),
-    Rule("parallel.pipeline.size", "exact", "mcore: pipeline_model_parallel_size"),
-    Rule("parallel.pipeline.interleaved_overlap", "exact", "mcore: overlap_p2p_comm (batch_p2p_comm = not overlap)"),
-    Rule("parallel.weight", "unsupported", "-", "weight parallelism belongs to isp", _weight),
-    Rule("parallel.weight.size", "unsupported", "-", "weight parallelism belongs to isp", _weight),
-    Rule("parallel.weight.overlap", "unsupported", "-", "weight parallelism belongs to isp", _weight),
-    Rule("parallel.weight.memory_pool", "unsupported", "-", "weight parallelism belongs to isp", _weight),
+    Field("model.num_layers", "int", REQUIRED, "model.num_layers", minimum=1,
+          to=(mcore("num_layers"), arg("--num-layers"))),
+    Field("model.hidden_size", "int", REQUIRED, "model.hidden_size", minimum=1,
+          to=(mcore("hidden_size"), arg("--hidden-size"))),
+    Field("model.num_attention_heads", "int", REQUIRED, "model.num_attention_heads", minimum=1,
+          to=(mcore("num_attention_heads"), arg("--num-attention-heads"))),
+    Field("model.num_kv_attention_heads", "int", Same("model.num_attention_heads"), "model.num_kv_attention_heads",
+          minimum=1, families=("internlm2", "llama2"),
+          why_not="InternLM1 (model_type 'INTERNLM') has no grouped-query attention; use "
+                  "model_type='INTERNLM2_PUBLIC' for GQA",
+          to=(mcore("num_query_groups"), arg("--num-query-groups", formula="(with --group-query-attention)"))),
+    Field("model.vocab_size", "int", REQUIRED, "model.vocab_size", minimum=1,
+          to=(opt("vocab_size"), arg("--vocab-size")), note="no padding, as InternEvo"),
+    Field("model.mlp_ratio", "float", 4.0, "model.mlp_ratio", minimum=0.0,
+          to=(mcore("ffn_hidden_size", "model.ffn_hidden_size"), arg("--ffn-hidden-size", "model.ffn_hidden_size")),
+          note="ffn_hidden_size = multiple_of * ceil(int(hidden_size * mlp_ratio) / multiple_of)"),
+    Field("model.multiple_of", "int", 256, "model.multiple_of", minimum=1,
+          to=(mcore("ffn_hidden_size", "model.ffn_hidden_size"), arg("--ffn-hidden-size", "model.ffn_hidden_size"))),
+    Field("model.norm_type", "str", "rmsnorm", "model.norm_type", parse=parsers.norm_type,
+          to=(derived("mcore", "normalization", "= RMSNorm, or LayerNorm for any other value"),
+              derived("args", "--normalization", "= RMSNorm or LayerNorm"))),
+    Field("model.layer_norm_epsilon", "float", 1e-5, "model.layer_norm_epsilon", minimum=0.0,
+          to=(mcore("layernorm_epsilon"), arg("--norm-epsilon"))),
+    Field("model.dtype", "str", "torch.float16", choices=tuple(parsers.DTYPES), parse=parsers.dtype,
+          to=(derived("ds", "bf16 / fp16", "sections"),
+              derived("mcore", "params_dtype, pipeline_dtype, bf16, fp16", ""),
+              derived("args", "--bf16 / --fp16", "")), judge=judges.dtype),
+    Field("model.checkpoint", "ratio", False, "model.checkpoint",
+          to=(opt("recompute_ratio"),
+              derived("mcore", "recompute_granularity, recompute_method, recompute_num_layers",
+                      "= 'full', 'block', int(local layers * ratio) ('uniform', 1 for the whole chunk)"),
+              derived("args", "--recompute-*", "as in transformer_config.yaml")), judge=judges.checkpoint),
+    Field("model.num_chunks", "int", 1, "model.num_chunks", minimum=1,
+          to=(derived("mcore", "virtual_pipeline_model_parallel_size", "(None for 1)"),
+              derived("mcore", "pipeline_model_parallel_layout", "from InternEvo's partition_uniform"))),
+    Field("model.use_flash_attn", "bool", True, "model.use_flash_attn",
+          to=(run("flash-attn varlen core attention on CUDA when installed, torch SDPA otherwise (both honour "
+                  "cu_seqlens)"),)),
+    Field("model.rope_base", "float", 10000.0, "model.rope_base", minimum=1.0,
+          to=(opt("rotary_base"), arg("--rotary-base"))),
+    Field("model.qk_interleaved", "bool", False, "model.qk_interleaved",
+          to=(mcore("rotary_interleaved"), arg("--rotary-interleaved"))),
+    Field("model.adapt_hf", families=_INTERNLM,
+          to=(mcore("rotary_interleaved", "model.qk_interleaved", "= not adapt_hf"),),
+          note="older spelling: qk_interleaved = not adapt_hf"),
+    Field("model.no_bias", "bool", False, "model.no_bias",
+          to=(mcore("add_qkv_bias", "model.qkv_bias"), opt("qkv_bias", "model.qkv_bias"),
+              opt("out_proj_bias", "model.out_proj_bias"), arg("--add-qkv-bias", "model.qkv_bias")),
+          note="no MLP bias either way"),
+    Field("model.embed_grad_scale", "float", 1.0, "model.embed_grad_scale", minimum=0.0,
+          note="1 leaves the embedding gradient unscaled, as here",
+          judge=judges.must_be(1.0, "InternEvo scales the embedding gradient by embed_grad_scale; it is not applied "
+                                    "here")),
+    Field("model.parallel_output", "bool", True, "model.parallel_output", to=(opt("parallel_output"),),
+          note="logits stay vocab-parallel for the parallel cross-entropy"),
+    Field("model.embed_split_hidden", "bool", True, note="InternEvo 0.5.2 pops and ignores it too"),
+    Field("model.apply_post_layer_norm", "bool", False, note="InternEvo 0.5.2 pops and ignores it (always pre-norm)"),
+    Field("model.norm_head", "bool", False, families=_INTERNLM, note="computed and then unused in InternEvo 0.5.2"),
+    Field("model.use_dynamic_ntk_rope", "bool", False, "model.use_dynamic_ntk_rope", families=_INTERNLM,
+          requires=(False, "dynamic NTK rotary scaling is not supported")),
+    Field("model.max_position_embeddings", "int", 2048, "model.max_position_embeddings", minimum=1,
+          families=_INTERNLM, note="only used by dynamic NTK rope in InternEvo"),
+    Field("model.drop_rate", "float", 0.0, "model.drop_rate", minimum=0.0, maximum=1.0,
+          to=(mcore("hidden_dropout"), arg("--hidden-dropout")), judge=judges.drop),
+    Field("model.attn_drop_rate", "float", 0.0, "model.attn_drop_rate", minimum=0.0, maximum=1.0,
+          to=(mcore("attention_dropout"), arg("--attention-dropout")), judge=judges.drop),
+    Field("model.residual_in_fp32", "bool", False, "model.residual_in_fp32",
+          to=(mcore("fp32_residual_connection"), arg("--fp32-residual-connection"))),
+    Field("model.is_reward", "bool", False, requires=(False, "reward-model heads are not supported")),
+    Field("model.dropout_selective_checkpoint", "bool", True,
+          note="a memory optimisation with no numerical effect at dropout 0"),
+    Field("model.use_scaled_init", "bool", True, status="approximate",
+          note="initialisation follows megatron-core's normal/scaled-normal scheme (its default "
+               "output_layer_init_method), not InternEvo's exact draws"),
+    Field("model.use_swiglu", "bool", True, requires=(True, "only the SwiGLU MLP (w2(silu(w1 x) * w3 x)) is supported"),
+          to=(derived("mcore", "gated_linear_unit", "= True with activation_func silu"),
+              derived("args", "--swiglu", "always"))),
+    Field("model.deepnorm", "bool", False, families=_INTERNLM,
+          requires=(False, "DeepNorm residual scaling is not supported")),
+    Field("model.mlp_layer_fusion", "bool", False,
+          note="megatron-core's linear_fc1 is always fused [w1; w3]; checkpoints keep w1/w3 split either way, as "
+               "InternEvo's save hooks do"),
+    Field("model.num_experts", "int", 1, minimum=1, families=_INTERNLM,
+          requires=(1, "mixture-of-experts models are not supported")),
+    Field("model.moe_type", "str", "GShard", families=_INTERNLM, note="unused without experts"),
+    Field("model.moe_use_residual", "bool", False, families=_INTERNLM, note="unused without experts"),
+    Field("model.embedding_init_std", "float", 0.02, minimum=0.0, status="approximate", note=_INIT),
+    Field("model.attn_wqkv_init_std", "float", 0.02, minimum=0.0, status="approximate", note=_INIT),
+    Field("model.attn_other_init_std", "float", 0.02, minimum=0.0, status="approximate", note=_INIT),
+    Field("model.ffn_uplayer_init_std", "float", 0.02, minimum=0.0, status="approximate", note=_INIT),
+    Field("model.ffn_other_init_std", "float", 0.02, minimum=0.0, status="approximate", note=_INIT),
+    Field("model.out_head_init_std", "float", 0.02, minimum=0.0, status="approximate", note=_INIT),
+    Field("model.init_type", "str", "normal", status="approximate",
+          note="random init only: megatron-core draws from a normal distribution"),
+    # parallel (an int for zero1, tensor, pipeline or weight is short for dict(size=...): spellings.py)
+    Field("parallel.zero1", to=(derived("ds", "zero_optimization.stage", "= 1"),), judge=judges.zero1),
+    Field("parallel.zero1.size", "int", -1, "parallel.zero1_size",
+          to=(derived("ds", "zero_optimization.stage", "= 1"),
+              derived("args", "--use-distributed-optimizer", "unless zero1 = 1")), judge=judges.zero1),
+    Field("parallel.zero1.fsdp", "bool", False, "parallel.fsdp",
+          to=(derived("ds", "zero_optimization.stage", "= 1"),), judge=judges.fsdp),
+    Field("parallel.tensor", to=(mcore("tensor_model_parallel_size", "parallel.tensor_size"),
+                                 arg("--tensor-model-parallel-size", "parallel.tensor_size"))),
+    Field("parallel.tensor.size", "int", 1, "parallel.tensor_size", minimum=1,
+          to=(mcore("tensor_model_parallel_size"), arg("--tensor-model-parallel-size"))),
+    Field("parallel.tensor.mode", "str", "mtp", "parallel.tensor_mode", choices=("mtp", "msp", "fsp", "isp"),
+          to=(derived("mcore", "sequence_parallel", "for msp/fsp with tensor size > 1"),), judge=judges.tensor_mode),
+    Field("parallel.sequence_parallel", "bool", False,
+          to=(derived("mcore", "sequence_parallel", "for msp/fsp with tensor size > 1"),),
+          note="legacy top-level flag: with an int tensor size it means mode 'msp'"),
+    Field("parallel.pipeline", to=(mcore("pipeline_model_parallel_size", "parallel.pipeline_size"),
+                                   arg("--pipeline-model-parallel-size", "parallel.pipeline_size"))),
+    Field("parallel.pipeline.size", "int", 1, "parallel.pipeline_size", minimum=1,
+          to=(mcore("pipeline_model_parallel_size"), arg("--pipeline-model-parallel-size"))),
+    Field("parallel.pipeline.interleaved_overlap", "bool", False, "parallel.interleaved_overlap",
+          to=(derived("mcore", "overlap_p2p_comm", "with virtual pipeline stages (batch_p2p_comm = not overlap)"),)),
+    Field("parallel.weight", status="unsupported", note=_WEIGHT, judge=judges.weight),
+    Field("parallel.weight.size", "int", 1, "parallel.weight_size", minimum=1, status="unsupported", note=_WEIGHT,
+          judge=judges.weight),
+    Field("parallel.weight.overlap", "bool", False, status="unsupported", note=_WEIGHT, judge=judges.weight),
+    Field("parallel.weight.memory_pool", "bool", False, status="unsupported", note=_WEIGHT, judge=judges.weight),
     # data
-    Rule("data.seq_len", "exact", "mcore schedule: seq_length; model: max_sequence_length"),
-    Rule("data.micro_num", "exact",
-         "mcore schedule: num_microbatches; ds: train_micro_batch_size_per_gpu = micro_num*micro_bsz, "
-         "gradient_accumulation_steps = 1 (megatron-core's schedule owns the micro-batches)"),
-    Rule("data.micro_bsz", "exact",
-         "train: micro_bsz sequences packed into one row of micro_bsz*seq_len tokens (cu_seqlens)"),
-    Rule("data.gradient_accumulation", "exact", "mcore schedule: num_microbatches"),
-    Rule("data.packed_length", "exact", "-", "InternEvo ignores it and uses seq_len*micro_bsz; so do we"),
-    Rule("data.valid_micro_num", "exact", "train: validation micro-batches", _DATA_NOTE),
-    Rule("data.valid_every", "exact", "train: validation interval", _DATA_NOTE),
-    Rule("data.pack_sample_into_one", "exact", "train: packing mode", _DATA_NOTE),
-    Rule("data.total_steps", "exact", "train: total optimizer steps; ds: scheduler.params.total_num_steps"),
-    Rule("data.skip_batches", "exact", "train: skipped batch ranges", _DATA_NOTE),
-    Rule("data.rampup_batch_size", "approximate", "train: micro-batches per step",
-         "DeepSpeed's train_batch_size is fixed at start-up; its sample counters read the final batch size "
-         "during ramp-up (the schedule itself uses the ramped size)", _rampup),
-    Rule("data.min_length", "exact", "train: sample filter", _DATA_NOTE),
-    Rule("data.min_length_dict", "exact", "train: per-folder sample filter", _DATA_NOTE),
-    Rule("data.train_folder", "exact", "train: tokenized dataset folder (synthetic data when unset)", _DATA_NOTE),
-    Rule("data.valid_folder", "exact", "train: validation dataset folder", _DATA_NOTE),
-    Rule("data.use_packed_dataset", "exact", "train: packed (cu_seqlens) batches", _DATA_NOTE),
-    Rule("data.fixed_random_dataset_seqlen", "exact", "train: synthetic dataset", _DATA_NOTE),
-    Rule("data.seed", "exact", "train: sampler seed", _DATA_NOTE),
-    Rule("data.num_worker", "exact", "train: data-loader worker processes"),
-    Rule("data.type", "exact", "train: dataset type", "only 'tokenized' is read"),
-    Rule("data.empty_cache_and_diag_interval", "unsupported", "-", "InternEvo's straggler diagnosis is not run"),
-    Rule("data.diag_outlier_ratio", "unsupported", "-", "InternEvo's straggler diagnosis is not run"),
-    Rule("data.train_folder_split", "unsupported", "-", "not read"),
+    Field("data.seq_len", "int", REQUIRED, "data.seq_len", minimum=1,
+          to=(opt("max_sequence_length"), arg("--seq-length"), arg("--max-position-embeddings"),
+              run("megatron-core schedule: seq_length"))),
+    Field("data.micro_num", "int", 1, "data.micro_num", minimum=1,
+          to=(derived("ds", "train_micro_batch_size_per_gpu", "= micro_num * micro_bsz"),
+              run("megatron-core schedule: num_microbatches")),
+          note="ds: gradient_accumulation_steps = 1 (megatron-core's schedule owns the micro-batches)"),
+    Field("data.micro_bsz", "int", REQUIRED, "data.micro_bsz", minimum=1,
+          to=(arg("--micro-batch-size"), derived("ds", "train_micro_batch_size_per_gpu", "= micro_num * micro_bsz"),
+              run("micro_bsz sequences packed into one row of micro_bsz*seq_len tokens (cu_seqlens)"))),
+    Field("data.gradient_accumulation", "int", Same("data.micro_num"), "data.gradient_accumulation", minimum=1,
+          to=(run("megatron-core schedule: num_microbatches"),)),
+    Field("data.packed_length", note="InternEvo ignores it and uses seq_len*micro_bsz; so do we"),
+    Field("data.valid_micro_num", "int", Same("data.micro_num"), "data.valid_micro_num", minimum=0,
+          to=(run("validation micro-batches"),), note=_DATA_NOTE),
+    Field("data.valid_every", "int", 0, "data.valid_every", minimum=0, to=(run("validation interval"),),
+          note=_DATA_NOTE),
+    Field("data.pack_sample_into_one", "bool", False, "data.pack_sample_into_one", to=(run("packing mode"),),
+          note=_DATA_NOTE),
+    Field("data.total_steps", "int", REQUIRED, "data.total_steps", minimum=1,
+          to=(arg("--train-iters"), run("total optimizer steps"))),
+    Field("data.skip_batches", "any", "", "data.skip_batches", parse=parsers.skip_batches,
+          to=(run("skipped batch ranges"),), note=_DATA_NOTE),
+    Field("data.rampup_batch_size", "any", "", "data.rampup_batch_size", parse=parsers.rampup_batch_size,
+          status="approximate", to=(run("micro-batches per step"),),
+          note="DeepSpeed's train_batch_size is fixed at start-up; its sample counters read the final batch size "
+               "during ramp-up (the schedule itself uses the ramped size)", judge=judges.rampup),
+    Field("data.min_length", "int", 0, "data.min_length", minimum=0, to=(run("sample filter"),), note=_DATA_NOTE),
+    Field("data.min_length_dict", free_form=True, to=(run("per-folder sample filter"),), note=_DATA_NOTE),
+    Field("data.train_folder", "str", None, "data.train_folder",
+          to=(run("tokenized dataset folder (synthetic data when unset)"),), note=_DATA_NOTE),
+    Field("data.valid_folder", "str", None, "data.valid_folder", to=(run("validation dataset folder"),),
+          note=_DATA_NOTE),
+    Field("data.use_packed_dataset", "bool", True, "data.use_packed_dataset", to=(run("packed (cu_seqlens) batches"),),
+          note=_DATA_NOTE),
+    Field("data.fixed_random_dataset_seqlen", "bool", True, "data.fixed_random_dataset_seqlen",
+          to=(run("synthetic dataset"),), note=_DATA_NOTE),
+    Field("data.seed", "int", 1024, "data.seed", to=(arg("--seed"), run("sampler seed")), note=_DATA_NOTE),
+    Field("data.num_worker", "int", 4, minimum=0, to=(run("data-loader worker processes"),)),
+    Field("data.type", "str", "tokenized", to=(run("dataset type"),), note="only 'tokenized' is read"),
+    Field("data.empty_cache_and_diag_interval", "int", 50, minimum=0, status="unsupported",
+          note="InternEvo's straggler diagnosis is not run"),
+    Field("data.diag_outlier_ratio", "float", 1.1, status="unsupported",
+          note="InternEvo's straggler diagnosis is not run"),
+    Field("data.train_folder_split", status="unsupported", note="not read"),
     # optimizer and schedules
-    Rule("adam.lr", "exact", "ds: optimizer.params.lr (peak lr of the schedule)"),
-    Rule("adam.adam_beta1", "exact", "ds: optimizer.params.betas[0]"),
-    Rule("adam.adam_beta2", "exact", "ds: optimizer.params.betas[1]"),
-    Rule("adam.adam_beta2_c", "exact", "-", judge=_beta2_c),
-    Rule("adam.adam_eps", "exact", "ds: optimizer.params.eps"),
-    Rule("adam.weight_decay", "exact", "ds: optimizer.params.weight_decay",
-         "applied to every parameter (norms, biases, embeddings), as InternEvo does"),
-    Rule("lr_scheduler.total_steps", "exact", "ds: scheduler.params.total_num_steps", judge=_lr_schedule),
-    Rule("lr_scheduler.init_steps", "exact", "ds: folded into scheduler.params.warmup_num_steps", judge=_lr_schedule),
-    Rule("lr_scheduler.warmup_ratio", "exact", "ds: scheduler.params.warmup_num_steps", judge=_lr_schedule),
-    Rule("lr_scheduler.eta_min", "exact", "ds: scheduler.params.cos_min_ratio = eta_min / lr", judge=_lr_schedule),
-    Rule("lr_scheduler.last_epoch", "exact", "ds: scheduler.params.last_batch_iteration"),
-    Rule("beta2_scheduler.init_beta2", "exact", "ds: optimizer.params.betas[1]", judge=_beta2_c),
-    Rule("beta2_scheduler.c", "exact", "-", judge=_beta2_c),
-    Rule("beta2_scheduler.cur_iter", "exact", "-", "InternEvo restarts it at every launch too"),
-    Rule("grad_scaler.fp16", "exact", "ds: fp16"),
-    Rule("grad_scaler.fp16.initial_scale", "exact", "ds: fp16.initial_scale_power = log2(initial_scale)",
-         judge=_initial_scale),
-    Rule("grad_scaler.fp16.min_scale", "exact", "ds: fp16.min_loss_scale", judge=_fp16_only),
-    Rule("grad_scaler.fp16.growth_interval", "exact", "ds: fp16.loss_scale_window", judge=_growth),
-    Rule("grad_scaler.growth_factor", "exact", "-", judge=_growth),
-    Rule("grad_scaler.backoff_factor", "exact", "-", judge=_growth),
-    Rule("grad_scaler.max_scale", "exact", "-", judge=_max_scale),
-    Rule("grad_scaler.hysteresis", "exact", "ds: fp16.hysteresis (consecutive_hysteresis = false)",
-         judge=_fp16_only),
-    Rule("hybrid_zero_optimizer.overlap_sync_grad", "exact", "ds: zero_optimization.overlap_comm",
-         judge=_overlap_grad),
-    Rule("hybrid_zero_optimizer.zero_overlap_communication", "exact", "ds: zero_optimization.overlap_comm",
-         "old alias of overlap_sync_grad", judge=_overlap_grad),
-    Rule("hybrid_zero_optimizer.overlap_sync_param", "exact", "-", judge=_overlap_param),
-    Rule("hybrid_zero_optimizer.reduce_bucket_size", "exact",
-         "ds: zero_optimization.reduce_bucket_size and allgather_bucket_size (both count elements)"),
-    Rule("hybrid_zero_optimizer.clip_grad_norm", "exact", "ds: gradient_clipping (0 in fp32)", judge=_clip),
-    Rule("loss.label_smoothing", "exact", "train: cross-entropy label smoothing"),
-    Rule("loss.moe_loss_coeff", "exact", "-", "no MoE models"),
+    Field("adam.lr", "float", REQUIRED, "adam.lr", minimum=0.0, to=(ds("optimizer.params.lr"), arg("--lr")),
+          note="peak lr of the schedule"),
+    Field("adam.adam_beta1", "float", 0.9, "adam.beta1", minimum=0.0, maximum=1.0,
+          to=(ds("optimizer.params.betas.0"), arg("--adam-beta1"))),
+    Field("adam.adam_beta2", "float", 0.95, "adam.beta2", minimum=0.0, maximum=1.0,
+          to=(ds("optimizer.params.betas.1", "beta2_scheduler.init_beta2", "(through beta2_scheduler.init_beta2, "
+                                                                             "which defaults to it)"),)),
+    Field("adam.adam_beta2_c", "float", 0.0, "adam.beta2_c", judge=judges.beta2_c),
+    Field("adam.adam_eps", "float", 1e-8, "adam.eps", minimum=0.0, to=(ds("optimizer.params.eps"), arg("--adam-eps"))),
+    Field("adam.weight_decay", "float", 0.01, "adam.weight_decay", minimum=0.0,
+          to=(ds("optimizer.params.weight_decay"), arg("--weight-decay")),
+          note="applied to every parameter (norms, biases, embeddings), as InternEvo does"),
+    Field("lr_scheduler.total_steps", "int", Same("data.total_steps"), "lr_scheduler.total_steps", minimum=1,
+          to=(ds("scheduler.params.total_num_steps"), arg("--lr-decay-iters")), judge=judges.lr_schedule),
+    Field("lr_scheduler.init_steps", "int", 0, "lr_scheduler.init_steps", minimum=0,
+          to=(derived("ds", "scheduler.params.warmup_num_steps", "= max(2, init_steps + warmup steps)"),
+              derived("args", "--lr-warmup-iters", "= init_steps + warmup steps")), judge=judges.lr_schedule),
+    Field("lr_scheduler.warmup_ratio", "float", 0.0, "lr_scheduler.warmup_ratio", minimum=0.0, maximum=1.0,
+          to=(derived("ds", "scheduler.params.warmup_num_steps", "= max(2, init_steps + int(total_steps * ratio))"),
+              derived("args", "--lr-warmup-iters", "= init_steps + int(total_steps * ratio)")),
+          judge=judges.lr_schedule),
+    Field("lr_scheduler.eta_min", "float", 0.0, "lr_scheduler.eta_min", minimum=0.0,
+          to=(derived("ds", "scheduler.params.cos_min_ratio", "= eta_min / lr"), arg("--min-lr")),
+          judge=judges.lr_schedule),
+    Field("lr_scheduler.last_epoch", "int", -1, "lr_scheduler.last_epoch",
+          to=(ds("scheduler.params.last_batch_iteration"),)),
+    Field("beta2_scheduler.init_beta2", "float", Same("adam.adam_beta2"), "beta2_scheduler.init_beta2", minimum=0.0,
+          maximum=1.0, to=(ds("optimizer.params.betas.1"), arg("--adam-beta2")), judge=judges.beta2_c),
+    Field("beta2_scheduler.c", "float", Same("adam.adam_beta2_c"), "beta2_scheduler.c", judge=judges.beta2_c),
+    Field("beta2_scheduler.cur_iter", "int", -1, "beta2_scheduler.cur_iter",
+          note="InternEvo restarts it at every launch too"),
+    Field("grad_scaler.fp16", to=(derived("ds", "fp16", _FP16),)),
+    Field("grad_scaler.fp16.initial_scale", "float", 2.0**16, "grad_scaler.initial_scale", minimum=0.0,
+          to=(derived("ds", "fp16.initial_scale_power", "= log2(initial_scale) " + _FP16),
+              arg("--initial-loss-scale", formula=_FP16)), judge=judges.initial_scale),
+    Field("grad_scaler.fp16.min_scale", "float", 1.0, "grad_scaler.min_scale", minimum=0.0,
+          to=(ds("fp16.min_loss_scale", formula=_FP16), arg("--min-loss-scale", formula=_FP16)),
+          judge=judges.fp16_only),
+    Field("grad_scaler.fp16.growth_interval", "int", 1000, "grad_scaler.growth_interval", minimum=1,
+          to=(ds("fp16.loss_scale_window", formula=_FP16), arg("--loss-scale-window", formula=_FP16)),
+          judge=judges.growth),
+    Field("grad_scaler.growth_factor", "float", 2.0, "grad_scaler.growth_factor", minimum=1.0, judge=judges.growth),
+    Field("grad_scaler.backoff_factor", "float", 0.5, "grad_scaler.backoff_factor", minimum=0.0, maximum=1.0,
+          judge=judges.growth),
+    Field("grad_scaler.max_scale", "float", 2.0**24, "grad_scaler.max_scale", minimum=0.0, judge=judges.max_scale),
+    Field("grad_scaler.hysteresis", "int", 2, "grad_scaler.hysteresis", minimum=1,
+          to=(ds("fp16.hysteresis", formula=_FP16 + ", consecutive_hysteresis = false"),
+              arg("--hysteresis", formula=_FP16)), judge=judges.fp16_only),
+    Field("hybrid_zero_optimizer.overlap_sync_grad", "bool", False, "zero_optimizer.overlap_sync_grad",
+          to=(derived("ds", "zero_optimization.overlap_comm", "= false"),), judge=judges.overlap_grad),
+    Field("hybrid_zero_optimizer.zero_overlap_communication",
+          to=(derived("ds", "zero_optimization.overlap_comm", "= false"),), note="old spelling of overlap_sync_grad",
+          judge=judges.overlap_grad),
+    Field("hybrid_zero_optimizer.overlap_sync_param", "bool", False, "zero_optimizer.overlap_sync_param",
+          judge=judges.overlap_param),
+    Field("hybrid_zero_optimizer.reduce_bucket_size", "int", 512 * 1024 * 1024, "zero_optimizer.reduce_bucket_size",
+          minimum=1, to=(ds("zero_optimization.reduce_bucket_size"), ds("zero_optimization.allgather_bucket_size")),
+          note="both count elements"),
+    Field("hybrid_zero_optimizer.clip_grad_norm", "float", 0.0, "zero_optimizer.clip_grad_norm", minimum=0.0,
+          to=(ds("gradient_clipping", "applied_clip_grad_norm", "(0 in fp32)"),
+              arg("--clip-grad", "applied_clip_grad_norm")), judge=judges.clip),
+    Field("loss.label_smoothing", "float", 0.0, "label_smoothing", minimum=0.0, maximum=1.0,
+          to=(run("cross-entropy label smoothing"),)),
+    Field("loss.moe_loss_coeff", "float", 1.0, note="no MoE models"),
     # options of this adapter, in a section InternEvo does not read
-    Rule("adapter.clip_grad_in_fp32", "exact", "ds: gradient_clipping = clip_grad_norm in fp32", judge=_clip_option),
-    # checkpoints
-    Rule("ckpt.enable_save_ckpt", "exact", "train: save checkpoints", _CKPT_NOTE),
-    Rule("ckpt.save_ckpt_folder", "exact", "train: checkpoint folder (local: or boto3:)", _CKPT_NOTE),
-    Rule("ckpt.load_ckpt_folder", "exact", "train: resume everything", _CKPT_NOTE),
-    Rule("ckpt.load_model_only_folder", "exact", "train: initialise weights only", _CKPT_NOTE),
-    Rule("ckpt.load_optimizer", "exact", "train: resume optimizer state", _CKPT_NOTE),
-    Rule("ckpt.load_given_ckpt", "exact", "train: legacy resume switch", _CKPT_NOTE),
-    Rule("ckpt.load_ckpt_info", "exact", "train: what to load from where", _CKPT_NOTE),
-    Rule("ckpt.checkpoint_every", "exact", "train: save interval", _CKPT_NOTE),
-    Rule("ckpt.async_upload", "exact", "train: async upload", judge=_async_upload),
-    Rule("ckpt.async_upload_tmp_folder", "exact", "train: async upload staging folder", judge=_async_upload),
-    Rule("ckpt.snapshot_ckpt_folder", "exact", "train: snapshot folder (two alternating slots)", _CKPT_NOTE),
-    Rule("ckpt.oss_snapshot_freq", "exact", "train: snapshot interval", _CKPT_NOTE),
-    Rule("ckpt.auto_resume", "exact", "train: resume from the newest complete checkpoint", _CKPT_NOTE),
-    Rule("ckpt.stop_file_path", "exact", "train: stop file asking for a save", _CKPT_NOTE),
+    Field("adapter.clip_grad_in_fp32", "bool", False, "zero_optimizer.clip_in_fp32",
+          to=(ds("gradient_clipping", "applied_clip_grad_norm", "= clip_grad_norm in fp32"),),
+          judge=judges.clip_option),
+    # checkpoints (normalize.py applies InternEvo's rules between them)
+    Field("ckpt.enable_save_ckpt", "bool", True, "ckpt.enable_save_ckpt", to=(run("save checkpoints"),),
+          note=_CKPT_NOTE),
+    Field("ckpt.save_ckpt_folder", "str", None, "ckpt.save_ckpt_folder",
+          to=(run("checkpoint folder (local: or boto3:)"),), note=_CKPT_NOTE),
+    Field("ckpt.load_ckpt_folder", "str", None, "ckpt.load_ckpt_folder", to=(run("resume everything"),),
+          note=_CKPT_NOTE),
+    Field("ckpt.load_model_only_folder", "str", None, "ckpt.load_model_only_folder",
+          to=(run("initialise weights only"),), note=_CKPT_NOTE),
+    Field("ckpt.load_optimizer", "bool", True, "ckpt.load_optimizer", to=(run("resume optimizer state"),),
+          note=_CKPT_NOTE),
+    Field("ckpt.load_given_ckpt", "any", False, to=(run("legacy resume switch"),), note=_CKPT_NOTE),
+    Field("ckpt.load_ckpt_info", "any", None, "ckpt.load_ckpt_info", free_form=True,
+          to=(run("what to load from where"),), note=_CKPT_NOTE),
+    Field("ckpt.checkpoint_every", "count", None, "ckpt.checkpoint_every", minimum=1, to=(run("save interval"),),
+          note=_CKPT_NOTE),
+    Field("ckpt.async_upload", "bool", False, "ckpt.async_upload", to=(run("async upload"),),
+          judge=judges.async_upload),
+    Field("ckpt.async_upload_tmp_folder", "str", "/dev/shm/internlm_tmp_ckpt/", "ckpt.async_upload_tmp_folder",
+          nullable=True, to=(run("async upload staging folder"),), judge=judges.async_upload),
+    Field("ckpt.snapshot_ckpt_folder", "str", None, "ckpt.snapshot_ckpt_folder",
+          to=(run("snapshot folder (two alternating slots)"),), note=_CKPT_NOTE),
+    Field("ckpt.oss_snapshot_freq", "count", None, "ckpt.oss_snapshot_freq", minimum=0,
+          to=(run("snapshot interval"),), note=_CKPT_NOTE),
+    Field("ckpt.auto_resume", "bool", True, "ckpt.auto_resume",
+          to=(run("resume from the newest complete checkpoint"),), note=_CKPT_NOTE),
+    Field("ckpt.stop_file_path", "str", None, "ckpt.stop_file_path", to=(run("stop file asking for a save"),),
+          note=_CKPT_NOTE),
 )
 
 
@@ -459,42 +511,33 @@ def same_value(a: Any, b: Any) -> bool:
     return a is b if isinstance(a, bool) or isinstance(b, bool) else a == b
 
 
-_BY_PATH = {rule.path: rule for rule in RULES}
-_FREE_FORM = ("monitor", "moe", "gradient_handler", "ckpt.load_ckpt_info", "data.min_length_dict")
-TOP_LEVEL_KEYS = frozenset(p for p in _BY_PATH if "." not in p)
-
-#: Defaults of the boolean model flags InternEvo's builders use when a key is absent.
-MODEL_BOOL_DEFAULTS = {
-    "model.embed_split_hidden": True,
-    "model.apply_post_layer_norm": False,
-    "model.residual_in_fp32": False,
-    "model.is_reward": False,
-    "model.dropout_selective_checkpoint": True,
-    "model.use_scaled_init": True,
-    "model.use_swiglu": True,
-    "model.deepnorm": False,
-    "model.norm_head": False,
-    "model.mlp_layer_fusion": False,
-}
-
-_SECTIONS = frozenset(p.rsplit(".", 1)[0] for p in _BY_PATH if "." in p)
+BY_PATH = {f.path: f for f in FIELDS}
+TOP_LEVEL_KEYS = frozenset(p for p in BY_PATH if "." not in p)
+#: Dotted prefixes that hold other keys (``model``, ``parallel.zero1``, ``grad_scaler.fp16`` ...).
+_SECTIONS = frozenset(p.rsplit(".", 1)[0] for p in BY_PATH if "." in p)
+#: Top-level sections that must be present: those holding a key InternEvo cannot run without.
+REQUIRED_SECTIONS = tuple(sorted({f.path.split(".")[0] for f in FIELDS if f.default is REQUIRED and "." in f.path}))
+SECTIONS = tuple(sorted(p for p in _SECTIONS if "." not in p))
+ADAPTER_SECTION = "adapter"
+"""Options of this adapter: InternEvo has no default for them to report."""
 
 
-def rule_for(path: str) -> Rule | None:
-    """The rule for a dotted leaf path, falling back to its nearest free-form ancestor."""
+def field_for(path: str) -> Field | None:
+    """The row for a dotted leaf path, falling back to its nearest free-form ancestor."""
     while path:
-        if path in _BY_PATH:
-            return _BY_PATH[path]
+        if path in BY_PATH:
+            return BY_PATH[path]
         path = path.rsplit(".", 1)[0] if "." in path else ""
     return None
 
 
 def is_known(path: str) -> bool:
-    return path in _BY_PATH or path in _SECTIONS
+    return path in BY_PATH or path in _SECTIONS
 
 
 def is_free_form(path: str) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in _FREE_FORM)
+    row = field_for(path)
+    return row is not None and row.free_form
 
 
 def has_children(path: str) -> bool:
@@ -504,7 +547,7 @@ def has_children(path: str) -> bool:
 def known_children(prefix: str) -> list[str]:
     """Names of the known keys directly under ``prefix`` (``""`` for the top level)."""
     names = set()
-    for path in list(_BY_PATH) + list(_SECTIONS):
+    for path in list(BY_PATH) + list(_SECTIONS):
         if prefix:
             if path.startswith(prefix + ".") and "." not in path[len(prefix) + 1:]:
                 names.add(path[len(prefix) + 1:])

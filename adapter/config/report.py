@@ -1,6 +1,6 @@
 """The fidelity report: every field the user wrote, and where it went (torch-free).
 
-Each given leaf is judged by its row in ``fields.RULES``: ``exact``, ``approximate`` (how) or
+Each given leaf is judged by its row in ``fields.FIELDS``: ``exact``, ``approximate`` (how) or
 ``unsupported`` (why, and what is lost). A training field (optimizer, schedules, data, precision) is
 ``exact`` only where InternEvo's own runs exercise it with that value (``fields.CHECKED_BY_INTERNEVO_RUNS``).
 Defaults InternEvo would fill in are listed separately, so a reader can see the values a run really uses.
@@ -34,7 +34,7 @@ def field_reports(cfg: InternLMConfig) -> list[FieldReport]:
     """One entry per given leaf, in the order the file wrote them."""
     out = []
     for path, value in cfg.given.items():
-        rule = fields.rule_for(path)
+        rule = fields.field_for(path)
         if rule is None:  # normalize() refuses unknown keys, so this is a table bug
             raise KeyError(f"no fidelity rule for {path}")
         status, note = rule.status, rule.note

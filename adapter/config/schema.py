@@ -17,7 +17,8 @@ Family = Literal["internlm1", "internlm2", "llama2"]
 DType = Literal["bf16", "fp16", "fp32"]
 TensorMode = Literal["mtp", "msp", "fsp", "isp"]
 
-#: InternEvo ``model_type`` → model family built by this adapter.
+#: InternEvo ``model_type`` → model family built by this adapter. LLAMA2 (InternEvo's ``Llama2``) is InternLM2's
+#: architecture with separate ``wq``/``wk``/``wv`` weights, so megatron-core builds both the same way.
 MODEL_TYPES: dict[str, Family] = {"INTERNLM": "internlm1", "INTERNLM2_PUBLIC": "internlm2", "LLAMA2": "llama2"}
 
 
@@ -31,7 +32,7 @@ class ModelConfig:
     hidden_size: int
     num_attention_heads: int
     num_kv_attention_heads: int
-    """Equals ``num_attention_heads`` for InternLM1 (no GQA)."""
+    """Equals ``num_attention_heads`` for InternLM1 (no GQA); InternLM2 and LLAMA2 may group the kv heads."""
     vocab_size: int
     mlp_ratio: float
     ffn_hidden_size: int
@@ -50,12 +51,19 @@ class ModelConfig:
     rope_base: float
     qk_interleaved: bool
     no_bias: bool
-    """InternLM2 and LLAMA2: drop the attention biases (q/k/v and output projection). InternLM1 always has them."""
+    """InternLM2 and LLAMA2: drop the attention biases (``wqkv``/``wq``, ``wk``, ``wv`` and ``wo``); InternEvo's
+    default is False, so both have them unless told. InternLM1 always has them. No family has MLP biases."""
     embed_grad_scale: float
     parallel_output: bool
     use_dynamic_ntk_rope: bool
     max_position_embeddings: int
     use_fp32_norm: bool
+    drop_rate: float
+    """Dropout on the residual branches (megatron-core's ``hidden_dropout``)."""
+    attn_drop_rate: float
+    """Dropout on the attention probabilities (megatron-core's ``attention_dropout``)."""
+    residual_in_fp32: bool
+    """Keep the residual stream in fp32 (megatron-core's ``fp32_residual_connection``)."""
 
     @property
     def head_dim(self) -> int:

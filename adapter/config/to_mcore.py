@@ -36,8 +36,8 @@ class ModelOptions:
     rotary_base: float
     qkv_bias: bool
     out_proj_bias: bool
-    """InternLM1 (and InternLM2 with ``no_bias=False``) has a bias on the attention output projection but
-    none on the MLP; megatron-core's ``add_bias_linear`` covers both, so the layer spec adds this one."""
+    """InternLM1 (and InternLM2 or LLAMA2 with ``no_bias=False``) has a bias on the attention output projection
+    but none on the MLP; megatron-core's ``add_bias_linear`` covers both, so the layer spec adds this one."""
     position_embedding_type: str = "rope"
     rotary_percent: float = 1.0
     share_embeddings_and_output_weights: bool = False
@@ -100,11 +100,11 @@ def translated_fields(cfg: InternLMConfig, layout: ParallelLayout) -> dict[str, 
         gated_linear_unit=True,  # SwiGLU: w2(silu(w1 x) * w3 x)
         activation_func=F.silu,
         bias_activation_fusion=False,
-        add_bias_linear=False,  # no MLP bias in either family; the output-projection bias is in the spec
+        add_bias_linear=False,  # no MLP bias in any family; the output-projection bias is in the spec
         add_qkv_bias=m.qkv_bias,
-        hidden_dropout=float(cfg.given.get("model.drop_rate", 0.0)),
-        attention_dropout=float(cfg.given.get("model.attn_drop_rate", 0.0)),
-        fp32_residual_connection=bool(cfg.given.get("model.residual_in_fp32", False)),
+        hidden_dropout=m.drop_rate,
+        attention_dropout=m.attn_drop_rate,
+        fp32_residual_connection=m.residual_in_fp32,
         rotary_interleaved=m.qk_interleaved,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,

@@ -27,14 +27,14 @@ def megatron_args(cfg: InternLMConfig, layout: ParallelLayout) -> list[str]:
         f"--seq-length {d.seq_len}",
         f"--max-position-embeddings {d.seq_len}",
         "--position-embedding-type rope",
-        f"--rotary-base {m.rope_base:g}",
+        f"--rotary-base {_num(m.rope_base)}",
         f"--normalization {'RMSNorm' if m.norm_type == 'rmsnorm' else 'LayerNorm'}",
-        f"--norm-epsilon {m.layer_norm_epsilon:g}",
+        f"--norm-epsilon {_num(m.layer_norm_epsilon)}",
         "--swiglu",
         "--disable-bias-linear",
         "--untie-embeddings-and-output-weights",
-        "--attention-dropout 0",
-        "--hidden-dropout 0",
+        f"--attention-dropout {_num(m.attn_drop_rate)}",
+        f"--hidden-dropout {_num(m.drop_rate)}",
         f"--vocab-size {m.vocab_size}",
         "--make-vocab-size-divisible-by 1",
     ]
@@ -42,6 +42,8 @@ def megatron_args(cfg: InternLMConfig, layout: ParallelLayout) -> list[str]:
         args.append("--add-qkv-bias")
     if m.qk_interleaved:
         args.append("--rotary-interleaved")
+    if m.residual_in_fp32:
+        args.append("--fp32-residual-connection")
     args += [
         f"--tensor-model-parallel-size {layout.tp}",
         f"--pipeline-model-parallel-size {layout.pp}",
@@ -69,16 +71,16 @@ def megatron_args(cfg: InternLMConfig, layout: ParallelLayout) -> list[str]:
         f"--global-batch-size {d.micro_num * d.micro_bsz * layout.dp}" if layout.dp is not None
         else f"# --global-batch-size = {d.micro_num * d.micro_bsz} × data-parallel size (give --world-size)",
         f"--train-iters {d.total_steps}",
-        f"--lr {a.lr:g}",
-        f"--min-lr {lr.eta_min:g}",
+        f"--lr {_num(a.lr)}",
+        f"--min-lr {_num(lr.eta_min)}",
         "--lr-decay-style cosine",
         f"--lr-warmup-iters {lr.init_steps + lr.warmup_steps}",
         f"--lr-decay-iters {lr.total_steps}",
-        f"--adam-beta1 {a.beta1:g}",
-        f"--adam-beta2 {cfg.beta2_scheduler.init_beta2:g}",
-        f"--adam-eps {a.eps:g}",
-        f"--weight-decay {a.weight_decay:g}",
-        f"--clip-grad {cfg.applied_clip_grad_norm:g}",
+        f"--adam-beta1 {_num(a.beta1)}",
+        f"--adam-beta2 {_num(cfg.beta2_scheduler.init_beta2)}",
+        f"--adam-eps {_num(a.eps)}",
+        f"--weight-decay {_num(a.weight_decay)}",
+        f"--clip-grad {_num(cfg.applied_clip_grad_norm)}",
         f"--seed {d.seed}",
     ]
     if m.dtype == "bf16":
@@ -86,14 +88,14 @@ def megatron_args(cfg: InternLMConfig, layout: ParallelLayout) -> list[str]:
     elif m.dtype == "fp16":
         args += [
             "--fp16",
-            f"--initial-loss-scale {gs.initial_scale:g}",
-            f"--min-loss-scale {gs.min_scale:g}",
+            f"--initial-loss-scale {_num(gs.initial_scale)}",
+            f"--min-loss-scale {_num(gs.min_scale)}",
             f"--loss-scale-window {gs.growth_interval}",
             f"--hysteresis {gs.hysteresis}",
         ]
     if cfg.label_smoothing:
         args.append(f"# label_smoothing={cfg.label_smoothing:g}: no Megatron-LM argument")
-    if m.family == "internlm1" or not m.no_bias:
+    if m.out_proj_bias:
         args.append("# the attention output projection has a bias in InternEvo: Megatron-LM's --add-bias-linear "
                     "would also add MLP biases, so it has no exact equivalent")
     if cfg.beta2_scheduler.c > 0:
@@ -101,6 +103,12 @@ def megatron_args(cfg: InternLMConfig, layout: ParallelLayout) -> list[str]:
     if m.dtype == "fp16" and (gs.growth_factor != 2 or gs.backoff_factor != 0.5):
         args.append("# grad_scaler growth/backoff factors other than 2 and 0.5: no Megatron-LM argument")
     return args
+
+
+def _num(value: float) -> str:
+    """``value`` as short as ``:g`` writes it when that reads back exactly, else every digit (``repr``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def _layout_string(layout: ParallelLayout) -> str:

@@ -2,9 +2,10 @@
 
 ``normalize`` checks each field on its own; this module checks how fields fit together: head and
 hidden sizes against the tensor size, layers against the pipeline partition, micro-batches against
-the interleaved schedule, the world size against tp × pp and zero1. It also refuses models megatron-core
-cannot build the same way (``isp``, no SwiGLU, ...), because a silently different model is worse than
-an error. Each rule raises ``ConfigError`` with the field, the values and what would be valid.
+the interleaved schedule, the world size against tp × pp and zero1. It also refuses ``isp``, which
+megatron-core cannot reproduce, because a silently different run is worse than an error (single-field refusals,
+no SwiGLU and the like, are the field table's ``requires``). Each rule raises ``ConfigError`` with the field,
+the values and what would be valid.
 """
 
 from __future__ import annotations
@@ -12,15 +13,6 @@ from __future__ import annotations
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout, partition_uniform
-
-#: Model options megatron-core cannot reproduce: the value that builds the same model → explanation.
-_MUST_BE = {
-    "model.use_swiglu": (True, "only the SwiGLU MLP (w2(silu(w1 x) * w3 x)) is supported"),
-    "model.deepnorm": (False, "DeepNorm residual scaling is not supported"),
-    "model.is_reward": (False, "reward-model heads are not supported"),
-    "model.use_dynamic_ntk_rope": (False, "dynamic NTK rotary scaling is not supported"),
-    "model.num_experts": (1, "mixture-of-experts models are not supported"),
-}
 
 
 def validate(cfg: InternLMConfig, world_size: int | None = None) -> ParallelLayout:
@@ -36,9 +28,6 @@ def validate(cfg: InternLMConfig, world_size: int | None = None) -> ParallelLayo
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tp, pp, chunks = p.tensor_size, p.pipeline_size, m.num_chunks
 
-    for path, (good, why) in _MUST_BE.items():
-        if path in cfg.given and cfg.given[path] != good:
-            raise cfg.error(path, f"{cfg.given[path]} cannot be translated: {why}")
     if p.tensor_mode == "isp":
         raise cfg.error("parallel.tensor.mode", "'isp' (InternEvo's all-to-all sequence parallelism with weight "
                         "parallelism) has no megatron-core equivalent; use mode='msp' (Megatron tensor + sequence "

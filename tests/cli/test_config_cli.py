@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 
-from tests.conftest import CONFIGS, REPO, base_sections
+from tests.conftest import CONFIGS, FIXTURES, REPO, base_sections
 
 CLI = [sys.executable, "-m", "adapter.cli.config"]
 
@@ -93,3 +93,16 @@ def test_inputs_are_never_modified(tmp_path):
     proc = run("convert", src, "--world-size", "8", "--out", tmp_path / "o")
     assert proc.returncode == 0, proc.stderr
     assert src.read_bytes() == before
+
+
+def test_internevo_llama2_config(tmp_path):
+    """InternEvo's own LLAMA2 fixture config, as a user would pass it."""
+    config = FIXTURES / "llama2_tiny" / "config.py"
+    proc = run("check", config, "--world-size", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["family"] == "llama2"
+    proc = run("convert", config, "--world-size", "2", "--out", tmp_path / "llama2")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "llama2" / "report.json").read_text())
+    assert report["family"] == "llama2" and report["layout"]["data"] == 2
+    assert "--add-qkv-bias" in (tmp_path / "llama2" / "megatron_args.txt").read_text().splitlines()
