@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from adapter.atomic import atomic_directory
+from adapter.atomic import NoSpaceError, atomic_directory, require_space
 from adapter.checkpoint.read_internevo import CheckpointError, read_internevo
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout, partition_uniform
@@ -129,19 +129,26 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
     """Write ``src`` as ``fmt`` into ``dst`` atomically, one model unit at a time (``stream_convert``).
     ``shard_bytes`` bounds each HF safetensors file."""
     import dataclasses
+    import shutil
 
-    from adapter.checkpoint.stream_convert import write_streaming
+    from adapter.checkpoint.stream_convert import meta_tensors, write_streaming
 
     model = src.model
     if dtype is not None:
         model = dataclasses.replace(model, dtype={v: k for k, v in DTYPES.items()}[dtype])
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
+    planned = sum(t.numel() * t.element_size() for t in meta_tensors(src.tensors, model, dtype).values())
+    with atomic_directory(dst, overwrite=overwrite, inputs=[src.path]) as tmp:
+        require_space(dst, planned + planned // 100 + 2**20)  # + headers, pickles, small files
         try:
             write_streaming(src.tensors, model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes)
         except CheckpointError:
             raise
         except ValueError as exc:  # a tensor that does not fit the model or the target layout
             raise CheckpointError(f"{src.path}: {exc}") from exc
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as an iostream error
+            if shutil.disk_usage(tmp).free < 2**20:
+                raise NoSpaceError(f"no space left on {dst}") from exc
+            raise CheckpointError(f"writing {dst} failed: {exc}") from exc
         if fmt == "mcore-legacy":
             (tmp / "latest_checkpointed_iteration.txt").write_text("0\n")
         elif fmt == "internevo":
@@ -162,13 +169,19 @@ def compare(a: Checkpoint, b: Checkpoint, atol: float = 0.0) -> list[str]:
             problems.append(f"{key}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
         elif atol == 0.0:
             if x.dtype != y.dtype or not torch.equal(x, y):
-                diff = (x.float() - y.float()).abs().max().item()
-                problems.append(f"{key}: differs (max |a-b| = {diff:.3g}, dtypes {x.dtype} / {y.dtype})")
+                problems.append(f"{key}: differs (max |a-b| = {_max_diff(x, y):.3g}, dtypes {x.dtype} / {y.dtype})")
         else:
-            diff = (x.float() - y.float()).abs().max().item()
-            if diff > atol:
+            diff = _max_diff(x, y)
+            if not diff <= atol:  # NaN (a NaN on one side only) is a difference too
                 problems.append(f"{key}: max |a-b| = {diff:.3g} > atol {atol:g}")
     return problems
+
+
+def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The largest ``|x - y|``; equal values (NaN and NaN, inf and inf) count 0, a NaN against a number NaN."""
+    x, y = x.float(), y.float()
+    same = (x == y) | (x.isnan() & y.isnan())
+    return (x - y).abs().masked_fill(same, 0).max().item() if x.numel() else 0.0
 
 
 def describe(ckpt: Checkpoint, tensors: bool = False) -> dict:

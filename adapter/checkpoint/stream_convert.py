@@ -196,13 +196,31 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
     else:
         raise ValueError(f"no streaming writer for {fmt!r}")
     writers: list[list[Any]] = []
+    try:
+        _write_all(source, model, meta, groups, writers, folder, dtype)
+    except BaseException:
+        for files in writers:
+            for writer in files:
+                writer.abort()
+        raise
+    if fmt == "hf":
+        _finish_hf(groups[0], meta, model, folder)
+    elif fmt == "mcore":
+        from adapter.checkpoint.mcore_dist import finish_folder
+
+        finish_folder(folder, model)
+
+
+def _write_all(source: Mapping[str, torch.Tensor], model: ModelConfig, meta: dict[str, torch.Tensor],
+               groups: list[FileGroup], writers: list[list[Any]], folder: Path, dtype: Optional[torch.dtype]) -> None:
+    """Open every file of ``groups`` (into ``writers``, so a failure can let them go), stream the units, close."""
     for group in groups:
         files = []
+        writers.append(files)
         for name, skeleton in zip(group.names, group.build(meta)):
             path = folder / name
             path.parent.mkdir(parents=True, exist_ok=True)
             files.append(group.open(path, skeleton))
-        writers.append(files)
     view = _UnitView(source, meta, dtype)
     bar = _progress(sum(t.numel() * t.element_size() for t in meta.values()))
     for u, keys in enumerate(model_units(model)):
@@ -219,12 +237,6 @@ def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt:
             writer.close()
     if bar is not None:
         bar.close()
-    if fmt == "hf":
-        _finish_hf(groups[0], meta, model, folder)
-    elif fmt == "mcore":
-        from adapter.checkpoint.mcore_dist import finish_folder
-
-        finish_folder(folder, model)
 
 
 def _write_unit(group: FileGroup, files: list[Any], view: _UnitView) -> None:
