@@ -46,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     from adapter.runtime.dist import destroy_distributed
     from adapter.train.loop import RunOptions, train
 
+    from adapter.checkpoint.storage import StorageError
+
     try:
         train(cfg, layout, RunOptions(seed=args.seed, peak_tflops=args.peak_tflops, max_steps=args.max_steps,
                                       tensorboard_dir=args.tensorboard_dir, run_dir=args.run_dir))
-    except ConfigError as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, StorageError) as exc:  # every rank raises it: one line, once
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
     finally:
         destroy_distributed()
     return 0

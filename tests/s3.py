@@ -2,7 +2,7 @@
 
 The proxy forwards every HTTP request to moto unchanged, except that the test can make the next requests
 fail: ``fail(n, "500")`` answers n requests with HTTP 500, ``fail(n, "drop")`` closes n connections without
-answering, and ``fail(-1, ...)`` keeps failing until ``fail(0)``.
+answering, and ``fail(-1, ...)`` keeps failing until ``fail(0)``; ``after=k`` lets k requests through first.
 """
 
 from __future__ import annotations
@@ -26,16 +26,19 @@ class FaultyProxy(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.upstream_port = upstream_port
         self.lock = threading.Lock()
-        self.failures, self.mode, self.requests = 0, "500", 0
+        self.failures, self.mode, self.requests, self.after = 0, "500", 0, 0
 
-    def fail(self, count: int, mode: str = "500") -> None:
+    def fail(self, count: int, mode: str = "500", after: int = 0) -> None:
         with self.lock:
-            self.failures, self.mode = count, mode
+            self.failures, self.mode, self.after = count, mode, after
 
     def take_failure(self) -> str | None:
         with self.lock:
             self.requests += 1
             if self.failures == 0:
+                return None
+            if self.after > 0:
+                self.after -= 1
                 return None
             if self.failures > 0:
                 self.failures -= 1

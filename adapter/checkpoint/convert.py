@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from adapter.atomic import atomic_directory
+from adapter.atomic import NoSpaceError, atomic_directory, require_space
 from adapter.checkpoint import formats
 from adapter.checkpoint.errors import CheckpointError
 from adapter.config.schema import ModelConfig
@@ -86,9 +86,20 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
                      shard_bytes: int = 2 * 1024**3) -> Path:
     """Write ``src`` as ``fmt`` into ``dst`` atomically, one model unit at a time (``stream_convert``).
     ``shard_bytes`` bounds each HF safetensors file."""
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
-        write_streaming(src.tensors, src.model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes,
-                        where=str(src.path))
+    import shutil
+
+    from adapter.checkpoint.stream_convert import meta_tensors
+
+    planned = sum(t.numel() * t.element_size() for t in meta_tensors(src.tensors, src.model, dtype).values())
+    with atomic_directory(dst, overwrite=overwrite, inputs=[src.path]) as tmp:
+        require_space(dst, planned + planned // 100 + 2**20)  # + headers, pickles, small files
+        try:
+            write_streaming(src.tensors, src.model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes,
+                            where=str(src.path))
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as an iostream error
+            if shutil.disk_usage(tmp).free < 2**20:
+                raise NoSpaceError(f"no space left on {dst}") from exc
+            raise CheckpointError(f"writing {dst} failed: {exc}") from exc
     return Path(dst)
 
 
@@ -123,13 +134,19 @@ def compare(a: Checkpoint, b: Checkpoint, atol: float = 0.0) -> list[str]:
             problems.append(f"{key}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
         elif atol == 0.0:
             if x.dtype != y.dtype or not torch.equal(x, y):
-                diff = (x.float() - y.float()).abs().max().item()
-                problems.append(f"{key}: differs (max |a-b| = {diff:.3g}, dtypes {x.dtype} / {y.dtype})")
+                problems.append(f"{key}: differs (max |a-b| = {_max_diff(x, y):.3g}, dtypes {x.dtype} / {y.dtype})")
         else:
-            diff = (x.float() - y.float()).abs().max().item()
-            if diff > atol:
+            diff = _max_diff(x, y)
+            if not diff <= atol:  # NaN (a NaN on one side only) is a difference too
                 problems.append(f"{key}: max |a-b| = {diff:.3g} > atol {atol:g}")
     return problems
+
+
+def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The largest ``|x - y|``; equal values (NaN and NaN, inf and inf) count 0, a NaN against a number NaN."""
+    x, y = x.float(), y.float()
+    same = (x == y) | (x.isnan() & y.isnan())
+    return (x - y).abs().masked_fill(same, 0).max().item() if x.numel() else 0.0
 
 
 def describe(ckpt: Checkpoint, tensors: bool = False) -> dict:

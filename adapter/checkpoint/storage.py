@@ -90,11 +90,14 @@ class ObjectStore:
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         for attempt in range(1, self.attempts + 1):
             try:
                 return call()
+            except NoCredentialsError as exc:  # not transient
+                raise StorageError(f"{what}: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                                   "S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY_ID)") from exc
             except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
                 cause = exc if isinstance(exc, ClientError) else exc.__context__
                 status = getattr(cause, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -127,6 +130,29 @@ class ObjectStore:
                 token = page["NextContinuationToken"]
 
         return self._retry(f"list s3://{self.bucket}/{prefix}", list_all)
+
+    def probe(self, prefix: str, write: bool) -> None:
+        """Raise ``StorageError`` (one line, naming the bucket or key) unless the bucket exists and, with
+        ``write``, an object can be written under ``prefix`` and deleted again."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._retry(f"s3://{self.bucket} at {self.client.meta.endpoint_url}",
+                        lambda: self.client.head_bucket(Bucket=self.bucket))
+        except StorageError as exc:
+            cause = exc.__cause__
+            status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) \
+                if isinstance(cause, ClientError) else 0
+            if status == 404:
+                raise StorageError(f"s3://{self.bucket}: the bucket does not exist") from None
+            if status == 403:
+                raise StorageError(f"s3://{self.bucket}: access denied (wrong credentials, or no permission)") from None
+            raise
+        if write:
+            key = f"{prefix}/.internlm-adapter-probe-{os.getpid()}".lstrip("/")
+            self._retry(f"write a probe object s3://{self.bucket}/{key}",
+                        lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=b""))
+            self.delete(key)
 
     def delete(self, key: str) -> None:
         self._retry(f"delete s3://{self.bucket}/{key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))

@@ -76,15 +76,29 @@ def _progress(total: int) -> Any:
 
 def write_groups(source: Mapping[str, torch.Tensor], model: ModelConfig, groups: list[FileGroup],
                  meta: Mapping[str, torch.Tensor], folder: Path, dtype: Optional[torch.dtype] = None) -> None:
-    """Write ``source`` (logical tensors) into ``folder`` as ``groups`` describe, one unit at a time."""
+    """Write ``source`` (logical tensors) into ``folder`` as ``groups`` describe, one unit at a time. On a
+    failure every open file is let go quietly (``abort``) before the error goes on."""
     writers: list[list[Ordered]] = []
+    try:
+        _write_all(source, model, groups, meta, folder, dtype, writers)
+    except BaseException:
+        for files in writers:
+            for writer in files:
+                writer.abort()
+        raise
+
+
+def _write_all(source: Mapping[str, torch.Tensor], model: ModelConfig, groups: list[FileGroup],
+               meta: Mapping[str, torch.Tensor], folder: Path, dtype: Optional[torch.dtype],
+               writers: list[list[Ordered]]) -> None:
+    """Open every file (into ``writers`` as they open, so a failure can let them go), stream the units, close."""
     for group in groups:
-        files = []
+        files: list[Ordered] = []
+        writers.append(files)
         for name, skeleton in zip(group.names, group.skeletons(model, meta)):
             path = folder / name
             path.parent.mkdir(parents=True, exist_ok=True)
             files.append(group.open(path, skeleton))
-        writers.append(files)
 
     def read(key: str) -> torch.Tensor:
         value = source[key]

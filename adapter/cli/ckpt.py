@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from adapter.checkpoint.formats import REGISTRY
+from adapter.cli.common import closed_pipe, positive_int, tolerance
 
 DESCRIPTION = """\
 Move InternLM weights between InternEvo's sharded checkpoints (model_tp{t}_pp{p}.pt, any TP/PP and virtual
@@ -35,7 +36,13 @@ explicit --pp, --vpp defaults to 1, not to the config's model.num_chunks).
 A torch_dist (--to mcore) folder has no layout: megatron-core loads it at any TP/PP/VPP; --tp/--pp/--vpp,
 when given, are only checked against the model (megatron could not load it at a size that does not fit).
 
-exit status: 0 ok (verify: the checkpoints match), 1 mismatch or bad checkpoint, 2 bad arguments.
+The output never overlaps an input (same folder, or one inside the other, after resolving symlinks and
+..), and --overwrite replaces only a folder this tool wrote (it leaves a .internlm-adapter.json listing its
+files); anything else is refused. Free space is checked before writing.
+
+exit status: 0 ok (verify: the checkpoints match), 1 mismatch, bad checkpoint or unwritable target
+(exists, no space), 2 bad arguments (including a target that overlaps an input or a layout the model
+cannot be split into).
 """
 
 
@@ -54,28 +61,54 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=list(REGISTRY),
                          help="internevo: model_tp*_pp*.pt; mcore: megatron-core torch_dist (loads at any layout); "
                               "mcore-legacy: Megatron-LM iter_*/mp_rank_*; hf: transformers LlamaForCausalLM")
-    convert.add_argument("--tp", type=int, help="target tensor-parallel size")
-    convert.add_argument("--pp", type=int, help="target pipeline-parallel size")
-    convert.add_argument("--vpp", type=int, help="target virtual stages (chunks) per pipeline rank")
+    convert.add_argument("--tp", type=positive_int, help="target tensor-parallel size")
+    convert.add_argument("--pp", type=positive_int, help="target pipeline-parallel size")
+    convert.add_argument("--vpp", type=positive_int, help="target virtual stages (chunks) per pipeline rank")
     convert.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights")
     convert.add_argument("--config", help="InternEvo config: model sizes, and the default target layout")
-    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty target folder")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a target folder this tool wrote (never one it did not write)")
     convert.add_argument("--dry-run", action="store_true", help="print the plan (files to read and write) only")
     verify = sub.add_parser("verify", help="compare two checkpoints tensor by tensor (exit 0 when they match)")
     verify.add_argument("a")
     verify.add_argument("b")
-    verify.add_argument("--atol", type=float, default=0.0, help="allowed absolute difference (default: exact)")
+    verify.add_argument("--atol", type=tolerance, default=0.0, help="allowed absolute difference (default: exact)")
     verify.add_argument("--config", help="InternEvo config with the model sizes")
     return parser
+
+
+class _BadArguments(ValueError):
+    """The target layout asked for does not fit the model (exit 2, like any bad argument)."""
+
+
+def _layout(args: argparse.Namespace, model, layout_cfg):
+    """The layout to write (None for formats without one: hf, mcore); sizes the model cannot be split into
+    are bad arguments."""
+    from adapter.checkpoint import formats
+    from adapter.checkpoint.convert import target_layout
+    from adapter.checkpoint.errors import CheckpointError
+
+    try:
+        needs_layout = formats.get(args.to).NEEDS_LAYOUT
+        if not needs_layout and (args.tp or args.pp or args.vpp):
+            target_layout(model, args.tp or 1, args.pp or 1, args.vpp or 1)  # refuses sizes that do not fit
+        if needs_layout:
+            tp = args.tp or (layout_cfg.tp if layout_cfg else 1)
+            pp = args.pp or (layout_cfg.pp if layout_cfg else 1)
+            # the config's chunks belong to the config's pipeline: an explicit --pp starts from 1 chunk
+            vpp = args.vpp or (layout_cfg.vpp if layout_cfg and not args.pp else 1)
+            return target_layout(model, tp, pp, vpp)
+    except CheckpointError as exc:
+        raise _BadArguments(str(exc)) from None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
-    from adapter.atomic import TargetExistsError, check_target
-    from adapter.checkpoint import formats
+    from adapter.atomic import OverlapError, TargetExistsError, check_separate, check_target
     from adapter.checkpoint.convert import (DTYPES, compare, describe, dumps, open_checkpoint, planned_files,
-                                            target_layout, write_checkpoint)
+                                            write_checkpoint)
     from adapter.checkpoint.errors import CheckpointError
     from adapter.config import ConfigError, read_config
 
@@ -93,17 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             print("match" if not problems else f"{len(problems)} differences", file=sys.stderr)
             return 0 if not problems else 1
+        check_separate([args.src, *([args.config] if args.config else [])], args.dst)
         src = open_checkpoint(args.src, model)
-        layout = None
-        needs_layout = formats.get(args.to).NEEDS_LAYOUT
-        if not needs_layout and (args.tp or args.pp or args.vpp):
-            target_layout(src.model, args.tp or 1, args.pp or 1, args.vpp or 1)  # refuses sizes that do not fit
-        if needs_layout:
-            tp = args.tp or (layout_cfg.tp if layout_cfg else 1)
-            pp = args.pp or (layout_cfg.pp if layout_cfg else 1)
-            # the config's chunks belong to the config's pipeline: an explicit --pp starts from 1 chunk
-            vpp = args.vpp or (layout_cfg.vpp if layout_cfg and not args.pp else 1)
-            layout = target_layout(src.model, tp, pp, vpp)
+        layout = _layout(args, src.model, layout_cfg)
         check_target(args.dst, args.overwrite)
         if args.dry_run:
             print(f"read  {src.path} ({src.format}, {src.generation}, {len(src.tensors)} tensors)")
@@ -114,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                          overwrite=args.overwrite)
         print(args.dst)
         return 0
-    except (CheckpointError, ConfigError) as exc:
+    except BrokenPipeError:
+        return closed_pipe()
+    except (CheckpointError, ConfigError, OverlapError, _BadArguments) as exc:
         print(f"internlm-ckpt: error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, CheckpointError) else 2
     except (TargetExistsError, OSError) as exc:

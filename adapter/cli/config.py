@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from adapter.cli.common import closed_pipe, positive_int
 from adapter.config.errors import ConfigError
 
 DESCRIPTION = """\
@@ -33,7 +34,11 @@ convert writes into --out (atomically: the folder appears complete or not at all
   megatron_args.txt        equivalent Megatron-LM pretrain_gpt.py arguments
   report.md, report.json   where every field went: exact, approximate (how) or unsupported (why)
 
-exit status: 0 ok, 2 bad config or arguments, 1 other errors (e.g. the output folder exists).
+--out must not hold the config (its own folder, or one around it, after resolving symlinks and ..), and
+--overwrite replaces only a folder this tool wrote (it leaves a .internlm-adapter.json listing its files).
+
+exit status: 0 ok, 2 bad config or arguments (including an --out that holds the config), 1 other errors
+(e.g. the output folder exists, no space left).
 """
 
 
@@ -47,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-config", action="store_true",
                        help="execute a Python config as InternEvo does (runs its code; only for files you trust)")
         world = p.add_mutually_exclusive_group()
-        world.add_argument("--world-size", type=int, metavar="N",
+        world.add_argument("--world-size", type=positive_int, metavar="N",
                            help="total processes; enables the data-parallel checks and train_batch_size")
-        world.add_argument("--nodes", type=int, metavar="N", help="number of nodes (with --gpus-per-node)")
-        p.add_argument("--gpus-per-node", type=int, metavar="G", help="processes per node (with --nodes)")
+        world.add_argument("--nodes", type=positive_int, metavar="N", help="number of nodes (with --gpus-per-node)")
+        p.add_argument("--gpus-per-node", type=positive_int, metavar="G", help="processes per node (with --nodes)")
 
     check = sub.add_parser("check", help="validate only (fast; imports neither torch nor megatron)",
                            description="Validate a config: load it safely, normalise it and check it as a whole.",
@@ -64,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=EPILOG.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     common(convert)
     convert.add_argument("--out", metavar="DIR", help="output folder (default: ./<config name>.converted)")
-    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an output folder this tool wrote (never one it did not write)")
     convert.add_argument("--dry-run", action="store_true", help="print the files that would be written and stop")
     convert.add_argument("-v", "--verbose", action="store_true", help="print the report summary")
     return parser
@@ -74,11 +80,7 @@ def _world_size(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.nodes is not None or args.gpus_per_node is not None:
         if args.nodes is None or args.gpus_per_node is None:
             parser.error("--nodes and --gpus-per-node go together")
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            parser.error("--nodes and --gpus-per-node must be positive")
         return args.nodes * args.gpus_per_node
-    if args.world_size is not None and args.world_size < 1:
-        parser.error("--world-size must be positive")
     return args.world_size
 
 
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     world_size = _world_size(args, parser)
+    from adapter.atomic import OverlapError
     from adapter.config import read_config
 
     try:
@@ -102,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"tp={layout.tp} pp={layout.pp} vpp={layout.vpp}{dp}")
             return 0
         return _convert(args, cfg, layout)
-    except ConfigError as exc:
+    except BrokenPipeError:
+        return closed_pipe()
+    except (ConfigError, OverlapError) as exc:
         print(f"internlm-config: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -113,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 def _convert(args: argparse.Namespace, cfg, layout) -> int:
     if not args.verbose:  # megatron-core warns about missing Transformer Engine/Apex on import
         warnings.filterwarnings("ignore", category=UserWarning)
-    from adapter.atomic import check_target
+    from adapter.atomic import check_separate, check_target
     from adapter.config.convert import render, write_outputs
     from adapter.config.report import report_dict
 
     out = Path(args.out) if args.out else Path(f"{Path(args.config).stem}.converted")
+    check_separate([args.config], out)
     if args.dry_run:  # translate and validate everything, write nothing
         check_target(out, args.overwrite)
         for name, text in render(cfg, layout).items():

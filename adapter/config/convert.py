@@ -50,9 +50,10 @@ def render(cfg: InternLMConfig, layout: ParallelLayout) -> dict[str, str]:
 
 def write_outputs(cfg: InternLMConfig, layout: ParallelLayout, out_dir: str | os.PathLike, *,
                   overwrite: bool = False) -> list[Path]:
-    """Write every output into ``out_dir`` atomically; returns the written paths."""
+    """Write every output into ``out_dir`` atomically; returns the written paths. ``out_dir`` may not hold
+    the config (``atomic.OverlapError``) and is replaced only when this package wrote it."""
     files = render(cfg, layout)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[cfg.source]) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
     return [Path(out_dir) / name for name in files]

@@ -1,6 +1,12 @@
-"""The one error type for bad configs: it names the field, and the file and line when known."""
+"""The one error type for bad configs: it names the field, and the file and line when known.
+
+Messages quote values (``got ...``); a config value can be a megabyte long, so a message is cut at
+``MAX_MESSAGE`` characters, whatever it quotes."""
 
 from __future__ import annotations
+
+
+MAX_MESSAGE = 1000
 
 
 class ConfigError(ValueError):
@@ -15,7 +21,7 @@ class ConfigError(ValueError):
 
     def __init__(self, field: str, message: str, *, source: str | None = None, line: int | None = None):
         self.field = field
-        self.message = message
+        self.message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 1] + "…"
         self.source = source
         self.line = line
         super().__init__(str(self))

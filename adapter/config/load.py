@@ -12,8 +12,11 @@ real configs use, with ``ast``:
 
 Anything else (other calls, attribute access, loops, function definitions) is refused with a
 ``ConfigError`` naming ``file:line`` and pointing at ``trust=True`` (``--trust-config`` on the CLI), which
-executes the file as InternEvo does. YAML files (``.yaml``/``.yml``) with the same structure are read
-with ``yaml.safe_load`` semantics.
+executes the file as InternEvo does. What Python itself refuses (a keyword argument given twice) is refused
+too; what it accepts (a UTF-8 byte-order mark) is accepted. YAML files (``.yaml``/``.yml``) with the same
+structure are read with ``yaml.safe_load`` semantics. Evaluation is bounded in time and memory
+(``bounds``: integer bits, value sizes, nesting, total work), and no message quotes more than a short
+excerpt of code.
 
 Every loader records the line where each dotted key is written, so later validation errors can say
 ``7B_demo.py:58: parallel.zero1: ...``.
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from adapter.config.bounds import (MAX_DEPTH, SizeMeter, TooBig, check_binop, check_format_numbers, check_join,
+                                   check_round, short)
 from adapter.config.errors import ConfigError
 
 TRUST_HINT = "pass --trust-config (trust=True) to execute the file as InternEvo does"
@@ -73,9 +78,6 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "list": list,
     "tuple": tuple,
 }
-# Bounds that keep a hostile "safe" config from exhausting memory or CPU (2**10**9, "x" * 10**12).
-_MAX_EXPONENT = 4096
-_MAX_SEQUENCE = 1_000_000
 
 
 class _Environ:
@@ -135,7 +137,7 @@ def load_config(path: str | os.PathLike, *, trust: bool = False) -> RawConfig:
     if not p.is_file():
         raise ConfigError("", "config file not found", source=source)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark, which Python accepts, is not part of the text
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config: {exc}", source=source) from exc
     if p.suffix.lower() in (".yaml", ".yml"):
@@ -155,10 +157,16 @@ def _load_yaml(text: str, source: str) -> RawConfig:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         raise ConfigError("", f"invalid YAML: {exc}", source=source, line=line) from exc
+    except RecursionError:
+        raise ConfigError("", "YAML nested deeper than Python can read", source=source) from None
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError("", "a YAML config must be a mapping of sections", source=source, line=1)
+    try:
+        SizeMeter().size(values)  # aliases share objects: ten levels of them expand to billions of elements
+    except TooBig as exc:
+        raise ConfigError("", f"too large to evaluate: {exc}", source=source) from None
     lines: dict[str, int] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -180,7 +188,7 @@ def _exec_python(text: str, source: str) -> RawConfig:
     except SyntaxError as exc:
         raise ConfigError("", f"invalid Python: {exc.msg}", source=source, line=exc.lineno) from exc
     except Exception as exc:  # the config's own code failed; say so without a traceback
-        raise ConfigError("", f"executing the config failed: {type(exc).__name__}: {exc}", source=source) from exc
+        raise ConfigError("", f"executing the config failed: {type(exc).__name__}: {short(str(exc))}", source=source) from exc
     values = {
         k: v
         for k, v in namespace.items()
@@ -221,12 +229,17 @@ class _SafeEvaluator:
         self.lines: dict[str, int] = {}
         self.os_imported = False
         self.current = ""
+        self.meter = SizeMeter()
+        self.depth = 0
 
     def run(self, text: str) -> RawConfig:
         try:
             tree = ast.parse(text, filename=self.source)
         except SyntaxError as exc:
             raise ConfigError("", f"invalid Python: {exc.msg}", source=self.source, line=exc.lineno) from exc
+        except (RecursionError, MemoryError):
+            raise ConfigError("", f"an expression nested deeper than Python can read (the evaluator allows "
+                              f"{MAX_DEPTH} levels)", source=self.source) from None
         for stmt in tree.body:
             self._statement(stmt)
         values = {k: v for k, v in self.names.items() if not k.startswith("__")}
@@ -268,8 +281,22 @@ class _SafeEvaluator:
     def _expr(self, node: ast.expr) -> Any:
         method = getattr(self, f"_eval_{type(node).__name__}", None)
         if method is None:
-            raise self._refuse(node, f"expression `{ast.unparse(node)}`")
-        return method(node)
+            raise self._refuse(node, f"expression `{_code(node)}`")
+        if self.depth >= MAX_DEPTH:
+            raise self._too_big(node, f"expressions nested deeper than {MAX_DEPTH} levels")
+        self.depth += 1
+        try:
+            value = method(node)
+            self.meter.size(value)
+        except TooBig as exc:
+            raise self._too_big(node, str(exc)) from None
+        finally:
+            self.depth -= 1
+        return value
+
+    def _too_big(self, node: ast.AST, what: str) -> ConfigError:
+        return ConfigError(self.current, f"too large to evaluate: {what} in `{_code(node)}`", source=self.source,
+                           line=getattr(node, "lineno", None))
 
     # literals and containers
     def _eval_Constant(self, node: ast.Constant) -> Any:
@@ -316,30 +343,25 @@ class _SafeEvaluator:
     def _eval_BinOp(self, node: ast.BinOp) -> Any:
         op = _BIN_OPS.get(type(node.op))
         if op is None:
-            raise self._refuse(node, f"operator in `{ast.unparse(node)}`")
+            raise self._refuse(node, f"operator in `{_code(node)}`")
         left, right = self._expr(node.left), self._expr(node.right)
-        if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
-            raise self._refuse(node, f"an exponent this large (`{ast.unparse(node)}`)")
-        if isinstance(node.op, ast.Mult):
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_SEQUENCE:
-                    raise self._refuse(node, f"a repetition this large (`{ast.unparse(node)}`)")
+        check_binop(type(node.op).__name__, left, right, self.meter)
         try:
             return op(left, right)
         except Exception as exc:
             raise ConfigError(
-                self.current, f"`{ast.unparse(node)}` failed: {exc}", source=self.source, line=node.lineno
+                self.current, f"`{_code(node)}` failed: {short(str(exc))}", source=self.source, line=node.lineno
             ) from exc
 
     def _eval_UnaryOp(self, node: ast.UnaryOp) -> Any:
         op = _UNARY_OPS.get(type(node.op))
         if op is None:
-            raise self._refuse(node, f"operator in `{ast.unparse(node)}`")
+            raise self._refuse(node, f"operator in `{_code(node)}`")
         try:
             return op(self._expr(node.operand))
         except TypeError as exc:
             raise ConfigError(
-                self.current, f"`{ast.unparse(node)}` failed: {exc}", source=self.source, line=node.lineno
+                self.current, f"`{_code(node)}` failed: {short(str(exc))}", source=self.source, line=node.lineno
             ) from exc
 
     def _eval_BoolOp(self, node: ast.BoolOp) -> Any:
@@ -361,7 +383,7 @@ class _SafeEvaluator:
                     return False
             except TypeError as exc:
                 raise ConfigError(
-                    self.current, f"`{ast.unparse(node)}` failed: {exc}", source=self.source, line=node.lineno
+                    self.current, f"`{_code(node)}` failed: {short(str(exc))}", source=self.source, line=node.lineno
                 ) from exc
             left = right
         return True
@@ -379,7 +401,7 @@ class _SafeEvaluator:
         except (KeyError, IndexError, TypeError) as exc:
             raise ConfigError(
                 self.current,
-                f"`{ast.unparse(node)}` failed: {type(exc).__name__}: {exc}",
+                f"`{_code(node)}` failed: {type(exc).__name__}: {short(str(exc))}",
                 source=self.source,
                 line=node.lineno,
             ) from exc
@@ -398,44 +420,53 @@ class _SafeEvaluator:
         elif node.conversion == ord("s"):
             value = str(value)
         spec = self._expr(node.format_spec) if node.format_spec is not None else ""
-        return format(value, spec)
+        check_format_numbers(spec)
+        try:
+            return format(value, spec)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(self.current, f"`{_code(node)}` failed: {short(str(exc))}", source=self.source,
+                              line=node.lineno) from exc
 
     def _eval_Attribute(self, node: ast.Attribute) -> Any:
         base = self._expr(node.value)
         if base is _OS and node.attr == "environ":
             return _ENVIRON
-        raise self._refuse(node, f"attribute access `{ast.unparse(node)}`")
+        raise self._refuse(node, f"attribute access `{_code(node)}`")
 
     def _eval_Call(self, node: ast.Call) -> Any:
         func = node.func
         args = []
         for a in node.args:
             if isinstance(a, ast.Starred):
-                raise self._refuse(node, f"`*args` in `{ast.unparse(node)}`")
+                raise self._refuse(node, f"`*args` in `{_code(node)}`")
             args.append(self._expr(a))
         kwargs: dict[str, Any] = {}
         for kw in node.keywords:
-            if kw.arg is None:
-                merged = self._expr(kw.value)
-                if not isinstance(merged, dict):
-                    raise self._refuse(node, "`**` of a non-dict")
-                kwargs.update(merged)
-            else:
-                kwargs[kw.arg] = self._expr(kw.value)
+            given = self._expr(kw.value) if kw.arg is None else {kw.arg: self._expr(kw.value)}
+            if not isinstance(given, dict):
+                raise self._refuse(node, "`**` of a non-dict")
+            for key in given:
+                if key in kwargs:  # Python refuses this too (a SyntaxError, or a TypeError through **)
+                    raise ConfigError(self.current, f"keyword argument {short(str(key))!r} given twice in "
+                                      f"`{_code(node)}`", source=self.source, line=node.lineno)
+            kwargs.update(given)
         if isinstance(func, ast.Attribute):
             owner = self._expr(func.value)
             if isinstance(owner, str) and func.attr == "join" and len(args) == 1 and not kwargs:
+                check_join(owner, args[0], self.meter)
                 return self._call(node, owner.join, args, kwargs)
             if owner is _ENVIRON and func.attr == "get" and 1 <= len(args) <= 2 and not kwargs:
                 return self._env(node, *args, required=False)
             if owner is _OS and func.attr == "getenv" and 1 <= len(args) <= 2 and not kwargs:
                 return self._env(node, *args, required=False)
-            raise self._refuse(node, f"call `{ast.unparse(node)}`")
+            raise self._refuse(node, f"call `{_code(node)}`")
         if isinstance(func, ast.Name) and func.id not in self.names and func.id not in _FUNCTIONS:
-            raise self._refuse(node, f"call `{ast.unparse(node)}`")
+            raise self._refuse(node, f"call `{_code(node)}`")
         target = self._expr(func)
         if not any(target is f for f in _FUNCTIONS.values()):
-            raise self._refuse(node, f"call `{ast.unparse(node)}`")
+            raise self._refuse(node, f"call `{_code(node)}`")
+        if target is round:
+            check_round(args)
         return self._call(node, target, args, kwargs)
 
     def _call(self, node: ast.Call, fn: Callable[..., Any], args: list, kwargs: dict) -> Any:
@@ -443,7 +474,7 @@ class _SafeEvaluator:
             return fn(*args, **kwargs)
         except (TypeError, ValueError) as exc:
             raise ConfigError(
-                self.current, f"`{ast.unparse(node)}` failed: {exc}", source=self.source, line=node.lineno
+                self.current, f"`{_code(node)}` failed: {short(str(exc))}", source=self.source, line=node.lineno
             ) from exc
 
     def _env(self, node: ast.AST, key: Any, default: Any = None, *, required: bool) -> Any:
@@ -460,3 +491,11 @@ class _SafeEvaluator:
             )
         return default
 
+
+
+def _code(node: ast.AST) -> str:
+    """A short excerpt of ``node``'s source for messages (a literal can be a megabyte long)."""
+    try:
+        return short(ast.unparse(node))
+    except RecursionError:
+        return f"<an expression at line {getattr(node, 'lineno', '?')}>"

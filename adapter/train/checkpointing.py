@@ -13,11 +13,15 @@
   uploaded by local rank 0 of each node, the completion marker last and only after every rank's files are
   up. With ``async_upload`` the upload runs in a background thread while training goes on; the next save
   (or the end of training) waits for it, checks that every node succeeded, and only then uploads the
-  marker. A failed upload stops training with an error naming the object.
+  marker. A failed upload stops training with an error naming the object and the staging folder, where the
+  checkpoint is kept complete (marker included) and recorded as pending; the next start uploads it before
+  anything else, so ``auto_resume`` finds it.
+* Start-up: every location is checked before any compute is spent (``preflight``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +39,7 @@ from adapter.checkpoint.storage import Location, ObjectStore, StorageError, pars
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
+from adapter.train.preflight import check_readable, check_writable, on_rank0
 
 
 def _local_rank() -> int:
@@ -73,6 +78,49 @@ class Checkpointer:
         self.store = ObjectStore(self.save) if self.save is not None and self.save.backend == "s3" else None
         self.pool = ThreadPoolExecutor(max_workers=1) if self.store is not None and cfg.ckpt.async_upload else None
         self.pending: Optional[tuple[Future, Location, int, Path]] = None
+
+    # ---- start-up
+    def check_storage(self) -> None:
+        """Before step 1: every save location can be written (collective), then staged checkpoints a failed
+        upload left are uploaded."""
+        def check() -> None:
+            if self.save is not None:
+                check_writable("ckpt.save_ckpt_folder", self.save)
+            if self.snapshot is not None:
+                check_writable("ckpt.snapshot_ckpt_folder", self.snapshot)
+            if self.store is not None:
+                check_writable("ckpt.async_upload_tmp_folder", Location("local", path=self.staging))
+
+        on_rank0(check)
+        self._upload_pending()
+
+    def check_load(self, plan: "ResumePlan") -> None:
+        """The checkpoint ``plan`` loads exists (collective)."""
+        if plan.where is not None:
+            on_rank0(lambda: check_readable(plan.field, plan.where))
+
+    def _pending_file(self, step: int) -> Path:
+        return self.staging / f"{step}.pending.json"
+
+    def _upload_pending(self) -> None:
+        """Upload the checkpoints a failed upload kept in the staging folders (rank 0's records decide)."""
+        if self.store is None:
+            return
+        pending: list = [[]]
+        if dist.get_rank() == 0:
+            records = [json.loads(p.read_text()) | {"step": int(p.name.split(".")[0])}
+                       for p in self.staging.glob("*.pending.json")]
+            pending[0] = sorted(records, key=lambda r: r["step"])
+        dist.broadcast_object_list(pending, src=0)
+        for record in pending[0]:
+            step, staging = record["step"], self.staging / str(record["step"])
+            target = Location("s3", bucket=record["bucket"], key=record["key"], endpoint=self.save.endpoint)
+            if _local_rank() == 0 and not staging.is_dir():
+                job = _done(_missing, staging)
+            else:
+                job = _done(self._upload, staging, target)
+            self.pending = (job, target, step, staging)
+            self.wait()
 
     # ---- resume
     def plan_resume(self) -> "ResumePlan":
@@ -196,9 +244,10 @@ class Checkpointer:
             self.wait()
 
     def _upload(self, staging: Path, target: Location) -> None:
+        """Every staged file but the completion marker, which ``wait`` uploads once every node is done."""
         if _local_rank() != 0:
             return
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and not MARKER.match(p.name)):
             self.store.upload(path, f"{target.key}/{path.relative_to(staging).as_posix()}")
 
     def wait(self) -> None:
@@ -209,11 +258,17 @@ class Checkpointer:
         self.pending = None
         error = job.exception()
         if not _all_ok(error is None):
-            raise StorageError(f"checkpoint {step} was not uploaded to {target}: {error or 'failed on another node'}")
+            if dist.get_rank() == 0:  # keep it complete and on record: the next start uploads it
+                atomic_save({"step": step}, staging / f"{step}.step")
+                self._pending_file(step).write_text(json.dumps({"bucket": target.bucket, "key": target.key}))
+            raise StorageError(f"checkpoint {step} was not uploaded to {target}: {error or 'failed on another node'}"
+                               f"; it is kept complete in {staging} (on every node), and the next start uploads "
+                               "it before training")
         if dist.get_rank() == 0:
             marker = staging / f"{step}.step"
             atomic_save({"step": step}, marker)
             self.store.upload(marker, f"{target.key}/{step}.step")
+            self._pending_file(step).unlink(missing_ok=True)
         dist.barrier()
         if _local_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -222,6 +277,10 @@ class Checkpointer:
         self.wait()
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def _missing(staging: Path) -> None:
+    raise StorageError(f"{staging} is gone from this node, so its part of the checkpoint cannot be uploaded")
 
 
 def _done(fn, *args) -> Future:

@@ -71,10 +71,12 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if cfg.model.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    checkpointer = Checkpointer(cfg, layout)
+    checkpointer.check_storage()  # before any compute: a save location that fails would fail at the first save
+    start = checkpointer.plan_resume()
+    checkpointer.check_load(start)
     config = transformer_config(cfg, layout, use_cpu_initialization=not torch.cuda.is_available())
     chunks = build_model_chunks(config, model_options(cfg))
-    checkpointer = Checkpointer(cfg, layout)
-    start = checkpointer.plan_resume()
     if start.where is not None and not start.full:
         # before the engine exists: DeepSpeed ZeRO copies its fp32 master weights from the module at
         # initialisation, so weights loaded later would be replaced by random init + update at step 1

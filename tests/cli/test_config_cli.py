@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 
-from tests.conftest import CONFIGS, FIXTURES, REPO, base_sections
+from adapter.atomic import MARKER
+from tests.conftest import CONFIGS, FIXTURES, REPO, base_sections, render_sections
 
 CLI = [sys.executable, "-m", "adapter.cli.config"]
 
@@ -66,8 +67,9 @@ def test_convert_writes_all_outputs_atomically(make_config, tmp_path):
     proc = run("convert", path, "--world-size", "2", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out) and proc.stderr == ""  # quiet by default
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != MARKER)
     assert names == ["ds_config.json", "megatron_args.txt", "report.json", "report.md", "transformer_config.yaml"]
+    assert json.loads((out / MARKER).read_text())["files"] == names  # what --overwrite may replace
     assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 16
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -106,3 +108,53 @@ def test_internevo_llama2_config(tmp_path):
     report = json.loads((tmp_path / "llama2" / "report.json").read_text())
     assert report["family"] == "llama2" and report["layout"]["data"] == 2
     assert "--add-qkv-bias" in (tmp_path / "llama2" / "megatron_args.txt").read_text().splitlines()
+
+
+def test_convert_never_deletes_the_users_files(tmp_path):
+    """The issue's cases: --out the config's own folder (with --overwrite), '.', a symlink to it, and a
+    folder around it are refused with exit 2; a folder we did not write is never replaced."""
+    home = tmp_path / "owtest"
+    (home / "data").mkdir(parents=True)
+    config = home / "my_config.py"
+    config.write_text(render_sections(base_sections()))
+    (home / "notes.md").write_text("notes")
+    (home / "data" / "train.bin").write_bytes(b"tokens")
+    (tmp_path / "link").symlink_to(home)
+    before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    for out, cwd, extra in ((home, None, "--overwrite"), (".", home, "--overwrite"), (".", home, "--dry-run"),
+                            (tmp_path / "link", None, "--overwrite"), (tmp_path, None, "--overwrite"),
+                            ("link/.", tmp_path, "--dry-run"), ("../../owtest", home / "data", "--overwrite")):
+        proc = run("convert", config, "--out", out, extra, cwd=cwd)
+        assert proc.returncode == 2, (out, extra, proc.stderr)
+        assert "holds the input" in proc.stderr and proc.stderr.count("\n") == 1
+    assert {p: p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "owtest"] and list(home.glob(".*")) == []
+    # a folder beside the config is fine, and --out . from an empty folder too
+    assert run("convert", config, "--out", home / "converted").returncode == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run("convert", config, "--out", ".", cwd=empty)
+    assert proc.returncode == 0, proc.stderr
+    assert (empty / "ds_config.json").exists() and list(tmp_path.glob(".*")) == []
+    # someone else's folder is not replaced by --overwrite
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "ds_config.json").write_text("hand-tuned")
+    proc = run("convert", config, "--out", theirs, "--overwrite")
+    assert proc.returncode == 1 and "not written by internlm-adapter" in proc.stderr
+    assert (theirs / "ds_config.json").read_text() == "hand-tuned"
+
+
+def test_sizes_must_be_positive(make_config):
+    path = make_config(base_sections())
+    for args in (("--world-size", "0"), ("--world-size", "-8"), ("--nodes", "0", "--gpus-per-node", "8")):
+        proc = run("check", path, *args)
+        assert proc.returncode == 2 and "positive integer" in proc.stderr, args
+
+
+def test_a_closed_pipe_is_not_an_error(make_config):
+    """``internlm-config check --json | head -c0``: the reader is gone before we print."""
+    proc = subprocess.Popen([*CLI, "check", str(make_config(base_sections())), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stdout.close()
+    assert proc.wait() == 0 and proc.stderr.read() == b""

@@ -61,8 +61,6 @@ def test_evaluates_the_subset_real_configs_use(write_config, monkeypatch):
     ("X = (1).__class__", "attribute"),
     ("X = os.system('true')", "call"),
     ("a, b = 1, 2", "assignment"),
-    ("X = 2 ** 100000", "exponent"),
-    ('X = "x" * 10**7', "repetition"),
 ])
 def test_refuses_everything_else_with_file_line_and_trust_hint(write_config, tmp_path, code, what):
     marker = tmp_path / "marker"

@@ -53,14 +53,51 @@ def test_async_upload_and_resume_from_s3(s3, tmp_path):
     assert "run/4/4.step" in keys
 
 
+def _spawn_error(ckpt: dict) -> str:
+    """Run 2 ranks that must fail; their error."""
+    with pytest.raises(RuntimeError) as info:
+        spawn(_run, 2, 2, ckpt)
+    return str(info.value)
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_upload_failure_stops_training_and_leaves_no_marker(s3, tmp_path):
-    s3.proxy.fail(-1, "500")  # the endpoint fails every request from now on
+def test_storage_is_checked_before_step_1(s3, tmp_path):
+    """A missing bucket, a bucket we may not write, a local folder that cannot be written: refused at start-up,
+    naming the field and the bucket or path, before any step (nothing is staged or logged)."""
+    staging = tmp_path / "staging"
+    base = dict(enable_save_ckpt=True, checkpoint_every=2, async_upload_tmp_folder=str(staging), auto_resume=False)
+    error = _spawn_error(dict(base, save_ckpt_folder="s3://nobucket/run"))
+    assert "ckpt.save_ckpt_folder: s3://nobucket: the bucket does not exist" in error
+    error = _spawn_error(dict(base, save_ckpt_folder="s3://ckpt/run", oss_snapshot_freq=3,
+                              snapshot_ckpt_folder="s3://missing-snapshots/snap"))
+    assert "ckpt.snapshot_ckpt_folder: s3://missing-snapshots: the bucket does not exist" in error
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    error = _spawn_error(dict(base, save_ckpt_folder=f"local:{blocker}/ckpt"))
+    assert f"ckpt.save_ckpt_folder: {blocker}/ckpt cannot be written" in error
+    error = _spawn_error(dict(enable_save_ckpt=False, load_ckpt_folder="s3://ckpt/none"))
+    assert "ckpt.load_ckpt_folder: s3://ckpt/none holds no objects" in error
+    assert not staging.exists()  # nothing was saved: no step ran
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_a_failed_upload_is_kept_and_uploaded_by_the_next_start(s3, tmp_path):
+    """The endpoint dies mid-upload: training stops naming the object and where the checkpoint is, no marker is
+    on S3; the next start uploads it (marker last) and resumes from it."""
+    staging = tmp_path / "staging"
     ckpt = dict(enable_save_ckpt=True, save_ckpt_folder="s3://ckpt/run", checkpoint_every=2, async_upload=True,
-                async_upload_tmp_folder=str(tmp_path / "staging"), auto_resume=False)
-    with pytest.raises(RuntimeError, match=r"s3://ckpt/run"):
+                async_upload_tmp_folder=str(staging), auto_resume=True)
+    s3.proxy.fail(-1, "500", after=5)  # the start-up checks and listings pass, the uploads fail
+    with pytest.raises(RuntimeError, match=rf"s3://ckpt/run/2.*kept complete in {staging}/test/2"):
         spawn(_run, 2, 2, ckpt)
     s3.proxy.fail(0)
+    assert (staging / "test" / "2" / "2.step").exists() and (staging / "test" / "2.pending.json").exists()
     listing = s3.client().list_objects_v2(Bucket="ckpt")
     assert not [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".step")]
+    resumed = spawn(_run, 2, None, ckpt)[0]
+    assert [r[0] for r in resumed] == [3, 4]  # resumed from the uploaded step 2
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="ckpt")["Contents"]}
+    assert {"run/2/2.step", "run/2/model_tp0_pp0.pt", "run/4/4.step"} <= keys
+    assert not (staging / "test" / "2").exists() and not (staging / "test" / "2.pending.json").exists()

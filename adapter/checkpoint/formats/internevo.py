@@ -318,7 +318,31 @@ def read_internevo(path: str | Path, model: ModelConfig | None = None) -> Intern
         if model.num_layers != ckpt.num_layers:
             raise CheckpointError(f"{folder}: files hold {ckpt.num_layers} layers, the config {model.num_layers}")
     ckpt.model = model
+    if model is not None:
+        _check_split(ckpt)
     return ckpt
+
+
+def _check_split(ckpt: InternEvoCheckpoint) -> None:
+    """The layout is read from file names, so a deleted last shard (``model_tp1_pp0.pt`` of a tp=2 folder)
+    would pass for a smaller layout holding part of every tensor; the MLP width says how many shards there
+    were. (In ISP folders the MLP is split over the weight-parallel ranks.)"""
+    ways = ckpt.wp if ckpt.isp else ckpt.tp
+    for p in range(ckpt.pp):
+        w1 = next((v for k, v in ckpt.load_file(0, p).items() if k.endswith("w1.weight")), None)
+        if w1 is None:
+            continue
+        width = ckpt.model.ffn_hidden_size
+        if w1.shape[0] * ways != width:
+            saved = width // w1.shape[0] if w1.shape[0] and width % w1.shape[0] == 0 else 0
+            what = "wp" if ckpt.isp else "tp"
+            if saved > ways:
+                raise CheckpointError(f"{ckpt.path}: each shard holds {w1.shape[0]} of the MLP width {width}, so "
+                                      f"the folder was saved at {what}={saved}, but only {ways} {what} ranks are "
+                                      f"here: the files of {what} ranks {ways}..{saved - 1} are missing")
+            raise CheckpointError(f"{ckpt.path}: each shard holds {w1.shape[0]} of the MLP width {width}, which "
+                                  f"does not fit {what}={ways}")
+        return
 
 
 def _layer_number(key: str) -> int | None:

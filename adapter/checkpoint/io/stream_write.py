@@ -16,6 +16,7 @@ Both check that every tensor arrives in order with the announced shape and dtype
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
@@ -116,6 +117,9 @@ class Ordered:
         tensor = tensor.detach().cpu()
         return tensor if tensor.is_contiguous() else empty_huge(tensor.shape, tensor.dtype).copy_(tensor)
 
+    def abort(self) -> None:
+        """Let the file go after a failure, without raising (the folder it is in is deleted anyway)."""
+
     def _check_complete(self) -> None:
         if self.next != len(self.expected):
             missing = ", ".join(name for name, _, _ in self.expected[self.next:self.next + 3])
@@ -151,6 +155,14 @@ class TorchFileWriter(Ordered):
         self._check_complete()
         self.zip.write_end_of_file()
 
+    def abort(self) -> None:
+        # torch marks the writer finished even when this raises; otherwise its destructor would write the end
+        # again, fail again (a full disk) and, throwing from a C++ destructor, kill the process (std::terminate)
+        try:
+            self.zip.write_end_of_file()
+        except RuntimeError:
+            pass
+
 
 class SafetensorsWriter(Ordered):
     """A safetensors file of ``tensors`` (name → meta placeholder, in file order), filled with ``write``."""
@@ -177,3 +189,7 @@ class SafetensorsWriter(Ordered):
     def close(self) -> None:
         self._check_complete()
         self.file.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
