@@ -14,7 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -83,9 +83,9 @@ def planned_files(fmt: str, layout: Optional[ParallelLayout]) -> list[str]:
 
 def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optional[ParallelLayout], *,
                      dtype: Optional[torch.dtype] = None, overwrite: bool = False,
-                     shard_bytes: int = 2 * 1024**3) -> Path:
+                     shard_bytes: int = 2 * 1024**3, extra_files: Sequence[Path] = ()) -> Path:
     """Write ``src`` as ``fmt`` into ``dst`` atomically, one model unit at a time (``stream_convert``).
-    ``shard_bytes`` bounds each HF safetensors file."""
+    ``shard_bytes`` bounds each HF safetensors file; ``extra_files`` (a tokenizer) are copied in beside."""
     import shutil
 
     from adapter.checkpoint.stream_convert import meta_tensors
@@ -100,6 +100,8 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
             if shutil.disk_usage(tmp).free < 2**20:
                 raise NoSpaceError(f"no space left on {dst}") from exc
             raise CheckpointError(f"writing {dst} failed: {exc}") from exc
+        for path in extra_files:
+            shutil.copyfile(path, tmp / path.name)
     return Path(dst)
 
 
@@ -150,8 +152,10 @@ def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def describe(ckpt: Checkpoint, tensors: bool = False) -> dict:
-    """What ``internlm-ckpt inspect`` reports."""
+    """What ``internlm-ckpt inspect`` reports, from shapes and dtypes only: no tensor data is read (every
+    source tells a tensor's ``meta`` from file headers)."""
     layout = ckpt.layout
+    meta = {key: ckpt.tensors.meta(key) for key in ckpt.tensors}
     info = {
         "path": str(ckpt.path),
         "format": ckpt.format,
@@ -161,8 +165,8 @@ def describe(ckpt: Checkpoint, tensors: bool = False) -> dict:
         "pp": layout.pp if layout else None,
         "vpp": layout.vpp if layout else None,
         "layers": [[e - s for s, e in stage] for stage in layout.stages] if layout else None,
-        "dtype": str(next(iter(ckpt.tensors.values())).dtype).replace("torch.", ""),
-        "parameters": sum(t.numel() for t in ckpt.tensors.values()),
+        "dtype": str(next(iter(meta.values())).dtype).replace("torch.", ""),
+        "parameters": sum(t.numel() for t in meta.values()),
         "model": {"hidden_size": ckpt.model.hidden_size, "num_layers": ckpt.model.num_layers,
                   "num_attention_heads": ckpt.model.num_attention_heads,
                   "num_kv_attention_heads": ckpt.model.num_kv_attention_heads,
@@ -170,7 +174,7 @@ def describe(ckpt: Checkpoint, tensors: bool = False) -> dict:
     }
     if tensors:
         info["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                           for k, v in ckpt.tensors.items()}
+                           for k, v in meta.items()}
     return info
 
 

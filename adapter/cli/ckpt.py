@@ -23,7 +23,7 @@ EPILOG = """\
 examples:
   internlm-ckpt inspect llm_ckpts/5000
   internlm-ckpt inspect llm_ckpts/5000 --tensors
-  internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16
+  internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16 --tokenizer internlm/internlm-7b
   internlm-ckpt convert llm_ckpts/5000 resharded --to internevo --tp 2 --pp 4 --vpp 2
   internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore
   internlm-ckpt convert hf/internlm2-7b megatron/ --to mcore-legacy --tp 4 --pp 2
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help="InternEvo config: model sizes, and the default target layout")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace a target folder this tool wrote (never one it did not write)")
+    convert.add_argument("--tokenizer", metavar="DIR",
+                         help="with --to hf: copy the tokenizer files saved in DIR (tokenizer.json, tokenizer.model, "
+                              "tokenizer_config.json, special_tokens_map.json, ...) into the export")
     convert.add_argument("--dry-run", action="store_true", help="print the plan (files to read and write) only")
     verify = sub.add_parser("verify", help="compare two checkpoints tensor by tensor (exit 0 when they match)")
     verify.add_argument("a")
@@ -103,6 +106,20 @@ def _layout(args: argparse.Namespace, model, layout_cfg):
     return None
 
 
+def _tokenizer(args: argparse.Namespace) -> list[Path]:
+    """The tokenizer files to copy into an HF export (``--tokenizer``), found before any work is done."""
+    if not args.tokenizer:
+        return []
+    if args.to != "hf":
+        raise _BadArguments(f"--tokenizer goes with --to hf, not --to {args.to}")
+    from adapter.checkpoint.formats.hf import tokenizer_files
+
+    folder = Path(args.tokenizer)
+    if not folder.is_dir():
+        raise _BadArguments(f"--tokenizer {folder}: not a folder")
+    return tokenizer_files(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -126,17 +143,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             print("match" if not problems else f"{len(problems)} differences", file=sys.stderr)
             return 0 if not problems else 1
-        check_separate([args.src, *([args.config] if args.config else [])], args.dst)
+        inputs = [args.src, *([args.config] if args.config else []), *([args.tokenizer] if args.tokenizer else [])]
+        check_separate(inputs, args.dst)
+        tokenizer = _tokenizer(args)
         src = open_checkpoint(args.src, model)
         layout = _layout(args, src.model, layout_cfg)
         check_target(args.dst, args.overwrite)
         if args.dry_run:
             print(f"read  {src.path} ({src.format}, {src.generation}, {len(src.tensors)} tensors)")
-            for name in planned_files(args.to, layout):
+            for name in planned_files(args.to, layout) + [p.name for p in tokenizer]:
                 print(f"write {Path(args.dst) / name}")
             return 0
         write_checkpoint(src, args.to, args.dst, layout, dtype=DTYPES[args.dtype] if args.dtype else None,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, extra_files=tokenizer)
         print(args.dst)
         return 0
     except BrokenPipeError:

@@ -99,11 +99,11 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.adam.lr, betas=(cfg.adam.beta1, cfg.adam.beta2),
                                       eps=cfg.adam.eps, weight_decay=cfg.adam.weight_decay)
         _no_jit_ops()
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        self.deepspeed, self.optimizer, _, _ = deepspeed.initialize(
             model=Chunks(chunks), optimizer=optimizer, mpu=MegatronMPU(), config=training_ds_config(cfg, layout),
             dist_init_required=False)
         # DeepSpeed unpickles its checkpoint files without restriction; read them through an allow-list
-        self.engine.checkpoint_engine.load = load_deepspeed_file
+        self.deepspeed.checkpoint_engine.load = load_deepspeed_file
         self.scaler = LossScaler(cfg.grad_scaler, enabled=cfg.model.dtype == "fp16")
         if self.scaler.enabled:
             # DeepSpeed's scaler only unscales; InternEvo's rules decide the scale (see ``step``)
@@ -124,7 +124,7 @@ class Trainer:
             for p in self.sequence_parallel_params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=group)
-        self.engine.allreduce_gradients()
+        self.deepspeed.allreduce_gradients()
 
     def train_step(self, batches: list[MicroBatch]) -> StepResult:
         """Forward, backward and one optimizer update over ``batches`` (this rank's micro-batches)."""
@@ -139,14 +139,14 @@ class Trainer:
             chunk.train()
         reports = run_microbatches(self.chunks, batches, self.config, forward_only=False,
                                    label_smoothing=self.cfg.label_smoothing)
-        self.engine.step()
+        self.deepspeed.step()
         skipped = bool(getattr(self.optimizer, "overflow", False))
         if not skipped:
             self.step_count += 1
         self.scaler.update(skipped)
         if self.scaler.enabled:
             self.optimizer.loss_scaler.cur_scale = self.scaler.scale
-        norm = self.engine.get_global_grad_norm()
+        norm = self.deepspeed.get_global_grad_norm()
         return StepResult(
             loss=self._mean_loss(reports),
             grad_norm=float(norm) if norm is not None else float("nan"),

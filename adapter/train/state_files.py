@@ -67,7 +67,7 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     if ps.get_data_parallel_rank() == 0:
         atomic_save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank),
                     folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-    trainer.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
+    trainer.deepspeed.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
     if dist.get_rank() == 0:
         atomic_save(model_config_dict(cfg.model), folder / "model_config.pt")
         atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},
@@ -135,7 +135,7 @@ def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout
 def load_training_state(folder: Path, trainer, load_optimizer: bool) -> dict:
     """Restore the engine (and optimizer partitions unless ``load_optimizer`` is False) from ``folder``;
     returns ``context.pt`` (with ``sampler`` holding the sampler state)."""
-    trainer.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=load_optimizer,
+    trainer.deepspeed.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=load_optimizer,
                                    load_lr_scheduler_states=False, load_module_strict=False)
     # DeepSpeed restores the saving run's clipping threshold with the optimizer state; this run's config decides
     trainer.optimizer.clip_grad = trainer.cfg.applied_clip_grad_norm

@@ -36,6 +36,16 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (r < n % parts) for r in range(parts)]
 
 
+def concat(tensors: Sequence[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.cat``; on ``meta`` tensors (shapes only: file skeletons, ``inspect``) the result's shape is
+    computed here, since torch's meta ``cat`` imports ``torch._dynamo`` (seconds of fixed cost per command)."""
+    if not tensors[0].is_meta:
+        return torch.cat(list(tensors), dim, out=out)
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return out if out is not None else torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+
+
 def _slice(t: torch.Tensor, dim: int, sizes: Sequence[int], rank: int) -> torch.Tensor:
     return t.narrow(dim, sum(sizes[:rank]), sizes[rank])
 
@@ -82,7 +92,7 @@ class Stored:
             return atoms[0]
         b = self.blocks if blocks is None else blocks
         rest = tuple(atoms[0].shape[1:])
-        return torch.cat([a.reshape(b, a.shape[0] // b, *rest) for a in atoms], 1).reshape(-1, *rest)
+        return concat([a.reshape(b, a.shape[0] // b, *rest) for a in atoms], 1).reshape(-1, *rest)
 
     def unfuse(self, fused: torch.Tensor, tp: int = 1) -> list[torch.Tensor]:
         """The atoms of the whole stored tensor, or (``tp > 1``) of one rank's piece of it."""
@@ -132,7 +142,7 @@ class Stored:
         if not self.fused:
             return [self.join(pieces)]
         per_rank = [self.unfuse(p, len(pieces)) for p in pieces]
-        return [torch.cat([r[i] for r in per_rank]) for i in range(len(self.atoms))]
+        return [concat([r[i] for r in per_rank], 0) for i in range(len(self.atoms))]
 
     def join(self, pieces: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole stored tensor from the pieces of ``holders`` (into ``out`` when given: then always a
@@ -142,4 +152,4 @@ class Stored:
         if not self.sliceable(len(pieces)):
             whole = self.fuse(self.merge(pieces))
             return whole if out is None else out.copy_(whole)
-        return torch.cat(list(pieces), 1 if self.split == "columns" else 0, out=out)
+        return concat(pieces, 1 if self.split == "columns" else 0, out=out)

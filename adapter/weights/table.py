@@ -33,8 +33,7 @@ class Table:
             out = []
             for s in rows:
                 if all(A.present(model, a) for a in s.atoms):
-                    out.append(Stored(s.name, s.atoms, s.split, s.blocks, A.rows(model, s.atoms))
-                               if s.fused and not s.rows else s)
+                    out.append(Stored(s.name, s.atoms, s.split, s.blocks, A.rows(model, s.atoms)) if s.fused else s)
             return tuple(out)
 
         return cls(keep(embedding), keep(layer), keep(final))

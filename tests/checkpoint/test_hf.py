@@ -97,3 +97,27 @@ def test_sharded_safetensors_with_index(tmp_path):
     back = open_checkpoint(tmp_path / "hf")
     assert all(torch.equal(back.tensors[k], logical[k]) for k in logical)
     assert hf_config(model)["intermediate_size"] == model.ffn_hidden_size
+
+
+def test_export_copies_the_tokenizer(tmp_path, capsys):
+    """``--tokenizer DIR`` puts a tokenizer saved by transformers beside the weights, so the export loads with
+    ``AutoTokenizer``; it is refused for other formats and for a folder without one, before anything is
+    written."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from adapter.cli.ckpt import main
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    src = FIXTURES / "internlm2_tiny" / "ckpt"
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hf", "--tokenizer", str(tmp_path / "tok")]) == 0
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert loaded("hello world")["input_ids"] == [1, 2]
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(src), str(tmp_path / "o2"), "--to", "hf", "--tokenizer", str(tmp_path / "empty")]) == 1
+    assert main(["convert", str(src), str(tmp_path / "o3"), "--to", "internevo", "--tokenizer",
+                 str(tmp_path / "tok")]) == 2
+    assert "goes with --to hf" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

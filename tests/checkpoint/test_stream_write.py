@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zipfile
 from collections import OrderedDict
 
@@ -93,3 +94,13 @@ def test_safetensors_file_reads_back_with_safetensors(tmp_path):
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
     with safe_open(tmp_path / "m.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_private_torch_apis_are_version_checked():
+    """The writers lean on torch's private zip writer; a torch outside the checked range is refused by name."""
+    from adapter.checkpoint.io.torch_private import check_version
+
+    check_version()  # the installed torch is in range
+    for version in ("2.2.1", "2.14.0+cu128", "3.0.0"):
+        with pytest.raises(RuntimeError, match=re.escape(f"torch {version}: the checkpoint writers")):
+            check_version(version)

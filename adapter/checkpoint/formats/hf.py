@@ -319,6 +319,19 @@ def _read_header(path: Path) -> dict[str, _Entry]:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({type(exc).__name__}: {exc})") from exc
 
 
+#: Files a transformers tokenizer is saved as (``save_pretrained``), and remote-code tokenizer modules.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenization_*.py")
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files in ``folder`` (a tokenizer saved with transformers, or an HF model folder)."""
+    found = sorted({p for pattern in TOKENIZER_FILES for p in folder.glob(pattern) if p.is_file()})
+    if not found:
+        raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return found
+
+
 # -- the format's verbs (``adapter.checkpoint.formats``) -------------------------------------------------------
 def detect(names: set[str]) -> bool:
     return "config.json" in names and any(n.endswith(".safetensors") for n in names)

@@ -45,7 +45,7 @@ from adapter.config.schema import ModelConfig
 from adapter.families import FAMILIES, logical_table, recognise_internevo
 from adapter.model.mapping import chunk_units
 from adapter.runtime.layout import ParallelLayout
-from adapter.weights.stored import Stored
+from adapter.weights.stored import Stored, concat
 from adapter.weights.table import Unit, whole_unit
 
 NAME = "internevo"
@@ -205,7 +205,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
     def _join(self, stored: Stored, pieces: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         if self._isp_rows(stored):
-            return torch.cat(pieces, 0, out=out)
+            return concat(pieces, 0, out=out)
         return stored.join(pieces, out=out)
 
     def meta(self, key: str) -> torch.Tensor:

@@ -44,6 +44,7 @@ from adapter.checkpoint.errors import CheckpointError
 from adapter.checkpoint.io.lazy import UnitSource
 from adapter.checkpoint.io.memory import empty_huge
 from adapter.checkpoint.io.stream_write import Ordered
+from adapter.checkpoint.io.torch_private import zip_reader
 from adapter.checkpoint.stream_convert import FileGroup
 from adapter.config.schema import ModelConfig
 from adapter.families import FAMILIES, logical_table
@@ -314,7 +315,7 @@ class DistTensors(UnitSource):
         where = f"{path}: tensor {key} (chunk at {tuple(chunk.offsets)})"
         try:
             t = torch.load(_Window(f, info.offset, info.length), map_location="meta", weights_only=True)
-            archive = torch._C.PyTorchFileReader(_Window(f, info.offset, info.length))  # torch.load's zip reader
+            archive = zip_reader(_Window(f, info.offset, info.length))  # torch.load's zip reader
             records = [r for r in archive.get_all_records() if r.startswith("data/")]
             start = archive.get_record_offset(records[0]) if len(records) == 1 else None
         except Exception as exc:  # torch.load's errors on a damaged blob vary by version

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from adapter.checkpoint.io.memory import empty_huge
+from adapter.checkpoint.io.torch_private import rebuild_tensor, storage_alignment, storage_type, zip_writer
 
 #: safetensors' dtype names
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -64,7 +65,7 @@ class _Tensor:
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         stride = torch.empty(self.shape, device="meta").stride()
-        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, OrderedDict())
+        return rebuild_tensor(), (self.storage, 0, self.shape, stride, False, OrderedDict())
 
 
 def _swap(obj: Any, storages: list[_Storage]) -> Any:
@@ -89,8 +90,7 @@ def _pickle(skeleton: Any) -> tuple[bytes, list[_Storage]]:
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj: Any) -> Any:
             if isinstance(obj, _Storage):
-                storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
-                return "storage", storage_type, obj.key, "cpu", obj.numel
+                return "storage", storage_type(obj.dtype), obj.key, "cpu", obj.numel
             return None
 
     buffer = io.BytesIO()
@@ -132,12 +132,11 @@ class TorchFileWriter(Ordered):
     def __init__(self, path: Path, skeleton: Any):
         super().__init__(path, [(n, tuple(t.shape), t.dtype) for n, t in leaves(skeleton)])
         data, self.storages = _pickle(skeleton)
-        self.zip = torch._C.PyTorchFileWriter(str(path))
+        self.zip = zip_writer(str(path))
         # the records torch.save writes before the tensor data, in its order
         self.zip.write_record("data.pkl", data, len(data))
         self.zip.write_record(".format_version", "1", 1)
-        alignment = str(torch.serialization._get_storage_alignment()) if hasattr(
-            torch.serialization, "_get_storage_alignment") else None
+        alignment = storage_alignment()
         if alignment is not None:
             self.zip.write_record(".storage_alignment", alignment, len(alignment))
         self.zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
