@@ -44,7 +44,7 @@ print(f"https://github.com/Dao-AILab/flash-attention/releases/download/v{version
 EOF
 )}"
     echo "flash-attn: trying the prebuilt wheel $wheel"
-    if timeout 240 "$PYTHON" -m pip install --quiet --no-deps "$wheel" && "$PYTHON" -c "import flash_attn"; then
+    if timeout 120 "$PYTHON" -m pip install --quiet --no-deps "$wheel" && "$PYTHON" -c "import flash_attn"; then
         echo "flash-attn installed"
     else
         echo "flash-attn: NOT installed (no prebuilt wheel for this torch/CUDA/Python, or no network);" \
