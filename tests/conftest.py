@@ -12,6 +12,22 @@ CONFIGS = REPO / "internlm_configs"
 FIXTURES = REPO / "tests" / "fixtures" / "internevo"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason, where torch sees no CUDA device (torch is imported
+    only when such a test was collected, so the torch-free config tests stay fast)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); run bench/gpu.sh "
+                                   "on a GPU machine")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 def base_sections() -> dict:
     """A small valid InternLM1 config as sections (each test mutates its own copy)."""
     return {

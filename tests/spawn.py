@@ -19,6 +19,9 @@ from typing import Any, Callable
 
 import torch
 
+#: hides every GPU from a worker, so that it takes the CPU path (gloo, the CPU shim, DeepSpeed's CPU accelerator)
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -26,7 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, args: tuple,
+           env: dict[str, str]) -> None:
+    os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -65,12 +70,16 @@ def _wait(procs: list, out_dir: Path, timeout: float) -> None:
         p.join()
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` ranks; returns each rank's return value, in rank order."""
+def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
+          env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` ranks; returns each rank's return value, in rank order.
+
+    ``env`` is set in each worker before ``fn`` runs (and before CUDA is first touched there), e.g.
+    ``CPU_ONLY`` to run the CPU path on a machine that has a GPU."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
-        procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, out_dir, args))
+        procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, out_dir, args, env or {}))
                  for rank in range(world_size)]
         for p in procs:
             p.start()

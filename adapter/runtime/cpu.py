@@ -16,6 +16,13 @@ What it patches, and why (see ``CPU_NOTES.md`` from the project's CPU probe):
   activation recompute) read and write the CUDA generator. They are pointed at the CPU generator, so the
   tracker's fork/restore semantics are kept (``torch.cuda.manual_seed`` maps to
   ``torch.default_generator.manual_seed``, not ``torch.manual_seed``, which would recurse).
+* **Optimizer type checks.** megatron-core's optimizers (``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``)
+  sort parameters by ``Tensor.type()`` strings and accept only ``torch.cuda.*Tensor``; the mode answers those
+  names for CPU tensors (and maps them back when passed to ``Tensor.type(name)``), so megatron-core's own
+  distributed optimizer runs here too (``bench/gpu.py --cpu-smoke``).
+* **Peak memory.** ``torch.cuda.reset_peak_memory_stats``/``max_memory_allocated``/``memory_allocated``
+  report the process's resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; ``VmRSS``), so
+  code that measures memory runs unchanged.
 
 It was written against megatron-core 0.16-0.19 and refuses other versions, so that a silent change in
 megatron-core's CUDA assumptions shows up as an error here rather than as wrong numbers.
@@ -42,6 +49,17 @@ def _is_cuda(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+def _cuda_type_names(func, args: tuple, kwargs: dict) -> Any:
+    """``Tensor.type()`` answers CUDA type names (``torch.cuda.BFloat16Tensor``) and ``Tensor.type(name)``
+    takes them: megatron-core's optimizers sort parameters by those strings and refuse any other."""
+    if len(args) > 1 and isinstance(args[1], str):
+        args = (args[0], args[1].replace("torch.cuda.", "torch."), *args[2:])
+    result = func(*args, **kwargs)
+    if isinstance(result, str) and result.startswith("torch.") and not result.startswith("torch.cuda."):
+        return "torch.cuda." + result[len("torch."):]
+    return result
+
+
 class _CudaToCpu(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU for every torch call."""
 
@@ -49,6 +67,8 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type:
+            return _cuda_type_names(func, args, kwargs)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
@@ -86,6 +106,25 @@ def _patch_rng() -> None:
     torch.cuda.manual_seed_all = torch.default_generator.manual_seed
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak(device: Any = None) -> None:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set
+
+
+def _patch_memory() -> None:
+    torch.cuda.reset_peak_memory_stats = _reset_peak
+    torch.cuda.max_memory_allocated = lambda device=None: _status_bytes("VmHWM")
+    torch.cuda.memory_allocated = lambda device=None: _status_bytes("VmRSS")
+
+
 def enable() -> bool:
     """Make megatron-core usable on the CPU in this process. Returns False (doing nothing) if CUDA exists."""
     global _mode
@@ -95,6 +134,7 @@ def enable() -> bool:
         return True
     _check_megatron_version()
     _patch_rng()
+    _patch_memory()
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     _mode = _CudaToCpu()

@@ -45,6 +45,12 @@ def init_distributed(layout: ParallelLayout, *, seed: int = 1024, timeout_s: int
     model_parallel_cuda_manual_seed(seed)
 
 
+def device() -> torch.device:
+    """The device this rank computes on: its CUDA device (``LOCAL_RANK``, set by ``init_distributed``), or the
+    CPU on a machine without CUDA. Inputs built on the CPU go here before they meet the model."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 

@@ -81,6 +81,20 @@ class StepResult:
     tokens: int
 
 
+def step_loss(reports: list[dict]) -> float:
+    """The step loss from ``run_microbatches``' reports (known on the last pipeline stage): the mean
+    micro-batch loss, averaged over data parallel and sent to every rank."""
+    value = torch.zeros(1, dtype=torch.float64)
+    if reports:
+        value += sum(float(r["loss"]) for r in reports) / len(reports)
+    if torch.cuda.is_available():
+        value = value.cuda()
+    dist.all_reduce(value, group=ps.get_data_parallel_group())
+    last = ps.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
+    return float(value) / ps.get_data_parallel_world_size()
+
+
 def _no_jit_ops() -> None:
     import deepspeed.ops
 
@@ -148,7 +162,7 @@ class Trainer:
             self.optimizer.loss_scaler.cur_scale = self.scaler.scale
         norm = self.deepspeed.get_global_grad_norm()
         return StepResult(
-            loss=self._mean_loss(reports),
+            loss=step_loss(reports),
             grad_norm=float(norm) if norm is not None else float("nan"),
             lr=lr,
             beta2=b2,
@@ -164,17 +178,6 @@ class Trainer:
         with torch.no_grad():
             reports = run_microbatches(self.chunks, batches, self.config, forward_only=True,
                                        label_smoothing=self.cfg.label_smoothing)
-        return self._mean_loss(reports)
+        return step_loss(reports)
 
-    def _mean_loss(self, reports: list[dict]) -> float:
-        """The step loss, known on the last pipeline stage, averaged over data parallel and sent to all ranks."""
-        value = torch.zeros(1, dtype=torch.float64)
-        if reports:
-            value += sum(float(r["loss"]) for r in reports) / len(reports)
-        if torch.cuda.is_available():
-            value = value.cuda()
-        dist.all_reduce(value, group=ps.get_data_parallel_group())
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
-        return float(value) / ps.get_data_parallel_world_size()
 

@@ -60,7 +60,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     from adapter.data.loader import build_train_batches
     from adapter.data.validation import build_valid_batches
     from adapter.model.build import build_model_chunks
-    from adapter.runtime.dist import init_distributed
+    from adapter.runtime.dist import device as run_device, init_distributed
     from adapter.train.batches import piece_lengths, to_microbatches
     from adapter.train.checkpointing import Checkpointer
     from adapter.train.engine import Trainer
@@ -83,7 +83,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
         checkpointer.load_weights(start, chunks)
     trainer = Trainer(cfg, layout, chunks, config)
     context = checkpointer.load_state(start, trainer) if start.full else {}
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = run_device()
 
     logger = StepLogger(cfg, options, trainer.step_count) if is_log_rank() else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU proof in one command (at most about 8 minutes on one H100/H200):
+#   1. installs what is missing: this package with its test extras, and flash-attn from a prebuilt wheel
+#      matching this torch, CUDA and Python if one can be had (never a source build; otherwise it says so and
+#      the adapter uses torch SDPA);
+#   2. runs the GPU tests (pytest -m gpu tests/gpu);
+#   3. runs bench/gpu.py: tokens/s, MFU and peak memory of the adapter against plain megatron-core on
+#      7B-width layers; prints the table and writes it, BENCHMARKS.md-ready, to runs/bench_gpu/gpu.md.
+# Exit status: non-zero if the tests or the benchmark failed (the benchmark runs even when a test failed).
+#
+#   bash bench/gpu.sh                 # on a GPU machine; extra arguments go to bench/gpu.py
+#   bash bench/gpu.sh --cpu-smoke     # tiny sizes on the CPU: the whole benchmark path, no installs, no tests
+# Environment: PYTHON (default .venv/bin/python, else python3), FLASH_ATTN_WHEEL (a wheel file or URL to
+# install instead of looking one up), FLASH_ATTN_VERSION (default 2.8.3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${1:-}" = "--cpu-smoke" ]; then
+    echo "== --cpu-smoke: no installs and no GPU tests (the default test run collects and skips them)"
+    exec "$PYTHON" bench/gpu.py "$@"
+fi
+
+echo "== 1/3 install"
+if ! "$PYTHON" -c "import adapter, deepspeed, megatron.core, pytest" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet -e ".[test]" || { echo "gpu.sh: cannot install the package"; exit 2; }
+fi
+if "$PYTHON" -c "import flash_attn" 2>/dev/null; then
+    echo "flash-attn $("$PYTHON" -c "import flash_attn; print(flash_attn.__version__)") already installed"
+else
+    wheel="${FLASH_ATTN_WHEEL:-$("$PYTHON" - <<'EOF'
+import os, platform, sys
+import torch
+version = os.environ.get("FLASH_ATTN_VERSION", "2.8.3")
+cuda = (torch.version.cuda or "0").split(".")[0]
+abi = "TRUE" if torch._C._GLIBCXX_USE_CXX11_ABI else "FALSE"
+py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+print(f"https://github.com/Dao-AILab/flash-attention/releases/download/v{version}/flash_attn-{version}+cu{cuda}"
+      f"torch{torch_mm}cxx11abi{abi}-{py}-{py}-linux_{platform.machine()}.whl")
+EOF
+)}"
+    echo "flash-attn: trying the prebuilt wheel $wheel"
+    if timeout 120 "$PYTHON" -m pip install --quiet --no-deps "$wheel" && "$PYTHON" -c "import flash_attn"; then
+        echo "flash-attn installed"
+    else
+        echo "flash-attn: NOT installed (no prebuilt wheel for this torch/CUDA/Python, or no network);" \
+             "the adapter uses torch SDPA and the flash-attn test is skipped"
+    fi
+fi
+
+echo "== 2/3 pytest -m gpu"
+"$PYTHON" -m pytest -q -m gpu tests/gpu -rs
+tests=$?
+
+echo "== 3/3 benchmark"
+"$PYTHON" bench/gpu.py "$@"
+bench=$?
+
+echo "== done: tests exit $tests, benchmark exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
