@@ -78,6 +78,7 @@ class Checkpointer:
         self.store = ObjectStore(self.save) if self.save is not None and self.save.backend == "s3" else None
         self.pool = ThreadPoolExecutor(max_workers=1) if self.store is not None and cfg.ckpt.async_upload else None
         self.pending: Optional[tuple[Future, Location, int, Path]] = None
+        self.downloaded: set[Path] = set()
 
     # ---- start-up
     def check_storage(self) -> None:
@@ -166,30 +167,35 @@ class Checkpointer:
         return Location("s3", bucket=self.save.bucket, key=found[1], endpoint=self.save.endpoint) if found else None
 
     def _materialise(self, where: Location) -> Path:
-        """A local folder with the checkpoint's files (downloaded by each node's local rank 0)."""
+        """A local folder with the checkpoint's files (downloaded by each node's local rank 0, once)."""
         if where.backend == "local":
             return where.path
         local = self.staging / "resume" / where.key.replace("/", "_")
+        if local in self.downloaded:
+            return local
         store = ObjectStore(where)
         if _local_rank() == 0:
             shutil.rmtree(local, ignore_errors=True)
             for key in store.keys(where.key + "/"):
                 store.download(key, local / key[len(where.key) + 1:])
         dist.barrier()
+        self.downloaded.add(local)
         return local
 
     def load_weights(self, plan: "ResumePlan", chunks: list) -> None:
-        """A weights-only start: load ``plan``'s model into the chunks. Must run before the engine is built
-        (``save.load_model_weights`` says why)."""
-        load_model_weights(self._materialise(plan.where), self.cfg, self.layout, chunks, plan.field)
+        """Load ``plan``'s model into the chunks, at this run's layout whatever the saved one. Must run
+        before the engine is built (``state_files.load_model_weights`` says why); a full resume's folder must
+        be complete."""
+        folder = self._materialise(plan.where)
+        if plan.full and completed_step(folder) is None:
+            raise ConfigError(plan.field, f"{plan.where}: not a complete checkpoint (no N.step marker)")
+        load_model_weights(folder, self.cfg, self.layout, chunks, plan.field)
 
     def load_state(self, plan: "ResumePlan", trainer) -> dict:
-        """A full resume: model, optimizer (unless ``load_optimizer=False``) and counters; returns the restored
-        context (``context.pt`` with the sampler state under ``sampler``)."""
-        folder = self._materialise(plan.where)
-        if completed_step(folder) is None:
-            raise ConfigError(plan.field, f"{plan.where}: not a complete checkpoint (no N.step marker)")
-        return load_training_state(folder, trainer, self.cfg.ckpt.load_optimizer)
+        """The rest of a full resume, once the engine exists: optimizer (unless ``load_optimizer=False``) and
+        counters; returns the restored context (``context.pt`` with the sampler state under ``sampler``)."""
+        return load_training_state(self._materialise(plan.where), self.cfg, self.layout, trainer,
+                                   self.cfg.ckpt.load_optimizer, plan.field)
 
     # ---- save
     def _stop_request(self) -> int:

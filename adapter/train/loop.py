@@ -77,7 +77,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     checkpointer.check_load(start)
     config = transformer_config(cfg, layout, use_cpu_initialization=not torch.cuda.is_available())
     chunks = build_model_chunks(config, model_options(cfg))
-    if start.where is not None and not start.full:
+    if start.where is not None:
         # before the engine exists: DeepSpeed ZeRO copies its fp32 master weights from the module at
         # initialisation, so weights loaded later would be replaced by random init + update at step 1
         checkpointer.load_weights(start, chunks)

@@ -4,8 +4,8 @@ A checkpoint folder (``<save_ckpt_folder>/<step>/`` or a snapshot slot ``<snapsh
 
 * ``model_tp{t}_pp{p}.pt``: the model in InternEvo's layout (``checkpoint.internevo``), written by every
   (tensor, pipeline) rank of data-parallel rank 0, so InternEvo and ``internlm-ckpt`` read it;
-* ``deepspeed/``: DeepSpeed's engine checkpoint (``mp_rank_*_model_states.pt`` and each rank's ZeRO-1
-  optimizer partition ``zero_pp_rank_*_mp_rank_*_optim_states.pt``);
+* ``optimizer/``: ZeRO-1's fp32 master weights and Adam's moments per logical tensor, in the same layout
+  (``train.optimizer_state``), so a run resumes at any tensor/pipeline/virtual/data-parallel layout;
 * ``context.pt`` (InternEvo's ``TrainState`` keys, plus the loss-scaler state), ``sampler.pt`` (the batch
   sampler), ``schedulder.pt`` (InternEvo's spelling; the step the lr/beta2 schedules are at) and
   ``model_config.pt`` (a plain dict);
@@ -14,7 +14,8 @@ A checkpoint folder (``<save_ckpt_folder>/<step>/`` or a snapshot slot ``<snapsh
   cannot pass for complete.
 
 Every file is written under a temporary name and renamed. Object storage goes through a local staging
-folder (``train.checkpointing``).
+folder (``train.checkpointing``). Checkpoints of earlier versions hold DeepSpeed's own engine checkpoint
+under ``deepspeed/`` instead of ``optimizer/``; they resume at the layout that wrote them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
+from adapter.train.optimizer_state import gather_logical, save_optimizer_state
 
 MARKER = re.compile(r"^(\d+)\.step$")
 DEEPSPEED_TAG = "deepspeed"
@@ -49,8 +51,6 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     completion marker to the caller (object storage uploads it once every file is up)."""
     from megatron.core import parallel_state as ps
 
-    from adapter.model.mapping import logical_from_chunk, model_state
-
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.iterdir():  # a reused snapshot slot stops being "complete" before it is rewritten
@@ -58,16 +58,12 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
                 old.unlink()
     dist.barrier()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    logical: dict[str, torch.Tensor] = {}
-    for vp, chunk in enumerate(trainer.chunks):
-        shards = [None] * layout.tp
-        dist.all_gather_object(shards, {k: v.detach().cpu() for k, v in model_state(chunk).items()},
-                               group=ps.get_tensor_model_parallel_group())
-        logical.update(logical_from_chunk(shards, cfg.model, layout, pp_rank, vp))
+    logical = gather_logical(cfg, layout, trainer.chunks, lambda name, p: p)
     if ps.get_data_parallel_rank() == 0:
         atomic_save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank),
                     folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-    trainer.deepspeed.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
+    del logical
+    save_optimizer_state(folder, cfg, layout, trainer, atomic_save)
     if dist.get_rank() == 0:
         atomic_save(model_config_dict(cfg.model), folder / "model_config.pt")
         atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},
@@ -132,13 +128,24 @@ def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout
         raise ConfigError(field, f"cannot initialise the model from {folder}: {exc}") from None
 
 
-def load_training_state(folder: Path, trainer, load_optimizer: bool) -> dict:
-    """Restore the engine (and optimizer partitions unless ``load_optimizer`` is False) from ``folder``;
-    returns ``context.pt`` (with ``sampler`` holding the sampler state)."""
-    trainer.deepspeed.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=load_optimizer,
-                                   load_lr_scheduler_states=False, load_module_strict=False)
-    # DeepSpeed restores the saving run's clipping threshold with the optimizer state; this run's config decides
-    trainer.optimizer.clip_grad = trainer.cfg.applied_clip_grad_norm
+def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer,
+                        load_optimizer: bool, field: str) -> dict:
+    """Restore the optimizer (unless ``load_optimizer`` is False) and the counters from ``folder``, whose
+    weights are already in the model (``load_model_weights``, before the engine was built); returns
+    ``context.pt`` (with ``sampler`` holding the sampler state)."""
+    from adapter.train.optimizer_state import FOLDER, STEPS_FILE, load_optimizer_state
+
+    if load_optimizer:
+        if (folder / FOLDER / STEPS_FILE).exists():
+            load_optimizer_state(folder, cfg, layout, trainer)
+        elif (folder / DEEPSPEED_TAG).is_dir():  # written by an earlier version: DeepSpeed's own, same layout only
+            trainer.deepspeed.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=False)
+            # DeepSpeed restores the saving run's clipping threshold with the optimizer state; this config decides
+            trainer.optimizer.clip_grad = cfg.applied_clip_grad_norm
+        elif any(p.name.startswith("optimizer_tp") for p in folder.iterdir()):
+            raise ConfigError(field, f"{folder}: holds InternEvo's own optimizer files (optimizer_tp*_pp*_zo*.pt), "
+                              "which cannot be resumed yet; start from its weights with ckpt.load_optimizer=False")
     context = load_metadata(folder / "context.pt")
     trainer.step_count = int(context["step_count"])
     if load_optimizer and "grad_scaler" in context:

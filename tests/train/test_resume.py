@@ -14,22 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 from adapter.checkpoint.convert import compare, open_checkpoint
-from adapter.checkpoint.io.safe_load import load_deepspeed_file
 from adapter.train.state_files import latest_checkpoint
 from adapter.config import RawConfig, normalize, validate
-from adapter.model.mapping import logical_from_chunk
 from tests.conftest import REPO, base_sections
 from tests.spawn import spawn
 
 
-def _config(save: str, total_steps: int = 6, **ckpt):
-    """dp × pp=2 × 2 virtual stages on the shipped tiny dataset (dp from the world size)."""
+def _config(save: str, total_steps: int = 6, tp: int = 1, pp: int = 2, vpp: int = 2, sp: bool = False, **ckpt):
+    """dp × pp × virtual stages (default 2 × 2) on the shipped tiny dataset (dp from the world size)."""
     s = base_sections()
-    s["model"].update(num_layers=4, num_chunks=2, vocab_size=264)
+    s["model"].update(num_layers=4, num_chunks=vpp, vocab_size=264)
     s["data"].update(seq_len=32, micro_bsz=2, micro_num=4, total_steps=total_steps,
                      train_folder=str(REPO / "launch/data/tiny"))
     s["adam"].update(lr=3e-3)
-    s["parallel"] = dict(zero1=-1, tensor=1, pipeline=dict(size=2, interleaved_overlap=True))
+    s["parallel"] = dict(zero1=-1, tensor=dict(size=tp, mode="msp" if sp else "mtp"),
+                         pipeline=dict(size=pp, interleaved_overlap=True))
     s["ckpt"] = {**dict(enable_save_ckpt=True, save_ckpt_folder=f"local:{save}", checkpoint_every=3,
                         oss_snapshot_freq=0, auto_resume=True), **ckpt}
     s["enable_tb"] = False
@@ -37,12 +36,12 @@ def _config(save: str, total_steps: int = 6, **ckpt):
     return cfg, validate(cfg, int(os.environ.get("WORLD_SIZE", "4")))
 
 
-def _run(save: str, max_steps: int | None, ckpt: dict, total_steps: int = 6) -> list | None:
+def _run(save: str, max_steps: int | None, ckpt: dict, total_steps: int = 6, layout: dict | None = None) -> list | None:
     import torch.distributed as dist
 
     from adapter.train.loop import RunOptions, train
 
-    cfg, layout = _config(save, total_steps, **ckpt)
+    cfg, layout = _config(save, total_steps, **(layout or {}), **ckpt)
     records = train(cfg, layout, RunOptions(max_steps=max_steps))
     return [(r["step"], r["loss"], r["batch_count"]) for r in records] if dist.get_rank() == 0 else None
 
@@ -60,15 +59,12 @@ def test_resume_after_restart_is_exact(tmp_path):
     assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
     a, b = open_checkpoint(tmp_path / "a" / "6"), open_checkpoint(tmp_path / "b" / "6")
     assert compare(a, b, atol=1e-6) == []
-    # interop: the InternEvo shards equal the live weights DeepSpeed saved from the engine's module
-    cfg, layout = _config(str(tmp_path / "a"))
-    for pp_rank in range(2):
-        module = load_deepspeed_file(tmp_path / "a" / "6" / "deepspeed" / f"mp_rank_{pp_rank:02d}_model_states.pt")
-        for vp in range(2):
-            prefix = f"chunks.{vp}."
-            chunk = {k[len(prefix):]: v for k, v in module["module"].items() if k.startswith(prefix)}
-            for key, value in logical_from_chunk([chunk], cfg.model, layout, pp_rank, vp).items():
-                assert torch.equal(value, a.tensors[key]), key
+    # in an fp32 run ZeRO's master weights are the model's: the optimizer's fp32 files equal the weights
+    cfg, _ = _config(str(tmp_path / "a"))
+    masters = open_checkpoint(tmp_path / "a" / "6" / "optimizer" / "fp32", cfg.model)
+    assert compare(a, masters) == []
+    moments = open_checkpoint(tmp_path / "a" / "6" / "optimizer" / "exp_avg_sq", cfg.model)
+    assert all(moments.tensors[k].min() >= 0 and moments.tensors[k].max() > 0 for k in moments.tensors)
     # a folder without its completion marker is never picked
     partial = tmp_path / "b" / "9"
     shutil.copytree(tmp_path / "b" / "6", partial)
@@ -78,6 +74,26 @@ def test_resume_after_restart_is_exact(tmp_path):
     fresh = spawn(_run, 4, str(tmp_path / "c"), 1, {"load_model_only_folder": f"local:{tmp_path}/a/6",
                                                       "auto_resume": False})[0]
     assert fresh[0][0] == 1 and fresh[0][1] < whole[0][1]  # starts from the trained model's lower loss
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_resume_at_another_layout(tmp_path):
+    """6 steps at pp=2 × 2 virtual stages equal 3 steps there, a save, and 3 more at pp=1 on one process, or
+    at tp=2 with sequence parallelism: the optimizer state goes wherever the weights go."""
+    pp_vpp = {"pp": 2, "vpp": 2}
+    whole = spawn(_run, 2, str(tmp_path / "a"), None, {}, 6, pp_vpp)[0]
+    first = spawn(_run, 2, str(tmp_path / "b"), 3, {}, 6, pp_vpp)[0]
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    pp1 = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, {"pp": 1, "vpp": 1})[0]
+    tp2 = spawn(_run, 2, str(tmp_path / "c"), None, {}, 6, {"tp": 2, "pp": 1, "vpp": 1, "sp": True})[0]
+    for second in (pp1, tp2):
+        assert [r[0] for r in second] == [4, 5, 6]
+        assert [r[2] for r in second] == [r[2] for r in whole[3:]]
+        assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
+    reference = open_checkpoint(tmp_path / "a" / "6")
+    for folder in ("b", "c"):
+        assert compare(open_checkpoint(tmp_path / folder / "6"), reference, atol=1e-6) == []
 
 
 @pytest.mark.multiproc
