@@ -21,42 +21,72 @@ class DataError(ValueError):
 
 
 class TokenizedFile:
-    """One ``.bin`` file: random access to its samples, shortest ones dropped (``min_length``)."""
+    """One ``.bin`` file: random access to its samples, shortest ones dropped (``min_length``).
 
-    def __init__(self, path: str | os.PathLike, type_id: int = 0, min_length: int = 0):
-        self.path = Path(path)
-        self.type_id = type_id
-        meta_path = Path(f"{self.path}.meta")
-        if not meta_path.exists():
-            raise DataError(f"{meta_path}: missing (every .bin needs its .bin.meta index)")
-        meta = np.load(meta_path)
-        if meta.ndim != 2 or meta.shape[1] < 2:
-            raise DataError(f"{meta_path}: expected an [N, 2] array of (byte offset, token count)")
-        self.offsets = meta[:, 0].astype(np.int64)
-        self.lengths = meta[:, -1].astype(np.int64)
+    The ``.meta`` index is memory-mapped, never copied: ``lengths`` maps it afresh for the packer, whose
+    construction is its only full read, so those pages are unmapped again once packing has its cumulative sums,
+    and samples are found through a second mapping that only ever touches the rows read. A pre-training corpus
+    of a billion samples thus costs its index structures (``packing``), not 16 more bytes a sample here.
+    ``vocab_size`` refuses token ids the model's embedding does not have, naming the file and the sample."""
+
+    def __init__(self, path: str | os.PathLike, type_id: int = 0, min_length: int = 0,
+                 vocab_size: int | None = None):
+        self.path, self.type_id, self.vocab_size = Path(path), type_id, vocab_size
+        self.meta_path = Path(f"{self.path}.meta")
+        if not self.meta_path.exists():
+            raise DataError(f"{self.meta_path}: missing (every .bin needs its .bin.meta index)")
+        meta = self._open_meta()
+        self.kept: np.ndarray | None = None
+        """Meta rows of the samples kept by ``min_length`` (``None``: all of them)."""
         if min_length > 0:
-            keep = self.lengths >= min_length
-            self.offsets, self.lengths = self.offsets[keep], self.lengths[keep]
-        self._map = None
+            keep = np.flatnonzero(meta[:, -1] >= min_length)
+            if len(keep) < len(meta):
+                self.kept = keep
+        self._len = len(meta) if self.kept is None else len(self.kept)
+        self._meta = self._map = None
+
+    def _open_meta(self) -> np.ndarray:
+        try:
+            meta = np.load(self.meta_path, mmap_mode="r")
+        except ValueError as exc:
+            raise DataError(f"{self.meta_path}: not a numpy array file ({exc})") from None
+        if meta.ndim != 2 or meta.shape[1] < 2 or meta.dtype.kind not in "iu":
+            raise DataError(f"{self.meta_path}: expected an [N, 2] integer array of (byte offset, token count)")
+        return meta
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token counts of the kept samples (a view of a fresh mapping: read once by the packer, then let go)."""
+        lengths = self._open_meta()[:, -1]
+        return lengths if self.kept is None else lengths[self.kept]
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return self._len
 
     def __getitem__(self, index: int) -> dict:
         if self._map is None:
+            self._meta = self._open_meta()
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        start = int(self.offsets[index])
+        row = self._meta[index if self.kept is None else self.kept[index]]
+        start, length = int(row[0]), int(row[-1])
         end = self._map.find(b"\n", start)
         line = self._map[start:end if end >= 0 else len(self._map)]
         try:
-            tokens = json.loads(line)["tokens"]
-        except (ValueError, KeyError) as exc:
+            tokens = np.array(json.loads(line)["tokens"], dtype=np.int64)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise DataError(f"{self.path}: byte {start}: not a {{\"tokens\": [...]}} line ({exc})") from exc
+        if tokens.shape != (length,):
+            raise DataError(f"{self.path}: byte {start}: {tokens.size} tokens where {self.meta_path.name} says "
+                            f"{length}")
+        if self.vocab_size is not None and tokens.size and np.abs(tokens).max() >= self.vocab_size:
+            bad = int(tokens[np.abs(tokens) >= self.vocab_size][0])
+            raise DataError(f"{self.path}: byte {start}: token id {bad} is outside the model's vocabulary "
+                            f"(model.vocab_size={self.vocab_size}); was the data tokenized for another model?")
         return {"tokens": tokens, "type_id": self.type_id}
 
     def __getstate__(self) -> dict:  # mmap objects do not pickle (data-loader workers)
-        return {**self.__dict__, "_map": None}
+        return {**self.__dict__, "_meta": None, "_map": None}
 
 
 def write_tokenized(path: str | os.PathLike, samples: list[list[int]]) -> None:
