@@ -28,6 +28,12 @@ def shuffled_order(count: int) -> np.ndarray:
     return order
 
 
+def cumulative_lengths(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Token count up to and including each sample, in ``order`` (int64), summed in place: no temporary."""
+    ends = lengths[order].astype(np.int64, copy=False)
+    return np.cumsum(ends, out=ends)
+
+
 def _row(tokens: list[np.ndarray], labels: list[np.ndarray], type_ids: list[np.ndarray],
          pieces: list[int]) -> dict:
     """A packed row from its fragments and piece lengths: ``cu_seqlens`` over the pieces, positions per piece."""
@@ -43,8 +49,7 @@ class PackedWithCut:
         self.micro_bsz, self.packed = micro_bsz, packed
         lengths = dataset.lengths
         self.order = shuffled_order(len(lengths))
-        self.ends = np.cumsum(lengths[self.order], dtype=np.int64)
-        """Token count up to and including each sample, in shuffled order."""
+        self.ends = cumulative_lengths(lengths, self.order)
         self.num_tokens = int(self.ends[-1]) if len(self.ends) else 0
 
     def __len__(self) -> int:
@@ -115,7 +120,7 @@ class PackedIntoOne:
         self.dataset, self.seq_len, self.packed_length = dataset, seq_len, packed_length
         lengths = dataset.lengths
         self.order = shuffled_order(len(lengths))
-        self.cum = np.cumsum(lengths[self.order], dtype=np.int64)
+        self.cum = cumulative_lengths(lengths, self.order)
         self.num_tokens = int(self.cum[-1]) if len(self.cum) else 0
 
     def __len__(self) -> int:

@@ -8,7 +8,6 @@ the sorted sub-folder names' positions, and every ``.bin`` must sit under exactl
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 from pathlib import Path
@@ -23,11 +22,12 @@ class DataError(ValueError):
 class TokenizedFile:
     """One ``.bin`` file: random access to its samples, shortest ones dropped (``min_length``).
 
-    The ``.meta`` index is memory-mapped, never copied: ``lengths`` maps it afresh for the packer, whose
-    construction is its only full read, so those pages are unmapped again once packing has its cumulative sums,
-    and samples are found through a second mapping that only ever touches the rows read. A pre-training corpus
-    of a billion samples thus costs its index structures (``packing``), not 16 more bytes a sample here.
-    ``vocab_size`` refuses token ids the model's embedding does not have, naming the file and the sample."""
+    Nothing is held open or mapped between reads: the ``.meta`` index is memory-mapped only to be read whole
+    (``lengths``, once, by the packer, for its cumulative sums) and let go after it; a sample is its meta row
+    read at its place in the file and one ``readline`` at its offset. So a rank's memory is its index structures (``packing``), not
+    16 bytes a sample of metas plus the pages of every ``.bin`` line it has read, which a lasting mapping
+    would keep counting in its resident set over a trillion-token run; and thousands of files hold no
+    descriptors. ``vocab_size`` refuses token ids the model's embedding does not have, naming the file."""
 
     def __init__(self, path: str | os.PathLike, type_id: int = 0, min_length: int = 0,
                  vocab_size: int | None = None):
@@ -35,7 +35,7 @@ class TokenizedFile:
         self.meta_path = Path(f"{self.path}.meta")
         if not self.meta_path.exists():
             raise DataError(f"{self.meta_path}: missing (every .bin needs its .bin.meta index)")
-        meta = self._open_meta()
+        meta = self._meta()
         self.kept: np.ndarray | None = None
         """Meta rows of the samples kept by ``min_length`` (``None``: all of them)."""
         if min_length > 0:
@@ -43,9 +43,10 @@ class TokenizedFile:
             if len(keep) < len(meta):
                 self.kept = keep
         self._len = len(meta) if self.kept is None else len(self.kept)
-        self._meta = self._map = None
+        self._layout = (meta.offset, meta.strides, meta.dtype, meta.shape[1])
+        """Where a meta element lies in the file: data offset, byte strides, dtype, columns."""
 
-    def _open_meta(self) -> np.ndarray:
+    def _meta(self) -> np.ndarray:
         try:
             meta = np.load(self.meta_path, mmap_mode="r")
         except ValueError as exc:
@@ -56,22 +57,28 @@ class TokenizedFile:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Token counts of the kept samples (a view of a fresh mapping: read once by the packer, then let go)."""
-        lengths = self._open_meta()[:, -1]
+        """Token counts of the kept samples (a view of a fresh mapping, unmapped once the caller lets go)."""
+        lengths = self._meta()[:, -1]
         return lengths if self.kept is None else lengths[self.kept]
 
     def __len__(self) -> int:
         return self._len
 
+    def _meta_row(self, row: int) -> tuple[int, int]:
+        """(byte offset, token count) of one meta row, read from the file (mapping it costs ten times more)."""
+        offset, (row_stride, column_stride), dtype, columns = self._layout
+        values = []
+        with open(self.meta_path, "rb") as f:
+            for column in (0, columns - 1):
+                f.seek(offset + row * row_stride + column * column_stride)
+                values.append(int(np.frombuffer(f.read(dtype.itemsize), dtype)[0]))
+        return values[0], values[1]
+
     def __getitem__(self, index: int) -> dict:
-        if self._map is None:
-            self._meta = self._open_meta()
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        row = self._meta[index if self.kept is None else self.kept[index]]
-        start, length = int(row[0]), int(row[-1])
-        end = self._map.find(b"\n", start)
-        line = self._map[start:end if end >= 0 else len(self._map)]
+        start, length = self._meta_row(int(index if self.kept is None else self.kept[index]))
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            line = f.readline()
         try:
             tokens = np.array(json.loads(line)["tokens"], dtype=np.int64)
         except (ValueError, KeyError, TypeError, OverflowError) as exc:
@@ -84,9 +91,6 @@ class TokenizedFile:
             raise DataError(f"{self.path}: byte {start}: token id {bad} is outside the model's vocabulary "
                             f"(model.vocab_size={self.vocab_size}); was the data tokenized for another model?")
         return {"tokens": tokens, "type_id": self.type_id}
-
-    def __getstate__(self) -> dict:  # mmap objects do not pickle (data-loader workers)
-        return {**self.__dict__, "_meta": None, "_map": None}
 
 
 def write_tokenized(path: str | os.PathLike, samples: list[list[int]]) -> None:

@@ -70,9 +70,10 @@ def test_concat_rows_find_the_part_of_every_row():
             rows[bad]
 
 
-@pytest.mark.parametrize("dtype, columns", [(np.int32, 2), (np.int64, 3)])
-def test_metas_as_internevo_writes_them(tmp_path, dtype, columns):
-    """InternEvo's tokenizer writes int32 metas, and some have a middle column; the last one is the length."""
+@pytest.mark.parametrize("dtype, columns, order", [(np.int32, 2, "C"), (np.int64, 3, "C"), (np.int64, 2, "F")])
+def test_metas_as_internevo_writes_them(tmp_path, dtype, columns, order):
+    """InternEvo's tokenizer writes int32 metas, and some have a middle column; the last one is the length.
+    A meta saved from a column-major array is read as such."""
     g = np.random.RandomState(3)
     write_tokenized(tmp_path / "en" / "a.bin", [list(g.randint(1, 100, size=n)) for n in g.randint(3, 40, size=30)])
     cfg = dataclasses.replace(read_config(CONFIGS / "tiny.py")[0].data, train_folder=str(tmp_path), seq_len=16,
@@ -81,7 +82,7 @@ def test_metas_as_internevo_writes_them(tmp_path, dtype, columns):
     meta = np.load(tmp_path / "en" / "a.bin.meta")
     middle = [np.full(len(meta), 7)] if columns == 3 else []
     with open(tmp_path / "en" / "a.bin.meta", "wb") as f:  # np.save would add ".npy" to a path
-        np.save(f, np.stack([meta[:, 0], *middle, meta[:, 1]], axis=1).astype(dtype))
+        np.save(f, np.stack([meta[:, 0], *middle, meta[:, 1]], axis=1).astype(dtype, order=order))
     assert np.load(tmp_path / "en" / "a.bin.meta").dtype == dtype
     rows = packed_rows(cfg)
     assert all(rows[i].keys() == row.keys() and all(np.array_equal(rows[i][k], row[k]) for k in row)
