@@ -11,8 +11,8 @@ micro_bsz 2, so rows of 4096 tokens; micro_num 4) and reports:
 * steady batches/s over the next ``--batches`` batches;
 * peak memory: the process's peak resident set (``VmHWM``) minus its resident set after imports, also per
   sample (memory-mapped meta pages count while mapped);
-* the sampler checkpoint: ``torch.save`` of its state (to the end of an ``fsync``), its size, and the
-  ``torch.load(weights_only=True)`` + ``load_state_dict`` of it.
+* the sampler checkpoint: ``torch.save`` of its state (to the end of an ``fsync``), its size, and
+  ``load_state_dict(torch.load(..., weights_only=True))`` of it (a restore).
 
 ``--code DIR`` measures another checkout's ``adapter`` package (e.g. ``git archive`` of an older commit).
 
@@ -77,7 +77,6 @@ def measure(folder: Path, dp: int, batches: int, workers: int) -> dict:
 
     from adapter.config import RawConfig, normalize
     from adapter.data.loader import build_train_batches
-    from adapter.data.sampler import BatchSampler
 
     raw = {"model_type": "INTERNLM", "adam": {"lr": 1e-4}, "ckpt": {"enable_save_ckpt": False},
            "model": {"num_layers": 1, "hidden_size": 64, "num_attention_heads": 1, "vocab_size": 1024},
@@ -102,8 +101,7 @@ def measure(folder: Path, dp: int, batches: int, workers: int) -> dict:
         os.fsync(f.fileno())
     save = time.perf_counter() - start
     start = time.perf_counter()
-    restored = BatchSampler(sampler.num_samples, cfg.micro_num, None, cfg.seed, 0, dp)
-    restored.load_state_dict(torch.load(path, weights_only=True))
+    sampler.load_state_dict(torch.load(path, weights_only=True))
     load = time.perf_counter() - start
     return {"first_batch_s": first, "batches_per_s": steady, "peak_mib": (peak - base) / 1024,
             "rss_after_imports_mib": base / 1024, "rows": sampler.num_samples, "sampler_save_s": save,

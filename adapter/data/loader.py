@@ -106,9 +106,8 @@ def build_train_batches(cfg: DataConfig, dp_rank: int, dp_size: int, sampler_sta
     out, so its state (what a checkpoint saves) is exactly that of the batches trained on, however far the
     workers have read ahead. ``vocab_size``: refuse token ids the model does not have (``TokenizedFile``)."""
     rows = packed_rows(cfg, folder_order, vocab_size)
-    sampler = BatchSampler(len(rows), cfg.micro_num, cfg.rampup_batch_size, cfg.seed, dp_rank, dp_size)
-    if sampler_state is not None:
-        sampler.load_state_dict(sampler_state)
+    sampler = BatchSampler(len(rows), cfg.micro_num, cfg.rampup_batch_size, cfg.seed, dp_rank, dp_size,
+                           state=sampler_state)
     collated = CollatedBatches(rows, cfg.packed_length)
 
     def batches() -> Iterator[tuple[int, dict]]:

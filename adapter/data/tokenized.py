@@ -22,8 +22,8 @@ class DataError(ValueError):
 class TokenizedFile:
     """One ``.bin`` file: random access to its samples, shortest ones dropped (``min_length``).
 
-    Nothing is held open or mapped between reads: the ``.meta`` index is memory-mapped only to be read whole
-    (``lengths``, once, by the packer, for its cumulative sums) and let go after it; a sample is its meta row
+    Nothing is held open or mapped between reads: the ``.meta`` index is memory-mapped only to be read (its
+    lengths once, by the packer, for its cumulative sums); a sample is its meta row
     read at its place in the file and one ``readline`` at its offset. So a rank's memory is its index structures (``packing``), not
     16 bytes a sample of metas plus the pages of every ``.bin`` line it has read, which a lasting mapping
     would keep counting in its resident set over a trillion-token run; and thousands of files hold no
@@ -57,8 +57,14 @@ class TokenizedFile:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Token counts of the kept samples (a view of a fresh mapping, unmapped once the caller lets go)."""
-        lengths = self._meta()[:, -1]
+        """Token counts of the kept samples, as a contiguous int32 copy from a fresh mapping (unmapped on return):
+        the packer gathers them in shuffled order, three times faster from 4 bytes a sample than from the
+        mapped column of 8."""
+        column = self._meta()[:, -1]
+        if len(column) and (column.min() < 0 or column.max() >= 2**31):
+            raise DataError(f"{self.meta_path}: token counts must lie in [0, 2**31), found "
+                            f"{column.min()} to {column.max()}")
+        lengths = column.astype(np.int32)
         return lengths if self.kept is None else lengths[self.kept]
 
     def __len__(self) -> int:

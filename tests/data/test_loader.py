@@ -45,19 +45,31 @@ def test_workers_give_the_same_batches_and_resume_exactly(tiny, tmp_path):
     assert _same(first + list(islice(resumed, 7)), expected)
 
 
-def test_sampler_state_is_arrays_and_old_list_states_load(tiny, tmp_path):
+def test_sampler_state_is_small_and_old_index_array_states_load(tiny, tmp_path):
+    """The state names the epoch by its generator state, not its index array, and loads with weights_only;
+    states written with the array (a list before, a tensor when resumed from a list) resume the same stream."""
     sampler, batches = build_train_batches(tiny, 0, 1)
     list(islice(batches, 240))  # into the second epoch: the generator has shuffled twice
-    state = sampler.state_dict()
-    assert isinstance(state["indices"], torch.Tensor) and isinstance(state["rng_state"][1], torch.Tensor)
-    torch.save(state, tmp_path / "sampler.pt")
-    expected = list(islice(batches, 30))
-    as_lists = {**state, "indices": state["indices"].tolist(),  # how sampler.pt was written before
-                "rng_state": [state["rng_state"][0], state["rng_state"][1].tolist(), *state["rng_state"][2:]]}
-    torch.save(as_lists, tmp_path / "old.pt")
+    old = {**sampler.state_dict(), "indices": sampler.indices.tolist(),  # how sampler.pt was written before
+           "rng_state": [part.tolist() if isinstance(part, np.ndarray) else part for part in sampler.rng.get_state()]}
+    for key in ("num_samples", "epoch_size", "epoch_rng_state"):
+        del old[key]
+    torch.save(sampler.state_dict(), tmp_path / "sampler.pt")
+    torch.save(old, tmp_path / "old.pt")
+    assert (tmp_path / "sampler.pt").stat().st_size < 8 * 1024  # the generator's 624 keys, not 925 indices
+    expected = list(islice(batches, 200))  # and on into the third epoch
     for path in ("sampler.pt", "old.pt"):
         _, resumed = build_train_batches(tiny, 0, 1, sampler_state=torch.load(tmp_path / path, weights_only=True))
-        assert _same(list(islice(resumed, 30)), expected), path
+        assert _same(list(islice(resumed, 200)), expected), path
+    again, resumed = build_train_batches(tiny, 0, 1, sampler_state=torch.load(tmp_path / "old.pt", weights_only=True))
+    list(islice(resumed, 10))  # still in the epoch the old state described: its array is saved, as a tensor
+    assert isinstance(again.state_dict()["indices"], torch.Tensor)
+    torch.save(again.state_dict(), tmp_path / "again.pt")
+    _, resumed = build_train_batches(tiny, 0, 1, sampler_state=torch.load(tmp_path / "again.pt", weights_only=True))
+    assert _same(list(islice(resumed, 190)), expected[10:])
+    with pytest.raises(ValueError, match="saved over 925 packed rows; the data now has 1850"):
+        build_train_batches(dataclasses.replace(tiny, micro_bsz=1), 0, 1,
+                            sampler_state=torch.load(tmp_path / "sampler.pt", weights_only=True))
 
 
 def test_concat_rows_find_the_part_of_every_row():
