@@ -104,7 +104,8 @@ def build_train_batches(cfg: DataConfig, dp_rank: int, dp_size: int, sampler_sta
     With ``num_workers`` > 0, that many ``DataLoader`` worker processes read and collate the batches of a
     look-ahead copy of the sampler, in its order; the returned sampler advances one batch per batch handed
     out, so its state (what a checkpoint saves) is exactly that of the batches trained on, however far the
-    workers have read ahead. ``vocab_size``: refuse token ids the model does not have (``TokenizedFile``)."""
+    workers have read ahead (each epoch's shuffle of the row indices then runs in both). ``vocab_size``:
+    refuse token ids the model does not have (``TokenizedFile``)."""
     rows = packed_rows(cfg, folder_order, vocab_size)
     sampler = BatchSampler(len(rows), cfg.micro_num, cfg.rampup_batch_size, cfg.seed, dp_rank, dp_size,
                            state=sampler_state)

@@ -9,8 +9,9 @@ pieces that ignore sample boundaries (``PackedIntoOne``). With ``use_packed_data
 ``micro_bsz`` whole samples (truncated to ``seq_len``) padded with zeros (``PackedWithCut.unpacked``).
 
 The index of a file is two numpy arrays built without a per-sample Python step: the shuffled order (int32
-while a file has fewer than 2**31 samples) and the cumulative token counts in that order (int64), 12 bytes a
-sample; rows are located by binary search and assembled as numpy arrays.
+while a file has fewer than 2**31 samples) and the cumulative token counts in that order (uint32 while it
+has fewer than 2**32 tokens, else int64), 8 bytes a sample; rows are located by binary search and assembled
+as numpy arrays.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ def shuffled_order(count: int) -> np.ndarray:
 
 
 def cumulative_lengths(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Token count up to and including each sample, in ``order`` (int64; summed in place: ``cumsum`` with a
-    ``dtype`` casts through a buffer, ten times slower)."""
+    """Token count up to and including each sample, in ``order``: uint32 while the file has fewer than 2**32
+    tokens (a file of a million samples has about 1e9), else int64. Summed in int64 in place (``cumsum`` with
+    a ``dtype`` casts through a buffer, ten times slower)."""
     ends = lengths[order].astype(np.int64)
-    return np.cumsum(ends, out=ends)
+    np.cumsum(ends, out=ends)
+    return ends.astype(np.uint32) if len(ends) and ends[-1] < 2**32 else ends
 
 
 def _row(tokens: list[np.ndarray], labels: list[np.ndarray], type_ids: list[np.ndarray],

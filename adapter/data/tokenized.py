@@ -22,12 +22,12 @@ class DataError(ValueError):
 class TokenizedFile:
     """One ``.bin`` file: random access to its samples, shortest ones dropped (``min_length``).
 
-    Nothing is held open or mapped between reads: the ``.meta`` index is memory-mapped only to be read (its
-    lengths once, by the packer, for its cumulative sums); a sample is its meta row
-    read at its place in the file and one ``readline`` at its offset. So a rank's memory is its index structures (``packing``), not
-    16 bytes a sample of metas plus the pages of every ``.bin`` line it has read, which a lasting mapping
-    would keep counting in its resident set over a trillion-token run; and thousands of files hold no
-    descriptors. ``vocab_size`` refuses token ids the model's embedding does not have, naming the file."""
+    Nothing stays open or mapped between reads. The ``.meta`` index is memory-mapped only while it is read
+    (whole once, by the packer, for its lengths); a sample is its meta row, read at its place in the file,
+    and one ``readline`` at its offset. A lasting mapping would keep 16 bytes a sample of metas, and the page
+    of every ``.bin`` line read, in the rank's resident set over a trillion-token run; thousands of files
+    would hold as many descriptors. ``vocab_size`` refuses token ids the model's embedding does not have,
+    naming the file and the sample's byte offset."""
 
     def __init__(self, path: str | os.PathLike, type_id: int = 0, min_length: int = 0,
                  vocab_size: int | None = None):

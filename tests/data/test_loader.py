@@ -100,3 +100,13 @@ def test_metas_as_internevo_writes_them(tmp_path, dtype, columns, order):
     assert all(rows[i].keys() == row.keys() and all(np.array_equal(rows[i][k], row[k]) for k in row)
                for i, row in enumerate(expected))
     assert TokenizedFile(tmp_path / "en" / "a.bin").lengths.tolist() == meta[:, 1].tolist()
+
+
+def test_cumulative_lengths_widen_past_2_to_the_32_tokens():
+    from adapter.data.packing import cumulative_lengths
+
+    order = np.array([2, 0, 1], dtype=np.int32)
+    small = cumulative_lengths(np.array([5, 7, 2**31 - 1], dtype=np.int32), order)
+    big = cumulative_lengths(np.array([2**31 - 1, 2**31 - 1, 3], dtype=np.int32), order)
+    assert small.dtype == np.uint32 and small.tolist() == [2**31 - 1, 2**31 + 4, 2**31 + 11]
+    assert big.dtype == np.int64 and big.tolist() == [3, 2**31 + 2, 2**32 + 1]
