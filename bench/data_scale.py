@@ -7,14 +7,16 @@ each length, and each meta row points at the line of its length, so every sample
 meta says. Per size, a fresh process builds one data-parallel rank's batches (``--dp`` ranks; seq_len 2048,
 micro_bsz 2, so rows of 4096 tokens; micro_num 4) and reports:
 
-* time to first batch: from ``build_train_batches`` to its first batch (the index is built in between);
+* time to first batch: from ``build_train_batches`` to its first batch (the index is built in between), wall
+  and CPU time of the process (the CPU time moves less on a shared machine);
 * steady batches/s over the next ``--batches`` batches;
 * peak memory: the process's peak resident set (``VmHWM``) minus its resident set after imports, also per
   sample (memory-mapped meta pages count while mapped);
 * the sampler checkpoint: ``torch.save`` of its state (to the end of an ``fsync``), its size, and
   ``load_state_dict(torch.load(..., weights_only=True))`` of it (a restore).
 
-``--code DIR`` measures another checkout's ``adapter`` package (e.g. ``git archive`` of an older commit).
+``--repeat N`` reports the best of N runs (least time, most batches/s). ``--code DIR`` measures another
+checkout's ``adapter`` package (e.g. ``git archive`` of an older commit).
 
     .venv/bin/python bench/data_scale.py --dir /tmp/data-scale [--sizes 1000000 10000000 100000000]
 """
@@ -84,11 +86,11 @@ def measure(folder: Path, dp: int, batches: int, workers: int) -> dict:
                     "train_folder": str(folder)}}
     cfg = normalize(RawConfig(raw, "bench.py", {})).data
     base = _rss_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     kwargs = {"num_workers": workers} if workers else {}  # older checkouts have no num_workers
     sampler, stream = build_train_batches(cfg, 0, dp, **kwargs)
     next(stream)
-    first = time.perf_counter() - start
+    first, first_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     for _ in range(batches):
         next(stream)
@@ -103,9 +105,18 @@ def measure(folder: Path, dp: int, batches: int, workers: int) -> dict:
     start = time.perf_counter()
     sampler.load_state_dict(torch.load(path, weights_only=True))
     load = time.perf_counter() - start
-    return {"first_batch_s": first, "batches_per_s": steady, "peak_mib": (peak - base) / 1024,
+    return {"first_batch_s": first, "first_batch_cpu_s": first_cpu, "batches_per_s": steady, "peak_mib": (peak - base) / 1024,
             "rss_after_imports_mib": base / 1024, "rows": sampler.num_samples, "sampler_save_s": save,
             "sampler_mib": path.stat().st_size / 2**20, "sampler_load_s": load}
+
+
+def measure_in_child(args: argparse.Namespace, folder: Path) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--measure", str(folder),
+                            "--dp", str(args.dp), "--batches", str(args.batches), "--workers", str(args.workers)],
+                           env={**os.environ, "PYTHONPATH": str(args.code)}, capture_output=True, text=True)
+    if child.returncode:
+        sys.exit(f"{folder}: the measuring process failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.splitlines()[-1])
 
 
 def main() -> None:
@@ -116,28 +127,26 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=8)
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="best of this many runs (times: least; rates: most)")
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose adapter package is measured")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-size child process
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.dp, args.batches, args.workers)))
         return
-    print("| samples | files | rows | first batch | batches/s | peak memory | bytes/sample | sampler save | "
+    print("| samples | files | rows | first batch (CPU) | batches/s | peak memory | bytes/sample | sampler save | "
           "sampler size | sampler load |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for samples in args.sizes:
         folder = args.dir / f"{samples}_{args.per_file}"
         write_metas(folder, samples, args.per_file)
-        child = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--measure", str(folder), "--dp", str(args.dp),
-                                "--batches", str(args.batches), "--workers", str(args.workers)],
-                               env={**os.environ, "PYTHONPATH": str(args.code)}, capture_output=True, text=True)
-        if child.returncode:
-            sys.exit(f"{samples} samples: the measuring process failed:\n{child.stderr[-3000:]}")
-        r = json.loads(child.stdout.splitlines()[-1])
+        runs = [measure_in_child(args, folder) for _ in range(args.repeat)]
+        r = {key: (max if key == "batches_per_s" else min)(run[key] for run in runs) for key in runs[0]}
         files = -(-samples // args.per_file)
-        print(f"| {samples:,} | {files} | {r['rows']:,} | {r['first_batch_s']:.2f} s | {r['batches_per_s']:.0f} | "
-              f"{r['peak_mib']:,.0f} MiB | {r['peak_mib'] * 2**20 / samples:.1f} | {r['sampler_save_s']:.2f} s | "
-              f"{r['sampler_mib']:.0f} MiB | {r['sampler_load_s']:.2f} s |", flush=True)
+        print(f"| {samples:,} | {files} | {r['rows']:,} | {r['first_batch_s']:.2f} s ({r['first_batch_cpu_s']:.2f} s) "
+              f"| {r['batches_per_s']:.0f} | {r['peak_mib']:,.0f} MiB | {r['peak_mib'] * 2**20 / samples:.1f} | "
+              f"{r['sampler_save_s']:.2f} s | {r['sampler_mib'] * 1024:,.0f} KiB | {r['sampler_load_s']:.2f} s |",
+              flush=True)
 
 
 if __name__ == "__main__":
