@@ -120,7 +120,11 @@ def build_train_batches(cfg: DataConfig, dp_rank: int, dp_size: int, sampler_sta
             pairs = ((indices, collated[indices]) for indices in sampler)
         for _indices, batch in pairs:
             if isinstance(batch, DataError):
-                raise batch
+                break
             yield sampler.batch_count - 1, batch
+        # the stream is endless: only a DataError gets here. Stop the workers before raising it, as its
+        # traceback holds this frame; shut down later by the garbage collector, they took 5 s each to go
+        del pairs
+        raise batch
 
     return sampler, batches()
