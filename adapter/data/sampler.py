@@ -22,11 +22,13 @@ import torch
 
 
 def _rng_to_state(rng_state: tuple) -> list:
+    """A ``RandomState.get_state()`` tuple with its key as an int64 tensor, which ``weights_only`` loads."""
     name, keys, pos, has_gauss, cached = rng_state
     return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
 
 
 def _rng_from_state(saved: list) -> tuple:
+    """Back to ``RandomState.set_state``'s tuple, from a key saved as a tensor or (before) as a list."""
     name, keys, pos, has_gauss, cached = saved
     return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
 
@@ -66,8 +68,9 @@ class BatchSampler:
         return count
 
     def _shuffle(self, size: int) -> None:
-        """This epoch's indices: ``size`` of all rows, shuffled by the generator as it stands (int32 below 2**31
-        rows: the permutation depends only on the count, and half the bytes shuffle faster)."""
+        """This epoch's indices: ``size`` of all rows, shuffled by the generator as it stands, whose state is kept
+        as ``epoch_start`` for checkpoints (int32 below 2**31 rows: the permutation depends only on the count,
+        and half the bytes shuffle faster)."""
         self.epoch_start = self.rng.get_state()
         indices = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 2**31 else np.int64)
         self.rng.shuffle(indices)
