@@ -7,28 +7,54 @@ per piece, and labels are the next token within the sample (-100 after its last 
 that cuts a sample, the label is the sample's next token). ``pack_sample_into_one`` uses fixed ``seq_len``
 pieces that ignore sample boundaries (``PackedIntoOne``). With ``use_packed_dataset=False`` a row holds
 ``micro_bsz`` whole samples (truncated to ``seq_len``) padded with zeros (``PackedWithCut.unpacked``).
+
+The index of a file is two numpy arrays built without a per-sample Python step: the shuffled order (int32
+while a file has fewer than 2**31 samples) and the cumulative token counts in that order (uint32 while it
+has fewer than 2**32 tokens, else int64), 8 bytes a sample; rows are located by binary search and assembled
+as numpy arrays.
 """
 
 from __future__ import annotations
-
-import bisect
-import itertools
 
 import numpy as np
 
 SEED = 1024  # InternEvo's DEFAULT_SEED for the per-file shuffle
 
 
+def shuffled_order(count: int) -> np.ndarray:
+    """``RandomState(1024).shuffle(arange(count))``, as InternEvo shuffles each file; the permutation depends
+    only on ``count``, not on the dtype, so int32 halves the memory of files below 2**31 samples."""
+    order = np.arange(count, dtype=np.int32 if count < 2**31 else np.int64)
+    np.random.RandomState(SEED).shuffle(order)
+    return order
+
+
+def cumulative_lengths(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Token count up to and including each sample, in ``order``: uint32 while the file has fewer than 2**32
+    tokens (a file of a million samples has about 1e9), else int64. Summed in int64 in place (``cumsum`` with
+    a ``dtype`` casts through a buffer, ten times slower)."""
+    ends = lengths[order].astype(np.int64)
+    np.cumsum(ends, out=ends)
+    return ends.astype(np.uint32) if len(ends) and ends[-1] < 2**32 else ends
+
+
+def _row(tokens: list[np.ndarray], labels: list[np.ndarray], type_ids: list[np.ndarray],
+         pieces: list[int]) -> dict:
+    """A packed row from its fragments and piece lengths: ``cu_seqlens`` over the pieces, positions per piece."""
+    return {"tokens": np.concatenate(tokens), "labels": np.concatenate(labels),
+            "type_ids": np.concatenate(type_ids),
+            "cu_seqlens": np.concatenate([[0], np.cumsum(pieces, dtype=np.int64)]).astype(np.int32),
+            "indexes": np.concatenate([np.arange(n, dtype=np.int64) for n in pieces])}
+
+
 class PackedWithCut:
     def __init__(self, dataset, seq_len: int, packed_length: int, micro_bsz: int, packed: bool = True):
         self.dataset, self.seq_len, self.packed_length = dataset, seq_len, packed_length
         self.micro_bsz, self.packed = micro_bsz, packed
-        lengths = np.asarray(dataset.lengths)
-        self.order = np.arange(len(lengths))
-        np.random.RandomState(SEED).shuffle(self.order)
-        self.shuffled_lengths = [int(lengths[i]) for i in self.order]
-        self.ends = list(itertools.accumulate(self.shuffled_lengths))
-        self.num_tokens = int(lengths.sum())
+        lengths = dataset.lengths
+        self.order = shuffled_order(len(lengths))
+        self.ends = cumulative_lengths(lengths, self.order)
+        self.num_tokens = int(self.ends[-1]) if len(self.ends) else 0
 
     def __len__(self) -> int:
         return self.num_tokens // self.packed_length
@@ -38,57 +64,55 @@ class PackedWithCut:
 
     def _locate(self, window_end: int) -> int:
         """Position (in shuffled order) of the sample holding token ``window_end - 1``."""
-        return bisect.bisect_left(self.ends, window_end)
+        return int(np.searchsorted(self.ends, window_end, side="left"))
 
-    def _pieces(self, out: dict, chunk: list[int]) -> None:
-        full, left = divmod(len(chunk), self.seq_len)
-        for n in [self.seq_len] * full + ([left] if left else []):
-            out["cu_seqlens"].append(out["cu_seqlens"][-1] + n)
-            out["indexes"].extend(range(n))
+    def _length(self, pos: int) -> int:
+        return int(self.ends[pos]) - (int(self.ends[pos - 1]) if pos else 0)
+
+    def _split(self, n: int) -> list[int]:
+        full, left = divmod(n, self.seq_len)
+        return [self.seq_len] * full + ([left] if left else [])
 
     def _pack(self, index: int) -> dict:
         start_pos, start_tok = 0, 0
         if index > 0:
             start_pos = self._locate(index * self.packed_length)
-            start_tok = self.shuffled_lengths[start_pos] - (self.ends[start_pos] - index * self.packed_length)
-            if start_tok == self.shuffled_lengths[start_pos]:
+            start_tok = self._length(start_pos) - (int(self.ends[start_pos]) - index * self.packed_length)
+            if start_tok == self._length(start_pos):
                 start_pos, start_tok = start_pos + 1, 0
         end_pos = self._locate((index + 1) * self.packed_length)
-        end_tok = self.shuffled_lengths[end_pos] - (self.ends[end_pos] - (index + 1) * self.packed_length)
-        out = {"tokens": [], "cu_seqlens": [0], "indexes": [], "labels": [], "type_ids": []}
-        pos, tok = start_pos, start_tok
-        while True:
+        end_tok = self._length(end_pos) - (int(self.ends[end_pos]) - (index + 1) * self.packed_length)
+        tokens, labels, type_ids, pieces = [], [], [], []
+        for pos in range(start_pos, end_pos + 1):
             sample = self.dataset[int(self.order[pos])]
-            tokens = list(sample["tokens"])
+            whole = sample["tokens"]
             last = pos == end_pos
-            chunk = tokens[tok:end_tok] if last else tokens[tok:]
-            cut_inside = last and end_tok < len(tokens)
-            out["tokens"] += chunk
-            out["labels"] += chunk[1:] + [tokens[end_tok] if cut_inside else -100]
-            out["type_ids"] += [sample.get("type_id", 0)] * len(chunk)
-            self._pieces(out, chunk)
-            if last:
-                return out
-            pos, tok = pos + 1, 0
+            tok = start_tok if pos == start_pos else 0
+            chunk = whole[tok:end_tok] if last else whole[tok:]
+            cut_inside = last and end_tok < len(whole)
+            tokens.append(chunk)
+            labels.append(np.append(chunk[1:], whole[end_tok] if cut_inside else -100))
+            type_ids.append(np.full(len(chunk), sample.get("type_id", 0), dtype=np.int64))
+            pieces += self._split(len(chunk))
+        return _row(tokens, labels, type_ids, pieces)
 
     def _unpack(self, index: int) -> dict:
-        out = {"tokens": [], "cu_seqlens": [0], "indexes": [], "labels": [], "type_ids": []}
+        tokens, labels, type_ids, pieces = [], [], [], []
         for pos in range(index * self.micro_bsz, min((index + 1) * self.micro_bsz, len(self.order))):
             sample = self.dataset[int(self.order[pos])]
-            chunk = list(sample["tokens"])[: self.seq_len]
-            out["tokens"] += chunk
-            out["labels"] += chunk[1:] + [-100]
-            out["type_ids"] += [sample.get("type_id", 0)] * len(chunk)
-            out["cu_seqlens"].append(out["cu_seqlens"][-1] + len(chunk))
-            out["indexes"] += range(len(chunk))
-        pad = self.packed_length - out["cu_seqlens"][-1]
+            chunk = sample["tokens"][: self.seq_len]
+            tokens.append(chunk)
+            labels.append(np.append(chunk[1:], -100))
+            type_ids.append(np.full(len(chunk), sample.get("type_id", 0), dtype=np.int64))
+            pieces.append(len(chunk))
+        pad = self.packed_length - sum(pieces)
         if pad:
-            out["tokens"] += [0] * pad
-            out["labels"] += [0] * pad
-            out["type_ids"] += [0] * pad
-            out["indexes"] += range(pad)
-            out["cu_seqlens"].append(self.packed_length)
-        return out
+            zeros = np.zeros(pad, dtype=np.int64)
+            tokens.append(zeros)
+            labels.append(zeros)
+            type_ids.append(zeros)
+            pieces.append(pad)
+        return _row(tokens, labels, type_ids, pieces)
 
 
 class PackedIntoOne:
@@ -98,11 +122,10 @@ class PackedIntoOne:
         if packed_length % seq_len:
             raise ValueError(f"packed_length {packed_length} is not a multiple of seq_len {seq_len}")
         self.dataset, self.seq_len, self.packed_length = dataset, seq_len, packed_length
-        lengths = np.asarray(dataset.lengths)
-        self.order = np.arange(len(lengths))
-        np.random.RandomState(SEED).shuffle(self.order)
-        self.cum = np.cumsum(lengths[self.order])
-        self.num_tokens = int(lengths.sum())
+        lengths = dataset.lengths
+        self.order = shuffled_order(len(lengths))
+        self.cum = cumulative_lengths(lengths, self.order)
+        self.num_tokens = int(self.cum[-1]) if len(self.cum) else 0
 
     def __len__(self) -> int:
         return self.num_tokens // self.packed_length
@@ -119,16 +142,13 @@ class PackedIntoOne:
             if idx == end_idx and end_len == 0 and idx != start_idx:
                 break
             sample = self.dataset[int(self.order[idx])]
-            piece = list(sample["tokens"])
             lo = start_len if idx == start_idx else 0
-            hi = end_len if idx == end_idx else len(piece)
-            piece = piece[lo:hi]
-            tokens += piece
-            labels += piece[1:] + [-100]
-            types += [sample.get("type_id", 0)] * len(piece)
-        pieces = self.packed_length // self.seq_len
-        return {"tokens": tokens, "cu_seqlens": [i * self.seq_len for i in range(pieces + 1)],
-                "indexes": list(range(self.seq_len)) * pieces, "labels": labels, "type_ids": types}
+            hi = end_len if idx == end_idx else len(sample["tokens"])
+            piece = sample["tokens"][lo:hi]
+            tokens.append(piece)
+            labels.append(np.append(piece[1:], -100))
+            types.append(np.full(len(piece), sample.get("type_id", 0), dtype=np.int64))
+        return _row(tokens, labels, types, [self.seq_len] * (self.packed_length // self.seq_len))
 
 
 class RandomDataset:
@@ -153,12 +173,12 @@ class RandomDataset:
                 r[short] *= 2
         return r
 
-    def _sample(self, index: int) -> list[int]:
+    def _sample(self, index: int) -> np.ndarray:
         n, r = int(self.n[index]), int(self.r[index])
         if self.fixed:
             while n * r < self.max_len:
                 r *= 2
-        return ([n, r] + list(range(n)) * r)[: self.max_len]
+        return np.array(([n, r] + list(range(n)) * r)[: self.max_len], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.n)

@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adapter.config.schema import DataConfig
@@ -24,14 +25,14 @@ from adapter.data.tokenized import TokenizedFile
 VALID_MIN_LENGTH = 50  # JsonlDataset's constructor default, which InternEvo's validation path keeps
 
 
-def _datasets(cfg: DataConfig, dp_size: int) -> dict[str, object]:
+def _datasets(cfg: DataConfig, dp_size: int, vocab_size: int | None) -> dict[str, object]:
     if not cfg.valid_folder:
         return {"val": RandomDataset(dp_size * 500, cfg.seq_len, cfg.fixed_random_dataset_seqlen)}
     groups: dict[str, list] = {}
     for root, _dirs, files in sorted(os.walk(cfg.valid_folder, followlinks=True)):
         for name in sorted(files):
             if name.endswith(".bin"):
-                ds = TokenizedFile(Path(root) / name, min_length=VALID_MIN_LENGTH)
+                ds = TokenizedFile(Path(root) / name, min_length=VALID_MIN_LENGTH, vocab_size=vocab_size)
                 if len(ds):
                     groups.setdefault(os.path.basename(root), []).append(ds)
     return {name: ConcatRows(parts) for name, parts in groups.items()}
@@ -41,17 +42,18 @@ def _collate(samples: list[dict], seq_len: int) -> dict:
     ids = torch.zeros(len(samples), seq_len, dtype=torch.int64)
     labels = torch.full((len(samples), seq_len), -100, dtype=torch.int64)
     for row, sample in enumerate(samples):
-        tokens = list(sample["tokens"])[:seq_len]
-        ids[row, :len(tokens)] = torch.tensor([abs(t) for t in tokens])
-        shifted = [t if t > 0 else -100 for t in tokens[1:]] + [-100]
-        labels[row, :len(tokens)] = torch.tensor(shifted)
+        tokens = sample["tokens"][:seq_len]
+        ids[row, :len(tokens)] = torch.from_numpy(np.abs(tokens))
+        labels[row, :len(tokens)] = torch.from_numpy(np.append(np.where(tokens[1:] > 0, tokens[1:], -100), -100))
     return {"input_ids": ids, "labels": labels}
 
 
-def build_valid_batches(cfg: DataConfig, dp_rank: int, dp_size: int) -> dict[str, list[dict]]:
-    """Validation set name → this rank's batches (``input_ids``/``labels`` ``[rows, seq_len]``)."""
+def build_valid_batches(cfg: DataConfig, dp_rank: int, dp_size: int,
+                        vocab_size: int | None = None) -> dict[str, list[dict]]:
+    """Validation set name → this rank's batches (``input_ids``/``labels`` ``[rows, seq_len]``); ``vocab_size``
+    refuses token ids the model does not have (``TokenizedFile``)."""
     out = {}
-    for name, ds in _datasets(cfg, dp_size).items():
+    for name, ds in _datasets(cfg, dp_size, vocab_size).items():
         n = len(ds)
         per_rank = math.ceil((n - dp_size) / dp_size) if n % dp_size else n // dp_size
         rows = min(cfg.valid_micro_num * cfg.micro_bsz, n // dp_size) // cfg.micro_bsz * cfg.micro_bsz

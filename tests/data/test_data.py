@@ -60,10 +60,10 @@ def test_write_read_round_trip_and_min_length(tmp_path):
     samples = [[1, 2, 3], list(range(1, 60)), [7] * 10]
     write_tokenized(tmp_path / "en" / "a.bin", samples)
     ds = TokenizedFile(tmp_path / "en" / "a.bin", type_id=3)
-    assert [ds[i]["tokens"] for i in range(3)] == samples and ds[0]["type_id"] == 3
-    assert list(ds.lengths) == [3, 59, 10]
-    assert [ds2["tokens"] for ds2 in [TokenizedFile(tmp_path / "en" / "a.bin", min_length=10)[i] for i in (0, 1)]] \
-        == [samples[1], samples[2]]
+    assert [ds[i]["tokens"].tolist() for i in range(3)] == samples and ds[0]["type_id"] == 3
+    assert ds.lengths.tolist() == [3, 59, 10]
+    kept = TokenizedFile(tmp_path / "en" / "a.bin", min_length=10)
+    assert [kept[i]["tokens"].tolist() for i in (0, 1)] == [samples[1], samples[2]] and kept.lengths.tolist() == [59, 10]
     assert np.load(tmp_path / "en" / "a.bin.meta").dtype == np.int64
 
 
@@ -90,7 +90,8 @@ def test_pack_sample_into_one(tmp_path):
     rows = packed_rows(_data_cfg(tmp_path, pack_sample_into_one=True))
     assert len(rows) == (19 + 39 + 29) // 32
     row = rows[0]
-    assert row["cu_seqlens"] == [0, 16, 32] and row["indexes"] == list(range(16)) * 2 and len(row["tokens"]) == 32
+    assert row["cu_seqlens"].tolist() == [0, 16, 32] and row["indexes"].tolist() == list(range(16)) * 2
+    assert len(row["tokens"]) == 32
 
 
 def test_packing_invariants(tmp_path):
@@ -100,11 +101,11 @@ def test_packing_invariants(tmp_path):
     stream = []
     for i in range(len(rows)):
         row = rows[i]
-        cu = row["cu_seqlens"]
+        cu = row["cu_seqlens"].tolist()
         assert len(row["tokens"]) == len(row["labels"]) == len(row["indexes"]) == 32 and cu[0] == 0 and cu[-1] == 32
         assert all(0 < b - a <= 16 for a, b in zip(cu, cu[1:]))  # pieces of at most seq_len
-        assert row["indexes"] == [j for a, b in zip(cu, cu[1:]) for j in range(b - a)]
-        stream += row["tokens"]
+        assert row["indexes"].tolist() == [j for a, b in zip(cu, cu[1:]) for j in range(b - a)]
+        stream += row["tokens"].tolist()
     assert len(stream) == len(rows) * 32  # consecutive windows of the shuffled token stream
 
 
@@ -137,12 +138,12 @@ def test_synthetic_dataset_recipe():
     ds = RandomDataset(10, max_len=64, fixed_seqlen=True)
     rng = np.random.RandomState(1999)
     n, r = rng.randint(1, 30, size=10), rng.randint(10, 200, size=10)
-    first = ds[0]["tokens"]
+    first = ds[0]["tokens"].tolist()
     rep = r[0]
     while n[0] * rep < 64:
         rep *= 2
     assert first == ([n[0], rep] + list(range(n[0])) * rep)[:64]
-    assert list(ds.lengths) == [len(ds[i]["tokens"]) for i in range(10)]
+    assert ds.lengths.tolist() == [len(ds[i]["tokens"]) for i in range(10)]
 
 
 def test_prepare_jsonl_with_byte_tokenizer(tmp_path):
@@ -158,7 +159,7 @@ def test_prepare_jsonl_with_byte_tokenizer(tmp_path):
     out = tmp_path / "data" / "en" / "train_000.bin"
     assert main(["--tokenizer", "bytes", "--input", str(raw), "--output", str(out), "--eos", "2"]) == 0
     ds = TokenizedFile(out)
-    assert [ds[i]["tokens"] for i in range(3)] == [[b + 1 for b in b"hello"] + [2], [2],
+    assert [ds[i]["tokens"].tolist() for i in range(3)] == [[b + 1 for b in b"hello"] + [2], [2],
                                                    [b + 1 for b in "héllo wörld".encode()] + [2]]
     assert [(path.name, type_id) for path, type_id in find_files(tmp_path / "data")] == [("train_000.bin", 0)]
     bad = tmp_path / "bad.jsonl"
