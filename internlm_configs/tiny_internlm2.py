@@ -21,6 +21,7 @@ ckpt = dict(
 
 data = dict(
     seq_len=SEQ_LEN,
+    num_worker=0,  # a tiny dataset: reading in the training process beats starting worker processes
     micro_num=4,  # micro-batches per optimizer step (a multiple of the pipeline size for interleaving)
     micro_bsz=2,  # sequences packed into one micro-batch row of micro_bsz * seq_len tokens
     valid_micro_num=2,

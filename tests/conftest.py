@@ -35,7 +35,7 @@ def base_sections() -> dict:
         "model_type": "INTERNLM",
         "model": dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=128, mlp_ratio=8 / 3,
                       dtype="torch.float32", checkpoint=False, num_chunks=1, use_flash_attn=False),
-        "data": dict(seq_len=16, micro_num=4, micro_bsz=2, total_steps=10),
+        "data": dict(seq_len=16, micro_num=4, micro_bsz=2, total_steps=10, num_worker=0),
         "adam": dict(lr=1e-3, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0, adam_eps=1e-8, weight_decay=0.01),
         "lr_scheduler": dict(total_steps=10, init_steps=0, warmup_ratio=0.2, eta_min=1e-4, last_epoch=-1),
         "hybrid_zero_optimizer": dict(overlap_sync_grad=False, overlap_sync_param=False,

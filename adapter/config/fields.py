@@ -341,7 +341,7 @@ FIELDS: tuple[Field, ...] = (
     Field("data.fixed_random_dataset_seqlen", "bool", True, "data.fixed_random_dataset_seqlen",
           to=(run("synthetic dataset"),), note=_DATA_NOTE),
     Field("data.seed", "int", 1024, "data.seed", to=(arg("--seed"), run("sampler seed")), note=_DATA_NOTE),
-    Field("data.num_worker", "int", 4, minimum=0, to=(run("data-loader worker processes"),)),
+    Field("data.num_worker", "int", 4, "data.num_worker", minimum=0, to=(run("data-loader worker processes"),)),
     Field("data.type", "str", "tokenized", to=(run("dataset type"),), note="only 'tokenized' is read"),
     Field("data.empty_cache_and_diag_interval", "int", 50, minimum=0, status="unsupported",
           note="InternEvo's straggler diagnosis is not run"),

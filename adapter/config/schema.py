@@ -117,6 +117,8 @@ class DataConfig:
     use_packed_dataset: bool
     fixed_random_dataset_seqlen: bool
     seed: int
+    num_worker: int
+    """DataLoader worker processes per rank reading and collating batches (0: in the training process)."""
 
     @property
     def packed_length(self) -> int:

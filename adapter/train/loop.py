@@ -88,7 +88,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     logger = StepLogger(cfg, options, trainer.step_count) if is_log_rank() else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     sampler, data = build_train_batches(cfg.data, dp_rank, dp_size, sampler_state=context.pop("sampler", None),
-                                        vocab_size=cfg.model.vocab_size)
+                                        vocab_size=cfg.model.vocab_size, num_workers=cfg.data.num_worker)
     # InternEvo's TrainState, saved as context.pt
     context = {key: context.get(key, default) for key, default in
                (("batch_count", -1), ("num_consumed_tokens", 0), ("inf_nan_skip_batches", 0))}
