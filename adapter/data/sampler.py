@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 
-def _rng_to_state(rng_state: tuple) -> list:
+def rng_to_saved(rng_state: tuple) -> list:
     """A ``RandomState.get_state()`` tuple with its key as an int64 tensor, which ``weights_only`` loads."""
     name, keys, pos, has_gauss, cached = rng_state
     return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
 
 
-def _rng_from_state(saved: list) -> tuple:
+def rng_from_saved(saved: list) -> tuple:
     """Back to ``RandomState.set_state``'s tuple, from a key saved as a tensor or (before) as a list."""
     name, keys, pos, has_gauss, cached = saved
     return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
@@ -105,8 +105,8 @@ class BatchSampler:
                  "data_world_size": self.dp_size, "num_samples": self.num_samples}
         if self.epoch_start is None:  # resumed from a state that held the index array: hand that on
             return {**state, "indices": torch.from_numpy(np.ascontiguousarray(self.indices)),
-                    "rng_state": _rng_to_state(self.rng.get_state())}
-        return {**state, "epoch_size": len(self.indices), "epoch_rng_state": _rng_to_state(self.epoch_start)}
+                    "rng_state": rng_to_saved(self.rng.get_state())}
+        return {**state, "epoch_size": len(self.indices), "epoch_rng_state": rng_to_saved(self.epoch_start)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["data_world_size"] != self.dp_size or state["seed"] != self.seed:
@@ -117,8 +117,8 @@ class BatchSampler:
         self.batch_count, self.consumed, self.epoch = state["batch_count"], state["consumed"], state["epoch"]
         if "indices" in state:
             self.indices = np.asarray(state["indices"], dtype=np.int64)  # a tensor (shared, not copied) or a list
-            self.rng.set_state(_rng_from_state(state["rng_state"]))
+            self.rng.set_state(rng_from_saved(state["rng_state"]))
             self.epoch_start = None
         else:
-            self.rng.set_state(_rng_from_state(state["epoch_rng_state"]))
+            self.rng.set_state(rng_from_saved(state["epoch_rng_state"]))
             self._shuffle(state["epoch_size"])  # leaves the generator where the saving sampler's was

@@ -132,25 +132,39 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
                         load_optimizer: bool, field: str) -> dict:
     """Restore the optimizer (unless ``load_optimizer`` is False) and the counters from ``folder``, whose
     weights are already in the model (``load_model_weights``, before the engine was built); returns
-    ``context.pt`` (with ``sampler`` holding the sampler state)."""
+    ``context.pt`` (with ``sampler`` holding the sampler state). ``folder`` is this adapter's checkpoint, at
+    any layout, or one InternEvo wrote (``train.internevo_state``)."""
+    import tempfile
+
+    from adapter.checkpoint.errors import CheckpointError
+    from adapter.train.internevo_state import holds_optimizer, import_optimizer, sampler_state
     from adapter.train.optimizer_state import FOLDER, STEPS_FILE, load_optimizer_state
 
-    if load_optimizer:
-        if (folder / FOLDER / STEPS_FILE).exists():
+    internevo = holds_optimizer(folder)
+    context = load_metadata(folder / "context.pt")
+    try:
+        if internevo:
+            context["sampler"] = sampler_state(folder / "sampler.pt")
+        else:
+            context["sampler"] = torch.load(folder / "sampler.pt", weights_only=True)
+        if not load_optimizer:
+            pass  # the weights are loaded; ZeRO took its fp32 masters from them, Adam starts fresh
+        elif internevo:
+            with tempfile.TemporaryDirectory() as converted:
+                context["grad_scaler"] = import_optimizer(folder, cfg.model, Path(converted))
+                load_optimizer_state(Path(converted), cfg, layout, trainer)
+        elif (folder / FOLDER / STEPS_FILE).exists():
             load_optimizer_state(folder, cfg, layout, trainer)
         elif (folder / DEEPSPEED_TAG).is_dir():  # written by an earlier version: DeepSpeed's own, same layout only
             trainer.deepspeed.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False, load_module_strict=False)
             # DeepSpeed restores the saving run's clipping threshold with the optimizer state; this config decides
             trainer.optimizer.clip_grad = cfg.applied_clip_grad_norm
-        elif any(p.name.startswith("optimizer_tp") for p in folder.iterdir()):
-            raise ConfigError(field, f"{folder}: holds InternEvo's own optimizer files (optimizer_tp*_pp*_zo*.pt), "
-                              "which cannot be resumed yet; start from its weights with ckpt.load_optimizer=False")
-    context = load_metadata(folder / "context.pt")
+    except CheckpointError as exc:
+        raise ConfigError(field, f"cannot resume from {folder}: {exc}") from None
     trainer.step_count = int(context["step_count"])
     if load_optimizer and "grad_scaler" in context:
         trainer.scaler.load_state_dict(context["grad_scaler"])
         if trainer.scaler.enabled:
             trainer.optimizer.loss_scaler.cur_scale = trainer.scaler.scale
-    context["sampler"] = torch.load(folder / "sampler.pt", weights_only=True)
     return context

@@ -85,6 +85,23 @@ def assert_matches_internevo(run: Path, fixture: Path, config: Path) -> dict[str
     return worst
 
 
+def assert_continues_internevo(run: Path, fixture: Path, config: Path) -> None:
+    """Steps 5-8 after resuming InternEvo's own ``ckpt/4`` (its optimizer, sampler and counters): loss, lr and
+    grad norm (1e-5 relative) as InternEvo's uninterrupted run, which its own resume reproduced exactly, and the
+    step-8 weights as its ``ckpt/8`` (1e-4 per tensor)."""
+    got, want = metrics(run), trajectory(fixture)[4:]
+    assert [r["step"] for r in got] == [w["step"] for w in want] == [5, 6, 7, 8]
+    for r, w in zip(got, want):
+        for key in ("loss", "lr", "grad_norm"):
+            assert abs(r[key] - w[key]) / abs(w[key]) <= 1e-5, f"step {w['step']} {key}: {r[key]!r} vs {w[key]!r}"
+    ours, theirs = logical(run / "ckpt" / "8", config), logical(fixture / "ckpt" / "8", config)
+    assert all(rel(ours[name], w) <= 1e-4 for name, w in theirs.items())
+
+
+def resume_internevo(fixture: Path) -> str:
+    return f'load_ckpt_info=dict(path="local:{fixture / "ckpt" / "4"}", content=("all",), ckpt_type="internevo"),'
+
+
 @pytest.fixture(scope="module")
 def random_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """Random 4-layer weights (not the model's own init) as an InternEvo folder, and as a dict."""
@@ -129,7 +146,9 @@ def one_process(tmp_path_factory, random_weights):
         DP1, root / "fresh.py", root / "fresh_optimizer",
         f'load_ckpt_info=dict(path="local:{root / "dp1" / "ckpt" / "4"}", content=("all",)), load_optimizer=False,',
         **every_step)
-    runs = [(str(c["dp1"]), str(root / "dp1"), None), (str(c["dp1_hf"]), str(root / "dp1_hf"), None)]
+    c["resume_dp1"] = write_config(DP1, root / "resume.py", root / "resume_dp1", resume_internevo(DP1))
+    runs = [(str(c["dp1"]), str(root / "dp1"), None), (str(c["dp1_hf"]), str(root / "dp1_hf"), None),
+            (str(c["resume_dp1"]), str(root / "resume_dp1"), None)]
     runs += [(str(c[n]), str(root / n), 1) for n in ("model_only", "info_model", "bf16")]
     runs.append((str(c["fresh_optimizer"]), str(root / "fresh_optimizer"), 5))
     batches, steps = torch.load(DP1 / "batches.pt", weights_only=True), trajectory(DP1)
@@ -149,12 +168,16 @@ def two_processes(tmp_path_factory, random_weights):
         "dp1_pp2": write_config(DP1, root / "pp2.py", root / "dp1_pp2", model_only(DP1 / "init"),
                                 **{"pipeline=dict(size=1": "pipeline=dict(size=2"}),
         "zero2": write_config(ZERO2, root / "zero2.py", root / "zero2", model_only(ZERO2 / "init")),
+        "resume_zero2": write_config(ZERO2, root / "rz.py", root / "resume_zero2", resume_internevo(ZERO2)),
+        "resume_dp1_pp2": write_config(DP1, root / "rpp.py", root / "resume_dp1_pp2", resume_internevo(DP1),
+                                       **{"pipeline=dict(size=1": "pipeline=dict(size=2"}),
         "pp2_vpp2": write_config(DP1, root / "vpp.py", root / "pp2_vpp2", model_only(folder), **FOUR_LAYERS,
                                  **{"pipeline=dict(size=1": "pipeline=dict(size=2", "num_chunks=1": "num_chunks=2",
                                     "checkpoint_every=4": "checkpoint_every=1"}),
     }
     runs = [(str(c["dp1_pp2"]), str(root / "dp1_pp2"), None), (str(c["zero2"]), str(root / "zero2"), None),
-            (str(c["pp2_vpp2"]), str(root / "pp2_vpp2"), 1)]
+            (str(c["pp2_vpp2"]), str(root / "pp2_vpp2"), 1), (str(c["resume_zero2"]), str(root / "resume_zero2"), None),
+            (str(c["resume_dp1_pp2"]), str(root / "resume_dp1_pp2"), None)]
     spawn(fixture_runs.train_runs, 2, runs)
     return {"root": root, "configs": c}
 
@@ -182,6 +205,16 @@ def test_zero2_at_data_parallel_2_reproduces_internevo_trajectory(two_processes)
     averaged gradient belongs to; InternEvo prints rank 0's."""
     root, c = two_processes["root"], two_processes["configs"]
     assert_matches_internevo(root / "zero2", ZERO2, c["zero2"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("run", ["resume_dp1", "resume_zero2", "resume_dp1_pp2"])
+def test_resuming_internevo_checkpoint_continues_its_run(one_process, two_processes, run):
+    """InternEvo's full ``ckpt/4`` (``load_ckpt_info`` with ``content=("all",)``): at its own layout (one
+    process; ZeRO over 2 data-parallel ranks) and at pipeline 2, the next four steps are InternEvo's."""
+    fixture = ZERO2 if run == "resume_zero2" else DP1
+    where = two_processes if run in two_processes["configs"] else one_process
+    assert_continues_internevo(where["root"] / run, fixture, where["configs"][run])
 
 
 @pytest.mark.multiproc
