@@ -92,6 +92,23 @@ class BatchSampler:
             self.epoch += 1
             self._new_epoch()
 
+    def _regroup(self, state: dict) -> int:
+        """This rank's rows consumed in the epoch, from a state saved at another data-parallel size. A global
+        batch (rows per rank × ranks) that stays the same reads the same rows in the same steps: rank ``r``
+        takes ``indices[r::dp]``, so a step's rows are the next global batch of the epoch's order, however
+        they are dealt; the epoch's length (whole global batches) is unchanged too. Anything else would change
+        which rows a step trains on, and is refused."""
+        saved_dp, saved_batch = state["data_world_size"], state.get("batch_size")
+        if saved_batch is None or self.start != self.batch_size:
+            raise ValueError(f"the sampler state was saved at data-parallel size {saved_dp}, not {self.dp_size}; "
+                             "resuming at another size needs a state that records its batch size and no ramp-up")
+        if saved_batch * saved_dp != self.batch_size * self.dp_size:
+            raise ValueError(f"the sampler state was saved at data-parallel size {saved_dp} with {saved_batch} rows "
+                             f"per rank (a global batch of {saved_batch * saved_dp}); now {self.dp_size} × "
+                             f"{self.batch_size} = {self.batch_size * self.dp_size}: keep the global batch "
+                             "(data.micro_num × data-parallel size) to resume")
+        return state["consumed"] * saved_dp // self.dp_size
+
     def lookahead(self) -> BatchSampler:
         """An independent copy at the same position (its own generator; the epoch's index array is shared, as
         no sampler writes into it), for data-loader workers to read ahead of the batches trained on."""
@@ -102,19 +119,21 @@ class BatchSampler:
 
     def state_dict(self) -> dict:
         state = {"batch_count": self.batch_count, "consumed": self.consumed, "epoch": self.epoch, "seed": self.seed,
-                 "data_world_size": self.dp_size, "num_samples": self.num_samples}
+                 "data_world_size": self.dp_size, "batch_size": self.batch_size, "num_samples": self.num_samples}
         if self.epoch_start is None:  # resumed from a state that held the index array: hand that on
             return {**state, "indices": torch.from_numpy(np.ascontiguousarray(self.indices)),
                     "rng_state": rng_to_saved(self.rng.get_state())}
         return {**state, "epoch_size": len(self.indices), "epoch_rng_state": rng_to_saved(self.epoch_start)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["data_world_size"] != self.dp_size or state["seed"] != self.seed:
-            raise ValueError("the sampler state was saved with a different data-parallel size or seed")
+        if state["seed"] != self.seed:
+            raise ValueError(f"the sampler state was saved with data.seed {state['seed']}, not {self.seed}")
         if state.get("num_samples", self.num_samples) != self.num_samples:
             raise ValueError(f"the sampler state was saved over {state['num_samples']} packed rows; the data "
                              f"now has {self.num_samples}")
         self.batch_count, self.consumed, self.epoch = state["batch_count"], state["consumed"], state["epoch"]
+        if state["data_world_size"] != self.dp_size:
+            self.consumed = self._regroup(state)
         if "indices" in state:
             self.indices = np.asarray(state["indices"], dtype=np.int64)  # a tensor (shared, not copied) or a list
             self.rng.set_state(rng_from_saved(state["rng_state"]))

@@ -132,5 +132,6 @@ def sampler_state(path: Path) -> dict:
     s = _load(path, megatron_globals())
     return {"batch_count": int(s["batch_count"]), "consumed": int(s["num_consumed_samples_in_epoch"]),
             "epoch": int(s["epoch"]), "seed": int(s["seed"]), "data_world_size": int(s["data_world_size"]),
+            "batch_size": int(s["batch_size"]),
             "indices": torch.from_numpy(np.asarray(s["indices"], dtype=np.int64)),
             "rng_state": rng_to_saved(s["rng_state"])}

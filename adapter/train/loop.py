@@ -87,7 +87,12 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
 
     logger = StepLogger(cfg, options, trainer.step_count) if is_log_rank() else None
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    sampler, data = build_train_batches(cfg.data, dp_rank, dp_size, sampler_state=context.pop("sampler", None),
+    saved_sampler = context.pop("sampler", None)
+    if saved_sampler is not None and saved_sampler["data_world_size"] != dp_size and is_log_rank():
+        print(f"resuming at data-parallel size {dp_size} (saved at {saved_sampler['data_world_size']}): the global "
+              f"batch of {cfg.data.micro_num * dp_size} rows is kept, each rank now trains on {cfg.data.micro_num} "
+              "of them per step", flush=True)
+    sampler, data = build_train_batches(cfg.data, dp_rank, dp_size, sampler_state=saved_sampler,
                                         vocab_size=cfg.model.vocab_size, num_workers=cfg.data.num_worker)
     # InternEvo's TrainState, saved as context.pt
     context = {key: context.get(key, default) for key, default in

@@ -147,8 +147,13 @@ def one_process(tmp_path_factory, random_weights):
         f'load_ckpt_info=dict(path="local:{root / "dp1" / "ckpt" / "4"}", content=("all",)), load_optimizer=False,',
         **every_step)
     c["resume_dp1"] = write_config(DP1, root / "resume.py", root / "resume_dp1", resume_internevo(DP1))
+    # InternEvo's data parallel 2 run on one process, the global batch kept (2 rows × 2 ranks → 4 rows)
+    c["resume_zero2_dp1"] = write_config(ZERO2, root / "rz1.py", root / "resume_zero2_dp1", resume_internevo(ZERO2),
+                                         **{"\n    micro_num=2,": "\n    micro_num=4,",
+                                            "zero1=dict(size=2": "zero1=dict(size=1"})
     runs = [(str(c["dp1"]), str(root / "dp1"), None), (str(c["dp1_hf"]), str(root / "dp1_hf"), None),
-            (str(c["resume_dp1"]), str(root / "resume_dp1"), None)]
+            (str(c["resume_dp1"]), str(root / "resume_dp1"), None),
+            (str(c["resume_zero2_dp1"]), str(root / "resume_zero2_dp1"), None)]
     runs += [(str(c[n]), str(root / n), 1) for n in ("model_only", "info_model", "bf16")]
     runs.append((str(c["fresh_optimizer"]), str(root / "fresh_optimizer"), 5))
     batches, steps = torch.load(DP1 / "batches.pt", weights_only=True), trajectory(DP1)
@@ -208,11 +213,12 @@ def test_zero2_at_data_parallel_2_reproduces_internevo_trajectory(two_processes)
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("run", ["resume_dp1", "resume_zero2", "resume_dp1_pp2"])
+@pytest.mark.parametrize("run", ["resume_dp1", "resume_zero2", "resume_dp1_pp2", "resume_zero2_dp1"])
 def test_resuming_internevo_checkpoint_continues_its_run(one_process, two_processes, run):
     """InternEvo's full ``ckpt/4`` (``load_ckpt_info`` with ``content=("all",)``): at its own layout (one
-    process; ZeRO over 2 data-parallel ranks) and at pipeline 2, the next four steps are InternEvo's."""
-    fixture = ZERO2 if run == "resume_zero2" else DP1
+    process; ZeRO over 2 data-parallel ranks), at pipeline 2, and the 2-rank run on one process with its global
+    batch kept: the next four steps are InternEvo's."""
+    fixture = ZERO2 if run.startswith("resume_zero2") else DP1
     where = two_processes if run in two_processes["configs"] else one_process
     assert_continues_internevo(where["root"] / run, fixture, where["configs"][run])
 

@@ -20,11 +20,12 @@ from tests.conftest import REPO, base_sections
 from tests.spawn import spawn
 
 
-def _config(save: str, total_steps: int = 6, tp: int = 1, pp: int = 2, vpp: int = 2, sp: bool = False, **ckpt):
+def _config(save: str, total_steps: int = 6, tp: int = 1, pp: int = 2, vpp: int = 2, sp: bool = False,
+            micro_num: int = 4, **ckpt):
     """dp × pp × virtual stages (default 2 × 2) on the shipped tiny dataset (dp from the world size)."""
     s = base_sections()
     s["model"].update(num_layers=4, num_chunks=vpp, vocab_size=264)
-    s["data"].update(seq_len=32, micro_bsz=2, micro_num=4, total_steps=total_steps,
+    s["data"].update(seq_len=32, micro_bsz=2, micro_num=micro_num, total_steps=total_steps,
                      train_folder=str(REPO / "launch/data/tiny"))
     s["adam"].update(lr=3e-3)
     s["parallel"] = dict(zero1=-1, tensor=dict(size=tp, mode="msp" if sp else "mtp"),
@@ -94,6 +95,23 @@ def test_resume_at_another_layout(tmp_path):
     reference = open_checkpoint(tmp_path / "a" / "6")
     for folder in ("b", "c"):
         assert compare(open_checkpoint(tmp_path / folder / "6"), reference, atol=1e-6) == []
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_resume_at_another_data_parallel_size(tmp_path):
+    """Data parallel 2 → 1 with the global batch kept (micro_num 4 → 8): the same rows in the same steps, so
+    the run continues as it would have; a changed global batch is refused."""
+    dp2, dp1 = {"pp": 1, "vpp": 1}, {"pp": 1, "vpp": 1, "micro_num": 8}
+    whole = spawn(_run, 2, str(tmp_path / "a"), None, {}, 6, dp2)[0]
+    first = spawn(_run, 2, str(tmp_path / "b"), 3, {}, 6, dp2)[0]
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    second = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, dp1)[0]
+    assert [r[0] for r in second] == [4, 5, 6]
+    assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
+    assert compare(open_checkpoint(tmp_path / "b" / "6"), open_checkpoint(tmp_path / "a" / "6"), atol=1e-6) == []
+    with pytest.raises(RuntimeError, match="keep the global batch"):
+        spawn(_run, 1, str(tmp_path / "c"), None, {}, 6, {"pp": 1, "vpp": 1})
 
 
 @pytest.mark.multiproc
