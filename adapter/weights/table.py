@@ -125,7 +125,6 @@ class Unit:
                 yield key, stored, piece
 
 
-def whole_unit(model: ModelConfig, unit: int, table: Table,
-                 get: Callable[[str], torch.Tensor]) -> Unit:
+def whole_unit(model: ModelConfig, unit: int, table: Table, get: Callable[[str], torch.Tensor]) -> Unit:
     """A unit whose whole (tp=1) stored tensors ``get(key)`` returns, keyed with global layer numbers."""
     return Unit(model, unit, table, 1, lambda stored, key: [get(key)])

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from adapter.atomic import MARKER
 from adapter.checkpoint.convert import compare, open_checkpoint

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 
 import pytest
-import torch
 
 from adapter.config import read_config
 from adapter.data.loader import build_train_batches

@@ -8,7 +8,6 @@ produces both sides of each GPU ⇄ CPU comparison, and runs on a CPU-only machi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

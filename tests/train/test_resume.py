@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from adapter.checkpoint.convert import compare, open_checkpoint
 from adapter.train.state_files import latest_checkpoint
 from adapter.config import RawConfig, normalize, validate
