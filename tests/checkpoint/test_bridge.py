@@ -178,6 +178,8 @@ def test_malicious_pickles_are_refused_not_run(tmp_path):
     torch.save({"model": _Evil()}, folder / "model_config.pt")
     with pytest.raises(UnsafeCheckpointError, match="posix.system"):
         load_metadata(folder / "model_config.pt")
+    with pytest.raises(CheckpointError, match="model_config.pt: cannot be read.*pass --config"):
+        open_checkpoint(folder)  # through the bridge: one line naming the file, not a traceback
     sd = torch.load(folder / "model_tp0_pp0.pt", weights_only=True)
     sd["evil"] = _Evil()
     torch.save(sd, folder / "model_tp0_pp0.pt")
@@ -348,3 +350,30 @@ def test_cli_explicit_pp_does_not_inherit_the_configs_chunks(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "cfg"), "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert '"pp": 2' in out and '"vpp": 2' in out
+
+
+def test_verify_is_bit_exact_and_nan_aware(tmp_path):
+    """``verify`` (atol 0) compares bytes: the same NaN at the same place matches, a NaN against a number or
+    a different float does not."""
+    model = tiny_model("internlm2")
+    logical = random_logical(model, 12)
+    key = next(iter(logical))
+    logical[key][0, 0] = float("nan")
+    a = open_checkpoint(write_internevo(tmp_path / "a", logical, model, 1, 1, 1))
+    b = open_checkpoint(write_internevo(tmp_path / "b", logical, model, 2, 1, 1))
+    assert compare(a, b) == []
+    logical[key][0, 0] = 1.0
+    c = open_checkpoint(write_internevo(tmp_path / "c", logical, model, 1, 1, 1))
+    assert [p.split(":")[0] for p in compare(a, c)] == [key]
+    assert compare(a, c, atol=10.0) != []  # a NaN against a number is never within a tolerance
+
+
+def test_safetensors_header_past_the_end_is_refused(tmp_path):
+    import struct
+
+    hf = tmp_path / "hf"
+    write_checkpoint(open_checkpoint(FIXTURES / "internlm2_tiny" / "ckpt"), "hf", hf, None)
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    with pytest.raises(CheckpointError, match="header length 4611686018427387904 is past the end"):
+        open_checkpoint(hf)

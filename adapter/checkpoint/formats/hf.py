@@ -302,10 +302,12 @@ class HFTensors(UnitSource):
 def _read_header(path: Path) -> dict[str, _Entry]:
     """A safetensors file's tensors: dtype, shape and absolute data offset, from its JSON header."""
     try:
+        file_size = path.stat().st_size
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > file_size - 8:
+                raise ValueError(f"its header length {size} is past the end of the file ({file_size} bytes)")
             header = json.loads(f.read(size))
-        file_size = path.stat().st_size
         out = {}
         for key, info in header.items():
             if key == "__metadata__":

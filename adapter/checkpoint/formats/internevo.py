@@ -310,7 +310,11 @@ def read_internevo(path: str | Path, model: ModelConfig | None = None) -> Intern
         k.endswith("embedding.word_embeddings.weight") for k in first)
     ckpt.dtype = next(iter(first.values())).dtype
     if model is None and (folder / "model_config.pt").exists():
-        meta = load_metadata(folder / "model_config.pt")
+        try:
+            meta = load_metadata(folder / "model_config.pt")
+        except Exception as exc:  # a refused or damaged pickle: unpickling errors vary
+            raise CheckpointError(f"{folder / 'model_config.pt'}: cannot be read ({type(exc).__name__}: {exc}); "
+                                  "pass --config to give the model sizes instead") from None
         model = normalize_model(found.model_type, meta, str(folder / "model_config.pt"))
     if model is not None:
         if model.family != family:
