@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from adapter.config import read_config
-from adapter.model.mapping import chunk_state_dict, local_spec_name, logical_from_chunk
+from adapter.model.mapping import chunk_state_dict, local_spec_name, logical_from_chunk, mcore_unit
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 from tests.conftest import FIXTURES
 
@@ -144,3 +144,14 @@ def test_internlm1_qkv_is_regrouped_per_head():
 ])
 def test_transformer_engine_names(key, local):
     assert local_spec_name(key) == local
+
+
+def test_units_of_megatron_keys_past_ten_layers():
+    """Units are 0 for the embedding, 1 + layer, and L + 1 for the final norm and head (``weights.atoms``);
+    a 7B has 32 layers, so two-digit layer numbers must be read too."""
+    m = dataclasses.replace(model("internlm2", 2), num_layers=12)
+    assert mcore_unit(m, "embedding.word_embeddings.weight", 0) == 0
+    assert mcore_unit(m, "decoder.layers.3.mlp.linear_fc2.weight", 0) == 4
+    assert mcore_unit(m, "decoder.layers.11.self_attention.linear_qkv.weight", 0) == 12
+    assert mcore_unit(m, "decoder.layers.10.input_layernorm.weight", 1) == 12  # a chunk starting at layer 1
+    assert mcore_unit(m, "decoder.final_layernorm.weight", 0) == mcore_unit(m, "output_layer.weight", 0) == 13
