@@ -204,13 +204,29 @@ def _family_from_config(cfg: dict) -> Family:
     return next((f for f in FAMILIES.values() if f.model_type == model_type), FAMILIES["llama2"])
 
 
+def _rope(cfg: dict, source: str) -> tuple[float, bool]:
+    """``rope_theta`` and whether the RoPE is InternEvo's dynamic NTK (``rope_type="dynamic"``, factor 1).
+
+    transformers 4 writes ``rope_theta`` flat and the scaling in ``rope_scaling``; transformers 5 writes both
+    in ``rope_parameters``. Any other scaling (linear, YaRN, Llama 3…) has no InternEvo counterpart: reading
+    it as plain RoPE would change the model silently, so it is refused.
+    """
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "dynamic") or float(scaling.get("factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{source}: RoPE scaling {kind!r} (factor {scaling.get('factor', 1.0)}) has no "
+                              "InternEvo counterpart; only plain RoPE and dynamic NTK with factor 1 are read")
+    return cfg.get("rope_theta") or params.get("rope_theta", 10000.0), kind == "dynamic"
+
+
 def _model_from_config(cfg: dict, source: str) -> ModelConfig:
     from adapter.config.normalize import normalize_model
 
     family = _family_from_config(cfg)
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     bias = cfg.get("bias", cfg.get("attention_bias", False))
-    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope, dynamic = _rope(cfg, source)
     hidden, ffn = cfg["hidden_size"], cfg["intermediate_size"]
     dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16"}.get(
         cfg.get("torch_dtype") or cfg.get("dtype") or "float32", "torch.float32")
@@ -222,6 +238,8 @@ def _model_from_config(cfg: dict, source: str) -> ModelConfig:
     }
     if family.gqa:
         model.update(num_kv_attention_heads=kv, no_bias=not bias)
+    if dynamic:
+        model["use_dynamic_ntk_rope"] = True  # so that the config rules refuse it by name, as for a config
     result = normalize_model(family.model_type, model, source)
     if result.ffn_hidden_size != ffn:
         raise CheckpointError(f"{source}: intermediate_size {ffn} does not follow InternEvo's MLP rule "
