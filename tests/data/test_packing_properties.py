@@ -30,6 +30,11 @@ class Samples:
         return {"tokens": [1000 * i + k + 1 for k in range(int(self.lengths[i]))], "type_id": i % 3}
 
 
+def as_lists(row: dict) -> dict:
+    """A row's fields as plain lists (rows are numpy arrays)."""
+    return {k: np.asarray(v).tolist() for k, v in row.items()}
+
+
 def shuffled(n: int) -> list[int]:
     order = np.arange(n)
     np.random.RandomState(1024).shuffle(order)
@@ -75,7 +80,7 @@ def test_packed_into_one_rows_are_stream_windows(case):
     tokens, labels, types, _ = streams(ds)
     assert len(rows) == len(tokens) // packed
     for i in range(len(rows)):
-        row, window = rows[i], slice(i * packed, (i + 1) * packed)
+        row, window = as_lists(rows[i]), slice(i * packed, (i + 1) * packed)
         assert row["tokens"] == tokens[window] and row["type_ids"] == types[window]
         assert row["labels"] == labels[window][:-1] + [-100]  # the row's last token predicts nothing
         assert row["cu_seqlens"] == list(range(0, packed + 1, seq_len))
@@ -91,7 +96,7 @@ def test_packed_with_cut_rows_are_stream_windows(case):
     tokens, labels, types, starts = streams(ds)
     assert len(rows) == len(tokens) // packed
     for i in range(len(rows)):
-        row, lo, hi = rows[i], i * packed, (i + 1) * packed
+        row, lo, hi = as_lists(rows[i]), i * packed, (i + 1) * packed
         assert row["tokens"] == tokens[lo:hi] and row["type_ids"] == types[lo:hi]
         assert row["labels"] == labels[lo:hi]  # a cut sample keeps its next token as the last label
         fragments = sorted({lo, hi} | {s for s in starts if lo < s < hi})
@@ -106,7 +111,7 @@ def test_row_starting_on_a_sample_boundary():
     """Two rows of 4 tokens from samples of 4 and 4 tokens: the second row starts exactly on a boundary."""
     ds = Samples([4, 4])
     order = shuffled(2)
-    row = PackedIntoOne(ds, 2, 4)[1]
+    row = as_lists(PackedIntoOne(ds, 2, 4)[1])
     assert row["tokens"] == ds[order[1]]["tokens"] and len(row["labels"]) == 4
 
 
@@ -127,5 +132,5 @@ def test_random_dataset_lengths_count_the_header():
         for max_len in (64, 4096):
             ds = RandomDataset(50, max_len=max_len, fixed_seqlen=fixed)
             samples = [recipe(int(a), int(b), max_len, fixed) for a, b in zip(n, r)]
-            assert [ds[i]["tokens"] for i in range(50)] == samples
+            assert [np.asarray(ds[i]["tokens"]).tolist() for i in range(50)] == samples
             assert [int(x) for x in ds.lengths] == [len(s) for s in samples]
