@@ -2,7 +2,7 @@
 
 A checkpoint folder (``<save_ckpt_folder>/<step>/`` or a snapshot slot ``<snapshot>/{0,1}/``) holds:
 
-* ``model_tp{t}_pp{p}.pt``: the model in InternEvo's layout (``checkpoint.internevo``), written by every
+* ``model_tp{t}_pp{p}.pt``: the model in InternEvo's layout (``checkpoint.formats.internevo``), written by every
   (tensor, pipeline) rank of data-parallel rank 0, so InternEvo and ``internlm-ckpt`` read it;
 * ``optimizer/``: ZeRO-1's fp32 master weights and Adam's moments per logical tensor, in the same layout
   (``train.optimizer_state``), so a run resumes at any tensor/pipeline/virtual/data-parallel layout;
