@@ -46,15 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     from adapter.runtime.dist import destroy_distributed
     from adapter.train.loop import RunOptions, train
 
+    from adapter.checkpoint.errors import CheckpointError
     from adapter.checkpoint.storage import StorageError
+    from adapter.data.tokenized import DataError
 
+    rank = int(os.environ.get("RANK", "0"))
     try:
         train(cfg, layout, RunOptions(seed=args.seed, peak_tflops=args.peak_tflops, max_steps=args.max_steps,
                                       tensorboard_dir=args.tensorboard_dir, run_dir=args.run_dir))
     except (ConfigError, StorageError) as exc:  # every rank raises it: one line, once
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print(f"train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except (DataError, CheckpointError) as exc:  # bad input met by the ranks that read it: one line each
+        print(f"train: error (rank {rank}): {exc}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()
     return 0

@@ -42,3 +42,26 @@ def test_deepspeed_launcher_trains_tiny_config(tmp_path):
     assert (first.layout.pp, first.layout.vpp, first.model.family) == (2, 2, "internlm1")
     assert (tmp_path / "ckpt" / "6" / "6.step").exists()
     assert compare(first, second)  # training moved the weights
+
+
+@pytest.mark.multiproc
+def test_bad_data_fails_in_one_line(tmp_path):
+    """Token ids the model's vocabulary cannot embed stop the run with one line naming the file and byte (no
+    traceback), exit status 1: here the shipped byte-level data against a 100-token vocabulary."""
+    text = (CONFIGS / "tiny.py").read_text()
+    for old, new in (("VOCAB_SIZE = 264", "VOCAB_SIZE = 100"),
+                     ('save_ckpt_folder="local:runs/tiny/ckpt"', f'save_ckpt_folder="local:{tmp_path}/ckpt"'),
+                     ('train_folder="launch/data/tiny"', f'train_folder="{REPO}/launch/data/tiny"'),
+                     ("pipeline=dict(size=2", "pipeline=dict(size=1"), ("num_chunks=2", "num_chunks=1")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    (tmp_path / "cfg.py").write_text(text)
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", str(tmp_path / "cfg.py")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error")]
+    assert len(errors) == 1 and re.search(r"train_000\.bin: byte \d+: token id \d+ is outside the model's "
+                                          r"vocabulary \(model\.vocab_size=100\)", errors[0]), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
