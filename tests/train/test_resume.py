@@ -96,6 +96,44 @@ def test_resume_at_another_layout(tmp_path):
         assert compare(open_checkpoint(tmp_path / folder / "6"), reference, atol=1e-6) == []
 
 
+def _rewrite_as_earlier_version(folder: str) -> None:
+    """In spawned ranks: turn a checkpoint into what earlier versions wrote (DeepSpeed's own engine checkpoint
+    under ``deepspeed/``, no ``optimizer/``), by resuming it and saving the engine with DeepSpeed's saver."""
+    import torch.distributed as dist
+
+    from adapter.config.to_mcore import model_options, transformer_config
+    from adapter.model.build import build_model_chunks
+    from adapter.runtime.dist import destroy_distributed, init_distributed
+    from adapter.train.engine import Trainer
+    from adapter.train.state_files import DEEPSPEED_TAG, load_model_weights, load_training_state
+
+    cfg, layout = _config(folder, pp=2, vpp=2)
+    init_distributed(layout)
+    chunks = build_model_chunks(transformer_config(cfg, layout, use_cpu_initialization=True), model_options(cfg))
+    load_model_weights(Path(folder), cfg, layout, chunks, "test")
+    trainer = Trainer(cfg, layout, chunks, transformer_config(cfg, layout, use_cpu_initialization=True))
+    load_training_state(Path(folder), cfg, layout, trainer, True, "test")
+    trainer.deepspeed.save_checkpoint(folder, tag=DEEPSPEED_TAG, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(Path(folder) / "optimizer")
+    destroy_distributed()
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_checkpoints_of_earlier_versions_still_resume(tmp_path):
+    """A checkpoint holding DeepSpeed's own optimizer files (what earlier versions wrote) resumes exactly at
+    the layout that wrote it."""
+    pp_vpp = {"pp": 2, "vpp": 2}
+    whole = spawn(_run, 2, str(tmp_path / "a"), None, {}, 6, pp_vpp)[0]
+    first = spawn(_run, 2, str(tmp_path / "b"), 3, {}, 6, pp_vpp)[0]
+    spawn(_rewrite_as_earlier_version, 2, str(tmp_path / "b" / "3"))
+    assert (tmp_path / "b" / "3" / "deepspeed").is_dir() and not (tmp_path / "b" / "3" / "optimizer").exists()
+    second = spawn(_run, 2, str(tmp_path / "b"), None, {}, 6, pp_vpp)[0]
+    assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_resume_at_another_data_parallel_size(tmp_path):
