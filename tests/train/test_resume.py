@@ -76,22 +76,34 @@ def test_resume_after_restart_is_exact(tmp_path):
     assert fresh[0][0] == 1 and fresh[0][1] < whole[0][1]  # starts from the trained model's lower loss
 
 
+PP_VPP = {"pp": 2, "vpp": 2}
+
+
+@pytest.fixture(scope="module")
+def pp_vpp_runs(tmp_path_factory) -> tuple[Path, list, list]:
+    """pp=2 × 2 virtual stages on 2 processes: 6 steps in one go (``a``), and 3 steps saved (``b``), which
+    the tests below copy and resume in other ways."""
+    root = tmp_path_factory.mktemp("pp_vpp")
+    whole = spawn(_run, 2, str(root / "a"), None, {}, 6, PP_VPP)[0]
+    first = spawn(_run, 2, str(root / "b"), 3, {}, 6, PP_VPP)[0]
+    return root, whole, first
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_resume_at_another_layout(tmp_path):
+def test_resume_at_another_layout(tmp_path, pp_vpp_runs):
     """6 steps at pp=2 × 2 virtual stages equal 3 steps there, a save, and 3 more at pp=1 on one process, or
     at tp=2 with sequence parallelism: the optimizer state goes wherever the weights go."""
-    pp_vpp = {"pp": 2, "vpp": 2}
-    whole = spawn(_run, 2, str(tmp_path / "a"), None, {}, 6, pp_vpp)[0]
-    first = spawn(_run, 2, str(tmp_path / "b"), 3, {}, 6, pp_vpp)[0]
-    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    root, whole, first = pp_vpp_runs
+    for folder in ("b", "c"):
+        shutil.copytree(root / "b", tmp_path / folder)
     pp1 = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, {"pp": 1, "vpp": 1})[0]
     tp2 = spawn(_run, 2, str(tmp_path / "c"), None, {}, 6, {"tp": 2, "pp": 1, "vpp": 1, "sp": True})[0]
     for second in (pp1, tp2):
         assert [r[0] for r in second] == [4, 5, 6]
         assert [r[2] for r in second] == [r[2] for r in whole[3:]]
         assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
-    reference = open_checkpoint(tmp_path / "a" / "6")
+    reference = open_checkpoint(root / "a" / "6")
     for folder in ("b", "c"):
         assert compare(open_checkpoint(tmp_path / folder / "6"), reference, atol=1e-6) == []
 
@@ -107,7 +119,7 @@ def _rewrite_as_earlier_version(folder: str) -> None:
     from adapter.train.engine import Trainer
     from adapter.train.state_files import DEEPSPEED_TAG, load_model_weights, load_training_state
 
-    cfg, layout = _config(folder, pp=2, vpp=2)
+    cfg, layout = _config(folder, **PP_VPP)
     init_distributed(layout)
     chunks = build_model_chunks(transformer_config(cfg, layout, use_cpu_initialization=True), model_options(cfg))
     load_model_weights(Path(folder), cfg, layout, chunks, "test")
@@ -122,15 +134,14 @@ def _rewrite_as_earlier_version(folder: str) -> None:
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_checkpoints_of_earlier_versions_still_resume(tmp_path):
+def test_checkpoints_of_earlier_versions_still_resume(tmp_path, pp_vpp_runs):
     """A checkpoint holding DeepSpeed's own optimizer files (what earlier versions wrote) resumes exactly at
     the layout that wrote it."""
-    pp_vpp = {"pp": 2, "vpp": 2}
-    whole = spawn(_run, 2, str(tmp_path / "a"), None, {}, 6, pp_vpp)[0]
-    first = spawn(_run, 2, str(tmp_path / "b"), 3, {}, 6, pp_vpp)[0]
+    root, whole, first = pp_vpp_runs
+    shutil.copytree(root / "b", tmp_path / "b")
     spawn(_rewrite_as_earlier_version, 2, str(tmp_path / "b" / "3"))
     assert (tmp_path / "b" / "3" / "deepspeed").is_dir() and not (tmp_path / "b" / "3" / "optimizer").exists()
-    second = spawn(_run, 2, str(tmp_path / "b"), None, {}, 6, pp_vpp)[0]
+    second = spawn(_run, 2, str(tmp_path / "b"), None, {}, 6, PP_VPP)[0]
     assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
 
 
