@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -132,6 +132,9 @@ class InternEvoCheckpoint:
     """Weight-parallel size of an ISP folder (``model_tp{t}_wp{w}_pp{p}.pt``), 1 otherwise."""
     legacy: bool = False
     dtype: torch.dtype | None = None
+    opened: dict[tuple[int, int, int], dict] = field(default_factory=dict, repr=False)
+    """Each file's memory-mapped content, opened once (reading the layout, the split check and the tensors
+    all look at the same files)."""
 
     @property
     def num_layers(self) -> int:
@@ -154,10 +157,14 @@ class InternEvoCheckpoint:
         return any("_wp" in path.name for path in self.files.values())
 
     def load_file(self, tp_rank: int, pp_rank: int, wp_rank: int = 0) -> dict[str, torch.Tensor]:
-        path = self.files[(tp_rank, pp_rank, wp_rank)]
-        sd = open_model_file(path)
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{path}: expected a dict of tensors")
+        rank = (tp_rank, pp_rank, wp_rank)
+        if rank not in self.opened:
+            path = self.files[rank]
+            sd = open_model_file(path)
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise CheckpointError(f"{path}: expected a dict of tensors")
+            self.opened[rank] = sd
+        sd = self.opened[rank]
         return _modernise(sd) if self.legacy else sd
 
     def lazy(self) -> "LazyTensors":
