@@ -15,6 +15,7 @@ Default sizes: InternLM-7B's layer (hidden 4096, 32 heads, MLP 11008, vocabulary
 
     bash bench/gpu.sh                         # installs, runs pytest -m gpu, then this
     python bench/gpu.py [--layers 4] [--steps 10] [--peak-tflops 989] [--out runs/bench_gpu]
+    python bench/gpu.py --setups adapter --profile     # also: where one step's device time goes
     python bench/gpu.py --cpu-smoke
 """
 
@@ -85,7 +86,7 @@ def _timed_step(setup, batches) -> tuple[float, float]:
     return time.perf_counter() - start, loss
 
 
-def _measure(name: str, cfg, layout, batches, sizes: dict) -> dict:
+def _measure(name: str, cfg, layout, batches, sizes: dict, profile: str | None) -> dict:
     from bench.gpu_setups import SETUPS
 
     gc.collect()
@@ -100,13 +101,30 @@ def _measure(name: str, cfg, layout, batches, sizes: dict) -> dict:
         if step >= sizes["warmup"]:
             times.append(seconds)
     peak = torch.cuda.max_memory_allocated() - base
+    if profile:
+        _profile_step(setup, batches, Path(profile) / f"profile_{name}.txt")
     result = {"setup": setup.name, "optimizer": setup.optimizer_name, "step_s": statistics.median(times),
               "step_s_all": times, "losses": losses, "peak_memory_bytes": peak}
     del setup
     return result
 
 
-def _worker(sizes: dict, setups: list[str]) -> dict | None:
+def _profile_step(setup, batches, path: Path) -> None:
+    """One more step under torch's profiler; rank 0 writes the operators that took the most device time
+    (where a step's time goes, for the MFU gap)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        _timed_step(setup, batches)
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70),
+                        encoding="utf-8")
+
+
+def _worker(sizes: dict, setups: list[str], profile: str | None = None) -> dict | None:
     from megatron.core import parallel_state as ps
 
     from adapter.runtime.dist import device, init_distributed
@@ -116,7 +134,12 @@ def _worker(sizes: dict, setups: list[str]) -> dict | None:
     cfg, layout = bench_config(sizes, int(os.environ["WORLD_SIZE"]))
     init_distributed(layout)
     batches = _batches(cfg, seed=ps.get_data_parallel_rank())
-    results = [_measure(name, cfg, layout, batches, sizes) for name in setups]
+    results, failed = [], {}
+    for name in setups:  # a setup that fails is reported, and the other still measured
+        try:
+            results.append(_measure(name, cfg, layout, batches, sizes, profile))
+        except Exception as exc:  # noqa: BLE001 - reported in the table, and the exit status says so
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     peaks = torch.tensor([r["peak_memory_bytes"] for r in results], dtype=torch.float64, device=device())
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # the largest rank's
     if dist.get_rank() != 0:
@@ -128,7 +151,7 @@ def _worker(sizes: dict, setups: list[str]) -> dict | None:
     for r in results:
         r.update(tokens_per_step=tokens, tokens_per_s=tokens / r["step_s"],
                  tflops_per_device=flops / r["step_s"] / dist.get_world_size() / 1e12)
-    return {"results": results, "world": dist.get_world_size(), "device": _device_name(),
+    return {"results": results, "failed": failed, "world": dist.get_world_size(), "device": _device_name(),
             "ffn_hidden": cfg.model.ffn_hidden_size, "attention": _attention(), "versions": _versions()}
 
 
@@ -179,6 +202,8 @@ def markdown(run: dict, sizes: dict, peak: float | None) -> str:
         lines.append(f"| {r['setup']} | {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} s | "
                      f"{r['tflops_per_device']:.3g} | {mfu} | {r['peak_memory_bytes'] / 2**30:.2f} GiB | "
                      f"{r['losses'][0]:.4f} → {r['losses'][-1]:.4f} |")
+    for name, error in run.get("failed", {}).items():
+        lines.append(f"| {name} | failed: {error} | | | | | | |")
     if len(results) == 2:
         lines += ["", f"adapter / megatron-core tokens/s: **{results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.3f}**"]
     return "\n".join(lines) + "\n"
@@ -193,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOPS of one device, for MFU (default: "
                         "known for H100/H200/A100 by name)")
     parser.add_argument("--out", default="runs/bench_gpu", help="folder for gpu.md and gpu.json")
+    parser.add_argument("--setups", default="adapter,megatron", help="which setups, comma-separated "
+                        "(default: adapter,megatron)")
+    parser.add_argument("--profile", action="store_true", help="after the timed steps, profile one more step "
+                        "per setup and write the top operators by device time to OUT/profile_<setup>.txt")
     args = parser.parse_args(argv)
     mode = "cpu_smoke" if args.cpu_smoke else "gpu"
     if mode == "gpu" and not torch.cuda.is_available():
@@ -201,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.nproc or (2 if args.cpu_smoke else torch.cuda.device_count())
     from tests.spawn import CPU_ONLY, spawn
 
-    run = spawn(_worker, nproc, sizes, ["adapter", "megatron"], timeout=420,
+    setups = [name.strip() for name in args.setups.split(",") if name.strip()]
+    if not setups or not set(setups) <= {"adapter", "megatron"}:
+        parser.error(f"--setups: {args.setups!r}: choose from adapter, megatron")
+    run = spawn(_worker, nproc, sizes, setups, str(Path(args.out).resolve()) if args.profile else None, timeout=420,
                 env=CPU_ONLY if args.cpu_smoke else None)[0]
     peak = peak_tflops(run["device"], args.peak_tflops)
     text = markdown(run, sizes, peak)
@@ -211,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "gpu.md").write_text(text, encoding="utf-8")
     (out / "gpu.json").write_text(json.dumps({"sizes": sizes, "peak_tflops": peak, **run}, indent=2), encoding="utf-8")
     print(f"written: {out / 'gpu.md'}, {out / 'gpu.json'}")
-    return 0
+    return 1 if run["failed"] else 0
 
 
 if __name__ == "__main__":

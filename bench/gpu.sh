@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU proof in one command (at most about 8 minutes on one H100/H200):
+# The GPU proof in one command (about 8 minutes on one H200: the GPU tests 5.5, the benchmark 1.5):
 #   1. installs what is missing: this package with its test extras, and flash-attn from a prebuilt wheel
 #      matching this torch, CUDA and Python if one can be had (never a source build; otherwise it says so and
-#      the adapter uses torch SDPA);
-#   2. runs the GPU tests (pytest -m gpu tests/gpu);
+#      the adapter uses torch SDPA); on a machine without network, from the wheels in $WHEELS instead;
+#   2. runs the GPU tests (pytest -m gpu tests: tests/gpu and the CUDA cases elsewhere);
 #   3. runs bench/gpu.py: tokens/s, MFU and peak memory of the adapter against plain megatron-core on
 #      7B-width layers; prints the table and writes it, BENCHMARKS.md-ready, to runs/bench_gpu/gpu.md.
 # Exit status: non-zero if the tests or the benchmark failed (the benchmark runs even when a test failed).
@@ -11,7 +11,11 @@
 #   bash bench/gpu.sh                 # on a GPU machine; extra arguments go to bench/gpu.py
 #   bash bench/gpu.sh --cpu-smoke     # tiny sizes on the CPU: the whole benchmark path, no installs, no tests
 # Environment: PYTHON (default .venv/bin/python, else python3), FLASH_ATTN_WHEEL (a wheel file or URL to
-# install instead of looking one up), FLASH_ATTN_VERSION (default 2.8.3).
+# install instead of looking one up), FLASH_ATTN_VERSION (default 2.8.3), WHEELS (offline: a folder of wheels
+# for what the machine lacks, e.g. deepspeed, megatron-core, pydantic, pydantic-core, annotated-types,
+# typing-inspection, hjson, made elsewhere with `pip download --no-deps --python-version ...` and
+# `pip wheel --no-deps deepspeed`; installed with --no-deps into WHEELS_TARGET, default /tmp/site, and put on
+# PYTHONPATH; a flash_attn wheel among them is used, else none is looked up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -25,11 +29,19 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
 fi
 
 echo "== 1/3 install"
-if ! "$PYTHON" -c "import adapter, deepspeed, megatron.core, pytest" 2>/dev/null; then
+if [ -n "${WHEELS:-}" ]; then
+    target="${WHEELS_TARGET:-/tmp/site}"
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$target" "$WHEELS"/*.whl \
+        || { echo "gpu.sh: cannot install the wheels in $WHEELS"; exit 2; }
+    export PYTHONPATH="$target:$PYTHONPATH"
+elif ! "$PYTHON" -c "import adapter, deepspeed, megatron.core, pytest" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet -e ".[test]" || { echo "gpu.sh: cannot install the package"; exit 2; }
 fi
 if "$PYTHON" -c "import flash_attn" 2>/dev/null; then
     echo "flash-attn $("$PYTHON" -c "import flash_attn; print(flash_attn.__version__)") already installed"
+elif [ -n "${WHEELS:-}" ] && [ -z "${FLASH_ATTN_WHEEL:-}" ]; then
+    echo "flash-attn: NOT installed (offline, none in $WHEELS); the adapter uses torch SDPA and the flash-attn" \
+         "tests are skipped"
 else
     wheel="${FLASH_ATTN_WHEEL:-$("$PYTHON" - <<'EOF'
 import os, platform, sys
@@ -53,7 +65,7 @@ EOF
 fi
 
 echo "== 2/3 pytest -m gpu"
-"$PYTHON" -m pytest -q -m gpu tests/gpu -rs
+"$PYTHON" -m pytest -q -m gpu tests -rs
 tests=$?
 
 echo "== 3/3 benchmark"
