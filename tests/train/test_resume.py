@@ -93,13 +93,17 @@ def pp_vpp_runs(tmp_path_factory) -> tuple[Path, list, list]:
 @pytest.mark.slow
 def test_resume_at_another_layout(tmp_path, pp_vpp_runs):
     """6 steps at pp=2 × 2 virtual stages equal 3 steps there, a save, and 3 more at pp=1 on one process, or
-    at tp=2 with sequence parallelism: the optimizer state goes wherever the weights go."""
+    2 more at tp=2 with sequence parallelism, a save, and the last at pp=2 without virtual stages: the
+    optimizer state goes wherever the weights go."""
     root, whole, first = pp_vpp_runs
     for folder in ("b", "c"):
         shutil.copytree(root / "b", tmp_path / folder)
     pp1 = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, {"pp": 1, "vpp": 1})[0]
-    tp2 = spawn(_run, 2, str(tmp_path / "c"), None, {}, 6, {"tp": 2, "pp": 1, "vpp": 1, "sp": True})[0]
-    for second in (pp1, tp2):
+    tp2 = spawn(_run, 2, str(tmp_path / "c"), 5, {"checkpoint_every": 1}, 6,
+                {"tp": 2, "pp": 1, "vpp": 1, "sp": True})[0]
+    assert [r[0] for r in tp2] == [4, 5] and (tmp_path / "c" / "5" / "5.step").exists()
+    then_pp2 = spawn(_run, 2, str(tmp_path / "c"), None, {}, 6, {"pp": 2, "vpp": 1})[0]
+    for second in (pp1, tp2 + then_pp2):
         assert [r[0] for r in second] == [4, 5, 6]
         assert [r[2] for r in second] == [r[2] for r in whole[3:]]
         assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
