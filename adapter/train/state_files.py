@@ -20,10 +20,14 @@ under ``deepspeed/`` instead of ``optimizer/``; they resume at the layout that w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -134,8 +138,6 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
     weights are already in the model (``load_model_weights``, before the engine was built); returns
     ``context.pt`` (with ``sampler`` holding the sampler state). ``folder`` is this adapter's checkpoint, at
     any layout, or one InternEvo wrote (``train.internevo_state``)."""
-    import tempfile
-
     from adapter.checkpoint.errors import CheckpointError
     from adapter.train.internevo_state import holds_optimizer, import_optimizer, sampler_state
     from adapter.train.optimizer_state import FOLDER, STEPS_FILE, load_optimizer_state
@@ -150,9 +152,10 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
         if not load_optimizer:
             pass  # the weights are loaded; ZeRO took its fp32 masters from them, Adam starts fresh
         elif internevo:
-            with tempfile.TemporaryDirectory() as converted:
-                context["grad_scaler"] = import_optimizer(folder, cfg.model, Path(converted))
-                load_optimizer_state(Path(converted), cfg, layout, trainer)
+            with _node_shared_folder() as (converted, converts):
+                context["grad_scaler"] = _once_per_node(
+                    converts, lambda: import_optimizer(folder, cfg.model, converted))
+                load_optimizer_state(converted, cfg, layout, trainer)
         elif (folder / FOLDER / STEPS_FILE).exists():
             load_optimizer_state(folder, cfg, layout, trainer)
         elif (folder / DEEPSPEED_TAG).is_dir():  # written by an earlier version: DeepSpeed's own, same layout only
@@ -168,3 +171,47 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
         if trainer.scaler.enabled:
             trainer.optimizer.loss_scaler.cur_scale = trainer.scaler.scale
     return context
+
+
+@contextlib.contextmanager
+def _node_shared_folder() -> Iterator[tuple[Path, bool]]:
+    """A temporary folder every rank of a node sees, and whether this rank fills it: converting InternEvo's
+    optimizer files once per node (local rank 0), not once per rank, keeps a 7B import from writing the
+    state eight times over. Its name comes from rank 0, so that concurrent jobs on a node never share one;
+    it is removed once every rank has read it."""
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    folder = Path(tempfile.gettempdir()) / f"internlm-adapter-import-{token[0]}"
+    converts = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if converts:
+        folder.mkdir(parents=True)
+    try:
+        yield folder, converts
+    finally:
+        dist.barrier()  # every rank of the node has read it
+        if converts:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _once_per_node(converts: bool, work: Callable[[], Any]) -> Any:
+    """``work()`` on the ranks that ``converts``, its result on every rank (collective: no rank reads the
+    node's folder before it is complete). A failure stops every rank: the failing rank raises its own
+    error, the others a CheckpointError that quotes it, so that none waits forever."""
+    from adapter.checkpoint.errors import CheckpointError
+
+    outcome: tuple = (False, None, None)  # (ran, result, error)
+    if converts:
+        try:
+            outcome = (True, work(), None)
+        except Exception as exc:
+            outcome = (True, None, f"{type(exc).__name__}: {exc}")
+            failure = exc
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    errors = [(rank, error) for rank, (_, _, error) in enumerate(outcomes) if error]
+    if errors:
+        if outcome[2]:
+            raise failure
+        rank, error = errors[0]
+        raise CheckpointError(f"rank {rank} could not convert it: {error}")
+    return next(result for ran, result, _ in outcomes if ran)

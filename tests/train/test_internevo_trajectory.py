@@ -14,6 +14,7 @@ checkpoint with ``load_optimizer=False``, and an HF folder, at tp1 and pp2 × vp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -183,8 +184,15 @@ def two_processes(tmp_path_factory, random_weights):
     runs = [(str(c["dp1_pp2"]), str(root / "dp1_pp2"), None), (str(c["zero2"]), str(root / "zero2"), None),
             (str(c["pp2_vpp2"]), str(root / "pp2_vpp2"), 1), (str(c["resume_zero2"]), str(root / "resume_zero2"), None),
             (str(c["resume_dp1_pp2"]), str(root / "resume_dp1_pp2"), None)]
-    spawn(fixture_runs.train_runs, 2, runs)
-    return {"root": root, "configs": c}
+    # last: InternEvo's checkpoint with one optimizer file cut short (converted once per node, by rank 0)
+    damaged = root / "damaged_ckpt"
+    shutil.copytree(ZERO2 / "ckpt" / "4", damaged)
+    cut = damaged / "optimizer_tp0_pp0_zo1.pt"
+    cut.write_bytes(cut.read_bytes()[:1000])
+    c["damaged"] = write_config(ZERO2, root / "damaged.py", root / "damaged",
+                                f'load_ckpt_info=dict(path="local:{damaged}", content=("all",), ckpt_type="internevo"),')
+    errors = spawn(fixture_runs.train_runs, 2, runs, (str(c["damaged"]), str(root / "damaged")))
+    return {"root": root, "configs": c, "damaged_errors": errors}
 
 
 # ---- InternEvo's own trajectories
@@ -194,6 +202,15 @@ def two_processes(tmp_path_factory, random_weights):
 def test_dp1_reproduces_internevo_trajectory(one_process):
     root, c = one_process["root"], one_process["configs"]
     assert_matches_internevo(root / "dp1", DP1, c["dp1"])
+
+
+@pytest.mark.multiproc
+def test_damaged_internevo_optimizer_file_stops_every_rank_naming_it(two_processes):
+    """Rank 0 converts InternEvo's optimizer files for its node and fails on the cut file; rank 1, which
+    waits for that conversion, stops too (no hang), quoting the same file."""
+    rank0, rank1 = two_processes["damaged_errors"]
+    assert "optimizer_tp0_pp0_zo1.pt" in rank0 and "cannot resume" in rank0
+    assert "rank 0 could not convert it" in rank1 and "optimizer_tp0_pp0_zo1.pt" in rank1
 
 
 @pytest.mark.multiproc
