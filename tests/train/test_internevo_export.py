@@ -72,19 +72,27 @@ def pickle_bytes(path: Path) -> bytes:
         return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
 
 
-def plan_by_rule(shapes: list[tuple[int, ...]], zero: int) -> list[list[str]]:
+def plan_by_rule(params: dict[str, torch.Size], zero: int) -> tuple[list[list[str]], list[list[str]]]:
     """InternEvo's ``_partition_param_list`` (``hybrid_zero_optim.py``), from its description in
-    ``INTERNEVO_FORMAT.md`` §7.5, written independently of the code under test: parameters (in
+    ``INTERNEVO_FORMAT.md`` §7.5, written independently of the code under test: parameters (``params`` in
     ``model.parameters()`` order) sorted by element count, largest first, ties in order; each to the ZeRO
-    rank with the fewest elements so far (the lowest such rank); named ``"{sorted index}_{dims}"``."""
-    sizes = [int(np.prod(s)) for s in shapes]
-    order = sorted(range(len(shapes)), key=lambda i: (-sizes[i], i))
-    plan, totals = [[] for _ in range(zero)], [0] * zero
+    rank with the fewest elements so far (the lowest such rank); named ``"{sorted index}_{dims}"``.
+    Returns the plan and, per rank, the parameters' names in flat order."""
+    names = list(params)
+    sizes = [int(np.prod(params[n])) for n in names]
+    order = sorted(range(len(names)), key=lambda i: (-sizes[i], i))
+    plan, keys, totals = [[] for _ in range(zero)], [[] for _ in range(zero)], [0] * zero
     for index, i in enumerate(order):
         rank = min(range(zero), key=lambda r: (totals[r], r))
-        plan[rank].append("_".join(str(x) for x in (index, *shapes[i])))
+        plan[rank].append("_".join(str(x) for x in (index, *params[names[i]])))
+        keys[rank].append(names[i])
         totals[rank] += sizes[i]
-    return plan
+    return plan, keys
+
+
+def assert_flat_is_model(flat: torch.Tensor, keys: list[str], model: dict[str, torch.Tensor], where: str) -> None:
+    """An fp32 run's fp32 master partition is its parameters, flattened in plan order (bit for bit)."""
+    assert torch.equal(flat.detach(), torch.cat([model[k].reshape(-1) for k in keys])), where
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +124,9 @@ def test_internevo_checkpoint_comes_back_byte_for_byte(round_trips, case):
         assert (back / path.name).read_bytes() == path.read_bytes(), path.name
     ours_model, theirs = (torch.load(f / "model_tp0_pp0.pt", weights_only=True) for f in (back, original))
     assert_same(dict(ours_model), dict(theirs), "model_tp0_pp0.pt")
+    # the reader put each partition's pieces under the right names: in fp32 the master weights are the model
+    assert_same(dict(torch.load(ours / "optimizer" / "fp32" / "model_tp0_pp0.pt", weights_only=True)),
+                dict(theirs), "optimizer/fp32")
 
 
 def test_parallel_mode_is_pickled_as_internevos_enum(tmp_path, monkeypatch):
@@ -144,7 +155,8 @@ def test_another_zero_size_gets_internevos_plan_and_the_same_state(round_trips, 
     back = HandBack.prepare(ours, target_layout(cfg.model, 1, 1, 1), zero1=1)
     folder = dataclasses.replace(back, zero=zero).write(tmp_path / "back")  # dp1 at zero 2: past the dp check
     model = torch.load(folder / "model_tp0_pp0.pt", weights_only=True)
-    expected = [plan_by_rule([tuple(t.shape) for t in model.values()], zero), [[] for _ in range(zero)]]
+    plan, keys = plan_by_rule({k: v.shape for k, v in model.items()}, zero)
+    expected = [plan, [[] for _ in range(zero)]]
     theirs = load_internevo(other / "ckpt" / "4" / "optimizer_tp0_pp0_zo0.pt")["zero_devide_optim_plan"]
     assert expected == theirs  # the rule, and InternEvo's own plan for the same model at this ZeRO size
     dp = back.dp
@@ -153,6 +165,7 @@ def test_another_zero_size_gets_internevos_plan_and_the_same_state(round_trips, 
         assert written["zero_devide_optim_plan"] == expected
         n = sum(int(np.prod([int(d) for d in name.split("_")[1:]])) for name in expected[0][z])
         assert written["flat_fp32_weights"][0].shape == (n,) == written["base_optim_states"]["state"][0]["exp_avg"].shape
+        assert_flat_is_model(written["flat_fp32_weights"][0], keys[z], model, f"zo{z}")
     assert sorted(p.name for p in folder.glob("gpus-*")) == [
         f"gpus-{dp}_wp-0_tp-0_dp-{d}_pp-0_zo-{d % zero}.pt" for d in range(dp)]
     assert all(torch.load(p, weights_only=True) == expected for p in folder.glob("gpus-*"))
@@ -172,10 +185,13 @@ def test_another_tensor_and_pipeline_layout_reads_back_the_same_logical_state(ro
     folder = HandBack.prepare(ours, target_layout(cfg.model, 2, 2, 1), zero1=2).write(tmp_path / "back")
     for t in range(2):
         for p in range(2):
-            shapes = [tuple(v.shape) for v in torch.load(folder / f"model_tp{t}_pp{p}.pt", weights_only=True).values()]
-            expected = [plan_by_rule(shapes, 2), [[], []]]
+            model = torch.load(folder / f"model_tp{t}_pp{p}.pt", weights_only=True)
+            plan, keys = plan_by_rule({k: v.shape for k, v in model.items()}, 2)
+            expected = [plan, [[], []]]
             for z in range(2):
-                assert load_internevo(folder / f"optimizer_tp{t}_pp{p}_zo{z}.pt")["zero_devide_optim_plan"] == expected
+                written = load_internevo(folder / f"optimizer_tp{t}_pp{p}_zo{z}.pt")
+                assert written["zero_devide_optim_plan"] == expected
+                assert_flat_is_model(written["flat_fp32_weights"][0], keys[z], model, f"tp{t} pp{p} zo{z}")
             assert torch.load(folder / f"gpus-8_wp-0_tp-{t}_dp-1_pp-{p}_zo-1.pt", weights_only=True) == expected
     import_optimizer(folder, cfg.model, tmp_path / "again")
     for kind in ("fp32", "exp_avg", "exp_avg_sq"):
@@ -246,10 +262,13 @@ def test_internlm1_training_state_round_trip(tmp_path):
     ours = _our_checkpoint(tmp_path / "ours", cfg)
     folder = HandBack.prepare(ours, target_layout(cfg.model, 1, 1, 1), zero1=2).write(tmp_path / "back")
     model = torch.load(folder / "model_tp0_pp0.pt", weights_only=True)
-    in_order = parameter_order(list(model), "internlm1")
-    expected = [plan_by_rule([tuple(model[k].shape) for k in in_order], 2), [[], []]]
+    fp32 = torch.load(ours / "optimizer" / "fp32" / "model_tp0_pp0.pt", weights_only=True)
+    plan, keys = plan_by_rule({k: model[k].shape for k in parameter_order(list(model), "internlm1")}, 2)
+    expected = [plan, [[], []]]
     for z in range(2):
-        assert load_internevo(folder / f"optimizer_tp0_pp0_zo{z}.pt")["zero_devide_optim_plan"] == expected
+        written = load_internevo(folder / f"optimizer_tp0_pp0_zo{z}.pt")
+        assert written["zero_devide_optim_plan"] == expected
+        assert_flat_is_model(written["flat_fp32_weights"][0], keys[z], fp32, f"zo{z}")
     import_optimizer(folder, cfg.model, tmp_path / "again")
     for kind in ("fp32", "exp_avg", "exp_avg_sq"):
         assert_same(dict(torch.load(tmp_path / "again" / "optimizer" / kind / "model_tp0_pp0.pt", weights_only=True)),
