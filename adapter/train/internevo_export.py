@@ -173,14 +173,19 @@ def scheduler_state(settings: RunSettings, step: int, groups: int = 2) -> dict:
                                      "_last_lr": lr if finished else [base] * groups}}
 
 
-def sampler_file(state: Mapping[str, Any], rampup: Optional[str], where: Path) -> dict:
+#: what the writer reads of the adapter's sampler state (``data.sampler.BatchSampler.state_dict``: the epoch
+#: named by the generator before its shuffle, as InternEvo's is; states holding the index array instead, as
+#: earlier versions wrote them, cannot say that) and of its ``context.pt``
+_SAMPLER_KEYS = ("batch_count", "consumed", "epoch", "seed", "data_world_size", "batch_size", "num_samples",
+                 "epoch_size", "epoch_rng_state")
+_CONTEXT_KEYS = ("batch_count", "num_consumed_tokens", "inf_nan_skip_batches", "grad_scaler")
+
+
+def sampler_file(state: Mapping[str, Any], rampup: Optional[str]) -> dict:
     """InternEvo's ``StaticBatchSampler.state_dict()`` from the adapter's: the generator before the epoch's
     shuffle and that shuffle (``int64``, truncated to the epoch), which InternEvo rebuilds on load."""
     from adapter.data.sampler import rng_from_saved
 
-    if "epoch_rng_state" not in state or "num_samples" not in state:
-        raise CheckpointError(f"{where}: the sampler state does not name its epoch by the generator before the "
-                              "shuffle (written by an earlier version), which InternEvo rebuilds the epoch from")
     rng = rng_from_saved(state["epoch_rng_state"])
     generator = np.random.RandomState()
     generator.set_state(rng)
@@ -209,11 +214,13 @@ def holds_training_state(folder: Path) -> bool:
     return (folder / FOLDER / STEPS_FILE).is_file()
 
 
-def _read(path: Path, what: str) -> Any:
+def _read(path: Path, metadata: bool = True) -> Any:
+    """A small file of the checkpoint: plain data through the metadata allow-list, or (``metadata=False``)
+    tensors too with ``weights_only``."""
     from adapter.checkpoint.io.safe_load import load_metadata
 
     try:
-        return load_metadata(path) if what == "metadata" else torch.load(path, map_location="cpu", weights_only=True)
+        return load_metadata(path) if metadata else torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from the training checkpoint") from None
     except Exception as exc:  # a damaged or foreign file: one line naming it
@@ -246,7 +253,7 @@ class HandBack:
         if step is None:
             raise CheckpointError(f"{src}: not a complete training checkpoint (no <step>.step marker)")
         if settings is None:
-            saved = _read(src / "schedulder.pt", "metadata").get("internevo")
+            saved = _read(src / "schedulder.pt").get("internevo")
             if saved is None:
                 raise CheckpointError(f"{src / 'schedulder.pt'}: does not record the run's optimizer settings "
                                       "(written before hand-back support); pass the run's config with --config")
@@ -254,17 +261,19 @@ class HandBack:
         if settings.mlp_layer_fusion:
             raise CheckpointError(f"{src}: InternEvo partitions model.mlp_layer_fusion=True runs over the fused "
                                   "w1/w3 parameter; only mlp_layer_fusion=False is written")
-        steps = _read(src / FOLDER / STEPS_FILE, "metadata")["steps"]
+        steps = _read(src / FOLDER / STEPS_FILE)["steps"]
         if len(set(steps)) != 1:
             raise CheckpointError(f"{src / FOLDER / STEPS_FILE}: parameter groups at different Adam steps {steps}")
-        sampler = _read(src / "sampler.pt", "tensors")
+        sampler, context = _read(src / "sampler.pt", metadata=False), _read(src / "context.pt")
+        for name, state, keys in (("sampler.pt", sampler, _SAMPLER_KEYS), ("context.pt", context, _CONTEXT_KEYS)):
+            if missing := [k for k in keys if k not in state]:
+                raise CheckpointError(f"{src / name}: no {missing[0]!r} (an earlier version's, or not the adapter's)")
         dp = int(sampler["data_world_size"])
         zero = zero1 if zero1 is not None else settings.zero1 if settings.zero1 > 0 else dp
         if zero < 1 or dp % zero:
             raise ZeroSizeError(f"ZeRO-1 size {zero} does not divide the run's data-parallel size {dp} (InternEvo "
                                   "needs it to; its sampler state is for that data-parallel size)")
-        return cls(src, layout, zero, dp, step, int(steps[0]), settings, _read(src / "context.pt", "metadata"),
-                   sampler)
+        return cls(src, layout, zero, dp, step, int(steps[0]), settings, context, sampler)
 
     def files(self) -> list[str]:
         lay, world = self.layout, self.layout.tp * self.layout.pp * self.dp
@@ -306,7 +315,7 @@ class HandBack:
                 save({}, folder / f"topo_tp{t}_pp{p}.json")
                 tensors = {kind: shard_state_dict(optimizer[kind], model, lay, t, p) for kind in STATES}
                 self._write_rank(folder, t, p, tensors, model)
-        save(sampler_file(self.sampler, self.settings.rampup, self.src / "sampler.pt"), folder / "sampler.pt")
+        save(sampler_file(self.sampler, self.settings.rampup), folder / "sampler.pt")
         save(scheduler_state(self.settings, self.step), folder / "schedulder.pt")
         save(context_file(self.context, self.sampler, self.step), folder / "context.pt")
         save({"step": self.step}, folder / f"{self.step}.step")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import pickletools
+import shutil
 import sys
 import types
 import zipfile
@@ -226,19 +227,18 @@ def test_internlm1_parameter_order_follows_internevo_source():
 
 
 def _our_checkpoint(folder: Path, cfg, seed: int = 0) -> Path:
-    """An adapter training checkpoint of ``cfg``'s model with random weights and optimizer state (as
-    ``state_files.save_checkpoint`` lays it out), at step 3 of a 2-rank data-parallel run."""
+    """An adapter training checkpoint of ``cfg``'s model with random weights (in the model's dtype) and fp32
+    optimizer state, laid out as ``state_files.save_checkpoint`` does, at step 3 of a 2-rank data-parallel run."""
     from adapter.checkpoint.formats.internevo import model_config_dict, shard_state_dict
     from adapter.data.sampler import BatchSampler
     from tests.model.workers import random_logical
 
     layout = target_layout(cfg.model, 1, 1, 1)
-    folder.mkdir()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
     for sub, shift in (("", 0), ("optimizer/fp32", 0), ("optimizer/exp_avg", 1), ("optimizer/exp_avg_sq", 2)):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub).mkdir(parents=True)
         logical = random_logical(cfg.model, seed=seed + shift)
-        if sub.endswith("exp_avg_sq"):
-            logical = {k: v.abs() for k, v in logical.items()}
+        logical = {k: v.to(dtype) if not sub else v.abs() if sub.endswith("_sq") else v for k, v in logical.items()}
         torch.save(shard_state_dict(logical, cfg.model, layout, 0, 0), folder / sub / "model_tp0_pp0.pt")
         torch.save(model_config_dict(cfg.model), folder / sub / "model_config.pt")
     torch.save({"steps": [3]}, folder / "optimizer" / "state.pt")
@@ -248,31 +248,52 @@ def _our_checkpoint(folder: Path, cfg, seed: int = 0) -> Path:
     torch.save(sampler.state_dict(), folder / "sampler.pt")
     torch.save({"batch_count": 2, "num_consumed_samples_in_epoch": 12, "num_consumed_tokens": 999,
                 "inf_nan_skip_batches": 0, "tensorboard_folder": None, "step_count": 3,
-                "grad_scaler": {"_scale": 1.0, "_growth_step": 0, "_hysteresis_step": 0}}, folder / "context.pt")
+                "grad_scaler": {"_scale": 4096.0, "_growth_step": 3, "_hysteresis_step": 1}}, folder / "context.pt")
     torch.save({"step_count": 3, "base_lr": cfg.adam.lr, "internevo": RunSettings.from_config(cfg).to_dict()},
                folder / "schedulder.pt")
     torch.save({"step": 3}, folder / "3.step")
     return folder
 
 
-def test_internlm1_training_state_round_trip(tmp_path):
-    """An InternLM1 run handed back at ZeRO 2 and read again: the same state per tensor, and each plan is the
-    rule applied in InternEvo's parameter order (``Wqkv`` before ``out_proj``)."""
-    cfg, _ = read_config(FIXTURES / "internlm1_tiny" / "config.py")
+def test_internlm1_bf16_run_at_tp2_pp2_vpp2_round_trip(tmp_path):
+    """A 4-layer bf16 InternLM1 run handed back at tp 2 × pp 2 × 2 chunks × ZeRO 2 and read again: the same
+    state per tensor; each plan is the rule applied in InternEvo's parameter order (``Wqkv`` before
+    ``out_proj``, chunk 0's parameters before chunk 1's), each fp32 partition is the fp32 master weights in
+    that order, the groups say bf16 and the loss scale is the run's."""
+    from adapter.checkpoint.formats.internevo import shard_state_dict
+
+    text = (FIXTURES / "internlm1_tiny" / "config.py").read_text()
+    edits = {"NUM_LAYER = 2": "NUM_LAYER = 4", 'dtype="torch.float32"': 'dtype="torch.bfloat16"'}
+    for old, new in edits.items():
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    (tmp_path / "cfg.py").write_text(text)
+    cfg, _ = read_config(tmp_path / "cfg.py")
     ours = _our_checkpoint(tmp_path / "ours", cfg)
-    folder = HandBack.prepare(ours, target_layout(cfg.model, 1, 1, 1), zero1=2).write(tmp_path / "back")
-    model = torch.load(folder / "model_tp0_pp0.pt", weights_only=True)
-    fp32 = torch.load(ours / "optimizer" / "fp32" / "model_tp0_pp0.pt", weights_only=True)
-    plan, keys = plan_by_rule({k: model[k].shape for k in parameter_order(list(model), "internlm1")}, 2)
-    expected = [plan, [[], []]]
-    for z in range(2):
-        written = load_internevo(folder / f"optimizer_tp0_pp0_zo{z}.pt")
-        assert written["zero_devide_optim_plan"] == expected
-        assert_flat_is_model(written["flat_fp32_weights"][0], keys[z], fp32, f"zo{z}")
+    layout = target_layout(cfg.model, 2, 2, 2)
+    folder = HandBack.prepare(ours, layout, zero1=2).write(tmp_path / "back")
+    masters = open_checkpoint(ours / "optimizer" / "fp32", cfg.model).tensors
+    for t in range(2):
+        for p in range(2):
+            model = torch.load(folder / f"model_tp{t}_pp{p}.pt", weights_only=True)
+            assert {v.dtype for v in model.values()} == {torch.bfloat16}
+            chunks = [k.split(".model.")[0] for k in model]
+            assert chunks == sorted(chunks) and set(chunks) == {"0", "1"}
+            plan, keys = plan_by_rule({k: model[k].shape for k in parameter_order(list(model), "internlm1")}, 2)
+            fp32 = shard_state_dict(masters, cfg.model, layout, t, p)
+            for z in range(2):
+                written = load_internevo(folder / f"optimizer_tp{t}_pp{p}_zo{z}.pt")
+                assert written["zero_devide_optim_plan"] == [plan, [[], []]]
+                assert_flat_is_model(written["flat_fp32_weights"][0], keys[z], fp32, f"tp{t} pp{p} zo{z}")
+                groups = written["base_optim_states"]["param_groups"]
+                assert [g["dtype"] for g in groups] == [torch.bfloat16, None]
+                assert written["grad_scaler"] == {"_scale": 4096.0, "_growth_step": 3, "_hysteresis_step": 1}
     import_optimizer(folder, cfg.model, tmp_path / "again")
     for kind in ("fp32", "exp_avg", "exp_avg_sq"):
-        assert_same(dict(torch.load(tmp_path / "again" / "optimizer" / kind / "model_tp0_pp0.pt", weights_only=True)),
-                    dict(torch.load(ours / "optimizer" / kind / "model_tp0_pp0.pt", weights_only=True)), kind)
+        a = open_checkpoint(tmp_path / "again" / "optimizer" / kind, cfg.model)
+        assert (a.layout.tp, a.layout.pp, a.layout.vpp) == (2, 2, 2)
+        b = open_checkpoint(ours / "optimizer" / kind, cfg.model)
+        assert_same(dict(sorted(a.tensors.items())), dict(sorted(b.tensors.items())), kind)  # logical: any order
     sampler = load_internevo(folder / "sampler.pt")
     assert (sampler["data_world_size"], sampler["batch_count"], sampler["num_consumed_samples_in_epoch"]) == (2, 3, 6)
     assert sampler["indices"].dtype == np.int64 and len(sampler["indices"]) == 40
@@ -351,8 +372,13 @@ def test_convert_refuses_bad_zero_sizes_and_missing_settings_writing_nothing(rou
     assert err.count("\n") == 1 and f"{old / 'schedulder.pt'}: does not record" in err and "--config" in err
     assert _cli("convert", old, tmp_path / "e", "--to", "internevo", "--config", config) == 0
     sampler = torch.load(old / "sampler.pt", weights_only=True)
-    del sampler["num_samples"]  # an index-less state that cannot name its epoch: found only after the big files
+    del sampler["num_samples"]  # a state that cannot name its epoch's rows: refused before anything is written
     torch.save(sampler, old / "sampler.pt")
     assert _cli("convert", old, tmp_path / "f", "--to", "internevo", "--config", config) == 1
-    assert f"{old / 'sampler.pt'}: the sampler state" in capsys.readouterr().err
-    assert not [p for p in tmp_path.iterdir() if p.name in ("a", "b", "d", "f") or p.name.startswith((".a", ".f"))]
+    assert f"{old / 'sampler.pt'}: no 'num_samples'" in capsys.readouterr().err
+    shutil.copyfile(ours / "sampler.pt", old / "sampler.pt")
+    (old / "optimizer" / "exp_avg_sq" / "model_tp0_pp0.pt").unlink()  # found after the model files are written
+    assert _cli("convert", old, tmp_path / "h", "--to", "internevo", "--config", config) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exp_avg_sq" in err
+    assert not [p for p in tmp_path.iterdir() if p.name in ("a", "b", "d", "f", "h") or p.name.startswith(".")]
