@@ -25,6 +25,7 @@ examples:
   internlm-ckpt inspect llm_ckpts/5000 --tensors
   internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16 --tokenizer internlm/internlm-7b
   internlm-ckpt convert llm_ckpts/5000 resharded --to internevo --tp 2 --pp 4 --vpp 2
+  internlm-ckpt convert runs/7b/ckpt/5000 back --to internevo --tp 2 --zero1 4   # hand a run back to InternEvo
   internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore
   internlm-ckpt convert hf/internlm2-7b megatron/ --to mcore-legacy --tp 4 --pp 2
   internlm-ckpt convert llm_ckpts/5000 out --to hf --dry-run
@@ -33,6 +34,11 @@ examples:
 --config CONFIG supplies model sizes a folder cannot tell (head counts for Megatron folders, or an
 InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config's layout, else 1 (with an
 explicit --pp, --vpp defaults to 1, not to the config's model.num_chunks).
+A training checkpoint of this adapter (one with optimizer/) converted --to internevo becomes InternEvo's
+whole training state at that layout: model files, HybridZeroOptimizer partitions for --zero1 ranks (default:
+the run's parallel.zero1, or its data-parallel size), zero plans, sampler, scheduler, context and step marker,
+which InternEvo 0.5.2 resumes with load_ckpt_info content=("all",); its optimizer settings come from the
+checkpoint, or from --config for checkpoints written before this.
 A torch_dist (--to mcore) folder has no layout: megatron-core loads it at any TP/PP/VPP; --tp/--pp/--vpp,
 when given, are only checked against the model (megatron could not load it at a size that does not fit).
 
@@ -65,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pp", type=positive_int, help="target pipeline-parallel size")
     convert.add_argument("--vpp", type=positive_int, help="target virtual stages (chunks) per pipeline rank")
     convert.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights")
+    convert.add_argument("--zero1", type=positive_int,
+                         help="with --to internevo from a training checkpoint: the InternEvo run's ZeRO-1 size")
     convert.add_argument("--config", help="InternEvo config: model sizes, and the default target layout")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace a target folder this tool wrote (never one it did not write)")
@@ -120,6 +128,27 @@ def _tokenizer(args: argparse.Namespace) -> list[Path]:
     return tokenizer_files(folder)
 
 
+def _hand_back(args: argparse.Namespace, layout, cfg) -> int:
+    """``convert --to internevo`` of a training checkpoint with optimizer state: InternEvo's whole training
+    state (``train.internevo_export``)."""
+    from adapter.train.internevo_export import HandBack, RunSettings, ZeroSizeError
+
+    if args.dtype:
+        raise _BadArguments("--dtype casts weights; a training checkpoint is handed back in its own dtype")
+    try:
+        back = HandBack.prepare(Path(args.src), layout, args.zero1, RunSettings.from_config(cfg) if cfg else None)
+    except ZeroSizeError as exc:
+        raise _BadArguments(str(exc)) from None
+    if args.dry_run:
+        print(f"read  {back.src} (training checkpoint, step {back.step}, data-parallel size {back.dp})")
+        for name in back.files():
+            print(f"write {Path(args.dst) / name}")
+        return 0
+    back.write(Path(args.dst), overwrite=args.overwrite)
+    print(args.dst)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -128,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                             write_checkpoint)
     from adapter.checkpoint.errors import CheckpointError
     from adapter.config import ConfigError, read_config
+    from adapter.train.internevo_export import holds_training_state
 
     try:
         cfg = layout_cfg = None
@@ -149,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         src = open_checkpoint(args.src, model)
         layout = _layout(args, src.model, layout_cfg)
         check_target(args.dst, args.overwrite)
+        if args.to == "internevo" and holds_training_state(Path(args.src)):
+            return _hand_back(args, layout, cfg)
+        if args.zero1:
+            raise _BadArguments("--zero1 goes with --to internevo from a training checkpoint (one with optimizer/)")
         if args.dry_run:
             print(f"read  {src.path} ({src.format}, {src.generation}, {len(src.tensors)} tensors)")
             for name in planned_files(args.to, layout) + [p.name for p in tokenizer]:

@@ -4,11 +4,13 @@ InternEvo's ``HybridZeroOptimizer`` keeps, per (tensor, pipeline) rank, the rank
 (largest first, ties in ``model.parameters()`` order) and dealt to the ZeRO ranks; each
 ``optimizer_tp{t}_pp{p}_zo{z}.pt`` holds its ZeRO rank's flat fp32 master copy and Adam's moments over it, and
 ``zero_devide_optim_plan`` names the parameters in it as ``"{sorted index}_{dim0}_{dim1}"``
-(``INTERNEVO_FORMAT.md`` §7.5). The parameter order of a rank is its model file's key order (true of the
-families whose state dict is their parameter order; InternLM1's ``Wqkv`` hook reorders its keys, so it is
-refused here). Cutting the flat tensors back into parameters gives, per (tensor, pipeline) rank, three
-dictionaries shaped exactly like the model file, which are written as the adapter's layout-free optimizer
-folders (``train.optimizer_state``) and loaded from there at any layout.
+(``INTERNEVO_FORMAT.md`` §7.5). The sorted index counts in ``model.parameters()`` order, which is the model
+file's key order except in InternLM1, whose ``Wqkv`` save hook moves keys (``parameter_order``). Cutting the
+flat tensors back into parameters gives, per (tensor, pipeline) rank, three dictionaries shaped exactly like
+the model file, which are written as the adapter's layout-free optimizer folders (``train.optimizer_state``)
+and loaded from there at any layout. Only the ``default`` parameter group is read: the only other group
+InternEvo makes for the configs the adapter runs, ``fp32``, is empty unless ``use_fp32_norm=True``
+(``INTERNEVO_FORMAT.md`` §7.1), which the adapter does not train.
 
 The files are read with ``weights_only=True``: InternEvo's ``ParallelMode`` enum (in the optimizer's param
 groups) is read as a stand-in that holds its value, and the sampler's numpy arrays through numpy's
@@ -26,8 +28,8 @@ import torch
 
 from adapter.checkpoint.errors import CheckpointError
 from adapter.checkpoint.formats.internevo import MODEL_FILE, model_config_dict
-from adapter.checkpoint.io.safe_load import load_tensors, megatron_globals
-from adapter.config.schema import ModelConfig
+from adapter.checkpoint.io.safe_load import load_metadata, load_tensors, megatron_globals
+from adapter.config.schema import InternLMConfig, ModelConfig
 from adapter.train.optimizer_state import FOLDER, STEPS_FILE
 
 OPTIMIZER_FILE = re.compile(r"^optimizer_tp(\d+)_pp(\d+)_zo(\d+)\.pt$")
@@ -35,10 +37,58 @@ _PARALLEL_MODE = "internlm.core.context.process_group_initializer.ParallelMode"
 
 
 class _ParallelMode:
-    """What InternEvo's ``ParallelMode`` enum members in a param group are read as: their value only."""
+    """What InternEvo's ``ParallelMode`` enum members in a param group are read as: their value only.
+
+    ``train.internevo_export`` writes instances back under InternEvo's name (``PARALLEL_MODE``), the way
+    pickle writes an ``Enum`` member: the class, called with the value."""
 
     def __init__(self, value: str):
         self.value = value
+
+    def __reduce__(self) -> tuple:
+        return _ParallelMode, (self.value,)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ParallelMode) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return f"ParallelMode({self.value!r})"
+
+
+#: InternLM1's attention keys, in the order InternEvo 0.5.2 registers the parameters: ``MHA.__init__``
+#: creates ``wqkv`` (``model/modules/mha.py:107``) before ``out_proj`` (``:117``), and ``InternLM1Decoder``
+#: (``model/modeling_internlm.py:109``) registers ``internlm1_mha_save_convert`` (``model/utils.py:16-22``) as
+#: the mixer's state-dict hook, which pops ``wqkv.weight``/``wqkv.bias`` and re-inserts them as ``Wqkv.*``
+#: after ``out_proj.*``. So the model file lists ``out_proj`` first while ``model.parameters()`` (and the
+#: ZeRO plan's sorted index) has ``Wqkv`` first.
+_INTERNLM1_MIXER = re.compile(r"^(.*\bmixer\.)(Wqkv|out_proj)\.(weight|bias)$")
+_MIXER_ORDER = ("Wqkv.weight", "Wqkv.bias", "out_proj.weight", "out_proj.bias")
+
+
+def parameter_order(keys: list[str], family: str) -> list[str]:
+    """A model file's keys in InternEvo's ``model.parameters()`` order: the file order, except that each
+    InternLM1 mixer's ``Wqkv`` comes before its ``out_proj`` (see ``_MIXER_ORDER``)."""
+    out = list(keys)
+    if family != "internlm1":
+        return out
+    slots: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        if m := _INTERNLM1_MIXER.match(key):
+            slots.setdefault(m[1], []).append(i)
+    for prefix, where in slots.items():
+        ordered = sorted((keys[i] for i in where), key=lambda k: _MIXER_ORDER.index(k[len(prefix):]))
+        for i, key in zip(where, ordered):
+            out[i] = key
+    return out
+
+
+def by_size(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """``keys`` (in parameter order) as HybridZeroOptimizer sorts them before dealing them to the ZeRO ranks:
+    by element count, largest first, ties in parameter order (``sorted`` is stable)."""
+    return sorted(keys, key=lambda k: -int(np.prod(shapes[k], dtype=np.int64)))
 
 
 def holds_optimizer(folder: Path) -> bool:
@@ -56,19 +106,19 @@ def _load(path: Path, allowed: list) -> Any:
 
 def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) -> tuple[dict, int, dict]:
     """``({"fp32"|"exp_avg"|"exp_avg_sq": {file key: tensor}}, Adam's step, grad scaler)`` of rank (t, p)."""
-    if model.family == "internlm1":
-        raise CheckpointError(f"{folder}: InternLM1's optimizer files cannot be read yet (its Wqkv state-dict hook "
-                              "reorders the keys against the parameter order the partition plan follows)")
     shapes = {k: tuple(v.shape) for k, v in load_tensors(folder / f"model_tp{t}_pp{p}.pt").items()}
-    by_size = sorted(shapes, key=lambda k: -int(np.prod(shapes[k], dtype=np.int64)))  # stable: ties keep order
+    sorted_keys = by_size(parameter_order(list(shapes), model.family), shapes)
     out: dict[str, dict[str, torch.Tensor]] = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
     steps, scaler = set(), {}
     for z in range(zero):
         path = folder / f"optimizer_tp{t}_pp{p}_zo{z}.pt"
         sd = _load(path, [(_ParallelMode, _PARALLEL_MODE)])
         plan = sd["zero_devide_optim_plan"]
-        if any(group[z] for group in plan[1:]):
-            raise CheckpointError(f"{path}: parameters in optimizer groups other than 'default' are not read yet")
+        for i, group in enumerate(plan[1:], 1):
+            if group[z]:
+                name = sd["base_optim_states"]["param_groups"][i].get("name", i)
+                raise CheckpointError(f"{path}: optimizer group '{name}' holds parameters (InternEvo's fp32 group "
+                                      "with use_fp32_norm=True); only the 'default' group is read")
         ids, scaler = plan[0][z], sd["grad_scaler"]
         if not ids:
             continue
@@ -80,7 +130,10 @@ def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) ->
         offset = 0
         for name in ids:
             index, *dims = (int(x) for x in name.split("_"))
-            key = by_size[index]
+            if index >= len(sorted_keys):
+                raise CheckpointError(f"{path}: plan entry {name} is past the {len(sorted_keys)} tensors of the "
+                                      "model file")
+            key = sorted_keys[index]
             if tuple(dims) != shapes[key]:
                 raise CheckpointError(f"{path}: plan entry {name} does not fit {key} {shapes[key]} of the model file")
             n = int(np.prod(dims, dtype=np.int64))
@@ -124,14 +177,65 @@ def import_optimizer(folder: Path, model: ModelConfig, target: Path) -> dict:
 
 
 def sampler_state(path: Path) -> dict:
-    """InternEvo's ``StaticBatchSampler`` state (numpy arrays in it) as the adapter's sampler reads it: the
-    epoch's index array over all ranks and the generator after its shuffle; InternEvo's rank 0 writes it, and
-    its ``num_consumed_samples_in_epoch`` counts one rank's rows (as the adapter's ``consumed`` does)."""
+    """InternEvo's ``StaticBatchSampler`` state (numpy arrays in it) as the adapter's sampler reads it.
+
+    InternEvo's ``rng_state`` is the generator *before* the epoch's shuffle (``indices`` is that shuffle,
+    truncated to whole global batches) and its loader rebuilds the epoch from it, ignoring ``indices``; the
+    adapter's own state names an epoch the same way (``epoch_rng_state``, ``epoch_size``), so the epoch is
+    shuffled again here too and the next epoch's shuffle starts where InternEvo's would. Rank 0 writes the
+    file; ``num_consumed_samples_in_epoch`` counts one rank's rows (as the adapter's ``consumed`` does)."""
     from adapter.data.sampler import rng_to_saved
 
     s = _load(path, megatron_globals())
     return {"batch_count": int(s["batch_count"]), "consumed": int(s["num_consumed_samples_in_epoch"]),
             "epoch": int(s["epoch"]), "seed": int(s["seed"]), "data_world_size": int(s["data_world_size"]),
-            "batch_size": int(s["batch_size"]),
-            "indices": torch.from_numpy(np.asarray(s["indices"], dtype=np.int64)),
-            "rng_state": rng_to_saved(s["rng_state"])}
+            "batch_size": int(s["batch_size"]), "epoch_size": len(s["indices"]),
+            "epoch_rng_state": rng_to_saved(s["rng_state"])}
+
+
+def _epoch_rows(indices: np.ndarray, rng_state: tuple, global_batch: int, where: Path) -> int:
+    """The packed-row count whose shuffle from ``rng_state`` begins with ``indices`` (InternEvo's sampler file
+    does not record it). An epoch keeps whole global batches, so it lies between the largest index + 1 and
+    ``len(indices) + global_batch - 1``; nearly always the first candidate (one shuffle) is it."""
+    for rows in range(int(indices.max(initial=-1)) + 1, len(indices) + global_batch):
+        generator = np.random.RandomState()
+        generator.set_state(rng_state)
+        order = np.arange(rows, dtype=np.int64)
+        generator.shuffle(order)
+        if np.array_equal(order[:len(indices)], indices):
+            return rows
+    raise CheckpointError(f"{where}: its indices are no shuffle of the data from its rng_state")
+
+
+def import_checkpoint(folder: Path, cfg: InternLMConfig, target: Path) -> Path:
+    """Write InternEvo's training checkpoint ``folder`` as an adapter training checkpoint into ``target``, a
+    new or empty folder (``train.state_files``): model files, per-tensor optimizer state, context (with the loss
+    scale), sampler (with the epoch's row count), schedule step and the run's optimizer settings, marker last.
+    ``cfg`` is the run's config (InternEvo's files do not hold all of its settings)."""
+    import shutil
+
+    from adapter.data.sampler import rng_from_saved
+    from adapter.train.internevo_export import RunSettings
+    from adapter.train.state_files import completed_step
+
+    step = completed_step(folder)
+    if step is None:
+        raise CheckpointError(f"{folder}: not a complete InternEvo checkpoint (no <step>.step marker)")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if MODEL_FILE.match(path.name):
+            shutil.copyfile(path, target / path.name)
+    torch.save(model_config_dict(cfg.model), target / "model_config.pt")
+    scaler = import_optimizer(folder, cfg.model, target)
+    context = {**load_metadata(folder / "context.pt"), "grad_scaler": scaler}
+    torch.save(context, target / "context.pt")
+    sampler = sampler_state(folder / "sampler.pt")
+    indices = np.asarray(_load(folder / "sampler.pt", megatron_globals())["indices"], dtype=np.int64)
+    global_batch = sampler["batch_size"] * sampler["data_world_size"]
+    sampler["num_samples"] = _epoch_rows(indices, rng_from_saved(sampler["epoch_rng_state"]), global_batch,
+                                         folder / "sampler.pt")
+    torch.save(sampler, target / "sampler.pt")
+    torch.save({"step_count": step, "base_lr": cfg.adam.lr, "internevo": RunSettings.from_config(cfg).to_dict()},
+               target / "schedulder.pt")
+    torch.save({"step": step}, target / f"{step}.step")
+    return target

@@ -7,7 +7,8 @@ A checkpoint folder (``<save_ckpt_folder>/<step>/`` or a snapshot slot ``<snapsh
 * ``optimizer/``: ZeRO-1's fp32 master weights and Adam's moments per logical tensor, in the same layout
   (``train.optimizer_state``), so a run resumes at any tensor/pipeline/virtual/data-parallel layout;
 * ``context.pt`` (InternEvo's ``TrainState`` keys, plus the loss-scaler state), ``sampler.pt`` (the batch
-  sampler), ``schedulder.pt`` (InternEvo's spelling; the step the lr/beta2 schedules are at) and
+  sampler), ``schedulder.pt`` (InternEvo's spelling; the step the lr/beta2 schedules are at, and the run's
+  optimizer settings InternEvo's own files need when the run is handed back: ``train.internevo_export``) and
   ``model_config.pt`` (a plain dict);
 * ``{step}.step``, InternEvo's completion marker, written last after a barrier. A folder without a marker is
   never loaded; before a snapshot slot is reused its markers are deleted first, so an interrupted overwrite
@@ -55,6 +56,8 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     completion marker to the caller (object storage uploads it once every file is up)."""
     from megatron.core import parallel_state as ps
 
+    from adapter.train.internevo_export import RunSettings
+
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.iterdir():  # a reused snapshot slot stops being "complete" before it is rewritten
@@ -73,7 +76,8 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
         atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},
                     folder / "context.pt")
         atomic_save(sampler.state_dict(), folder / "sampler.pt")
-        atomic_save({"step_count": step, "base_lr": cfg.adam.lr}, folder / "schedulder.pt")
+        atomic_save({"step_count": step, "base_lr": cfg.adam.lr, "internevo": RunSettings.from_config(cfg).to_dict()},
+                    folder / "schedulder.pt")
     dist.barrier()
     if marker and dist.get_rank() == 0:
         atomic_save({"step": step}, folder / f"{step}.step")
