@@ -113,7 +113,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         context["batch_count"] = batch_count
-        context["num_consumed_samples_in_epoch"] = sampler.consumed * dp_size
+        context["num_consumed_samples_in_epoch"] = sampler.consumed  # one rank's rows, as InternEvo counts
         context["num_consumed_tokens"] += result.tokens
         context["inf_nan_skip_batches"] += int(result.skipped)
         flops = flops_per_token(cfg.model, mean_attended_length(piece_lengths(micro))) * result.tokens

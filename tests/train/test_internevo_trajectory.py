@@ -82,6 +82,10 @@ def assert_matches_internevo(run: Path, fixture: Path, config: Path) -> dict[str
     for name, w in theirs.items():
         worst["weights"] = max(worst["weights"], rel(ours[name], w))
         assert rel(ours[name], w) <= 1e-4, name
+    for step in (4, 8):  # the counters of InternEvo's TrainState, as its context.pt holds them
+        ours, theirs = (torch.load(f / "ckpt" / str(step) / "context.pt", weights_only=True) for f in (run, fixture))
+        assert {k: ours[k] for k in theirs if k != "tensorboard_folder"} == \
+            {k: v for k, v in theirs.items() if k != "tensorboard_folder"}, f"context.pt at step {step}"
     print(f"{run.name} vs InternEvo, worst relative errors: {worst}")  # the README's parity figures (pytest -s)
     return worst
 
