@@ -25,6 +25,7 @@ examples:
   internlm-ckpt inspect llm_ckpts/5000 --tensors
   internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16 --tokenizer internlm/internlm-7b
   internlm-ckpt convert llm_ckpts/5000 resharded --to internevo --tp 2 --pp 4 --vpp 2
+  internlm-ckpt convert llm_ckpts/5000 weights --to internevo --weights-only
   internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore
   internlm-ckpt convert hf/internlm2-7b megatron/ --to mcore-legacy --tp 4 --pp 2
   internlm-ckpt convert llm_ckpts/5000 out --to hf --dry-run
@@ -35,6 +36,17 @@ InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config
 explicit --pp, --vpp defaults to 1, not to the config's model.num_chunks).
 A torch_dist (--to mcore) folder has no layout: megatron-core loads it at any TP/PP/VPP; --tp/--pp/--vpp,
 when given, are only checked against the model (megatron could not load it at a size that does not fit).
+
+A training checkpoint (one the adapter's trainer saved, with optimizer/, or one InternEvo saved, with
+optimizer_tp*_pp*_zo*.pt) converted --to internevo keeps its whole training state, in the adapter's form: the
+model files and optimizer/{fp32,exp_avg,exp_avg_sq}/ cut for the target layout (the optimizer states are
+resharded exactly like the weights), optimizer/state.pt (Adam's step), context.pt (counters, grad scaler),
+sampler.pt, schedulder.pt and the step marker, written last. Training resumes it at any layout; InternEvo
+reads its model files, not its optimizer state (InternEvo's ZeRO files, gpus-*.pt plans and topology files are
+not carried). --weights-only writes the model files alone; --to hf, mcore and mcore-legacy always do. A
+checkpoint whose save did not finish (no N.step marker), with a state file that cannot be read, or with
+DeepSpeed's own optimizer files (deepspeed/, written by earlier versions, cut for one layout) is refused with
+the file and the reason; so is a --tp that does not divide the vocabulary (the trainer could not resume it).
 
 The output never overlaps an input (same folder, or one inside the other, after resolving symlinks and
 ..), and --overwrite replaces only a folder this tool wrote (it leaves a .internlm-adapter.json listing its
@@ -50,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internlm-ckpt", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,verify}")
-    inspect = sub.add_parser("inspect", help="format, family, layout, dtype and size of a checkpoint")
+    inspect = sub.add_parser("inspect", help="format, family, layout, dtype and size of a checkpoint, and its "
+                                             "training state (optimizer, sampler, counters; headers only)")
     inspect.add_argument("path")
     inspect.add_argument("--tensors", action="store_true", help="also list every logical tensor")
     inspect.add_argument("--config", help="InternEvo config with the model sizes")
@@ -72,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --to hf: copy the tokenizer files saved in DIR (tokenizer.json, tokenizer.model, "
                               "tokenizer_config.json, special_tokens_map.json, ...) into the export")
     convert.add_argument("--dry-run", action="store_true", help="print the plan (files to read and write) only")
+    convert.add_argument("--weights-only", action="store_true",
+                         help="with --to internevo: write the model files only, not a training checkpoint's "
+                              "optimizer, sampler and counters")
     verify = sub.add_parser("verify", help="compare two checkpoints tensor by tensor (exit 0 when they match)")
     verify.add_argument("a")
     verify.add_argument("b")
@@ -120,6 +136,34 @@ def _tokenizer(args: argparse.Namespace) -> list[Path]:
     return tokenizer_files(folder)
 
 
+def _convert_training(args: argparse.Namespace, src, layout) -> int:
+    """``--to internevo`` of a training checkpoint: its whole state, in the adapter's form (``EPILOG``).
+    Sizes the trainer could not resume at are refused before any state file is read."""
+    from adapter.checkpoint.errors import CheckpointError
+    from adapter.train.state_convert import (check_resumable_layout, open_training, planned_training_files,
+                                             skipped_files, write_training)
+
+    if args.dtype:
+        raise _BadArguments("--dtype casts the weights of a training checkpoint away from the optimizer's; pass "
+                            "--weights-only to write cast weights alone")
+    try:
+        check_resumable_layout(src.model, layout)
+    except CheckpointError as exc:
+        raise _BadArguments(str(exc)) from None
+    source = open_training(src)
+    if args.dry_run:
+        print(f"read  {src.path} ({source.state.kind} training checkpoint, step {source.state.step}, "
+              f"{len(src.tensors)} tensors)")
+        for name in planned_training_files(source, layout):
+            print(f"write {Path(args.dst) / name}")
+        for name in skipped_files(source):
+            print(f"skip  {src.path / name}")
+        return 0
+    write_training(source, layout, args.dst, overwrite=args.overwrite)
+    print(args.dst)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -135,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg, layout_cfg = read_config(args.config)
         model = cfg.model if cfg else None
         if args.command == "inspect":
-            print(dumps(describe(open_checkpoint(args.path, model), tensors=args.tensors)))
+            from adapter.train.state_inspect import read_state
+
+            info = describe(open_checkpoint(args.path, model), tensors=args.tensors)
+            print(dumps({**info, "state": read_state(args.path).info}))
             return 0
         if args.command == "verify":
             problems = compare(open_checkpoint(args.a, model), open_checkpoint(args.b, model), args.atol)
@@ -149,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         src = open_checkpoint(args.src, model)
         layout = _layout(args, src.model, layout_cfg)
         check_target(args.dst, args.overwrite)
+        if args.to == "internevo" and not args.weights_only:
+            from adapter.train.state_inspect import training_kind
+
+            if training_kind(src.path) != "weights-only":
+                return _convert_training(args, src, layout)
         if args.dry_run:
             print(f"read  {src.path} ({src.format}, {src.generation}, {len(src.tensors)} tensors)")
             for name in planned_files(args.to, layout) + [p.name for p in tokenizer]:
