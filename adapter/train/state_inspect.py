@@ -35,6 +35,8 @@ from adapter.train.state_files import DEEPSPEED_TAG, completed_step
 
 CONTEXT, SAMPLER, SCHEDULES = "context.pt", "sampler.pt", "schedulder.pt"
 """The small state files (``schedulder.pt`` is InternEvo's spelling)."""
+SAMPLER_KEYS = ("batch_count", "consumed", "epoch", "seed", "data_world_size")
+"""What the adapter's ``BatchSampler.load_state_dict`` reads from any ``sampler.pt`` state."""
 
 
 @dataclass
@@ -89,18 +91,24 @@ def _scalars(d: dict) -> dict:
     return out
 
 
-def _read(state: TrainingState, path: Path, reader) -> Any:
-    """``reader(path)``, or None with one line in ``state.problems`` when it is missing or unreadable."""
+def _read(state: TrainingState, path: Path, reader, required: tuple[str, ...] = ()) -> Any:
+    """``reader(path)``, or None with one line in ``state.problems`` when it is missing, unreadable, or lacks a
+    ``required`` key (what a resume reads from it)."""
     if not path.exists():
         state.problems.append(f"{path}: missing")
         return None
     try:
         value = reader(path)
     except Exception as exc:  # a damaged or refused pickle: unpickling errors vary
-        state.problems.append(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        first_line = next(iter(str(exc).splitlines()), "")
+        state.problems.append(f"{path}: cannot be read ({type(exc).__name__}: {first_line})")
         return None
     if not isinstance(value, dict):
         state.problems.append(f"{path}: holds a {type(value).__name__}, not a state dict")
+        return None
+    missing = [k for k in required if k not in value]
+    if missing:
+        state.problems.append(f"{path}: no {', '.join(missing)} in it, which a resume reads")
         return None
     return value
 
@@ -142,11 +150,11 @@ def _adapter(state: TrainingState) -> None:
     from adapter.checkpoint.formats.internevo import read_internevo
 
     folder = state.folder
-    context = _read(state, folder / CONTEXT, load_metadata)
+    context = _read(state, folder / CONTEXT, load_metadata, required=("step_count",))
     if context is not None:
         state.info["context"] = _scalars(context)
         state.info["grad_scaler"] = _json(context.get("grad_scaler"))
-    sampler = _read(state, folder / SAMPLER, _load_tensors_file)
+    sampler = _read(state, folder / SAMPLER, _load_tensors_file, required=SAMPLER_KEYS)
     state.info["sampler"] = _sampler_info(sampler) if sampler is not None else None
     schedules = _read(state, folder / SCHEDULES, load_metadata)
     state.info["schedules"] = _scalars(schedules) if schedules is not None else None

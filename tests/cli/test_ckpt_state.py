@@ -161,11 +161,12 @@ def test_reshard_cuts_optimizer_states_like_the_weights(converted):
                 want = shard_state_dict(original, model, layout, t, p)
                 assert list(got) == list(want), (kind, t, p)
                 assert all(torch.equal(got[k], want[k]) for k in want), (kind, t, p)
+        w1, w2 = "layers.{}.feed_forward.w1.weight", "layers.{}.feed_forward.w2.weight"
         stage0_tp1 = torch.load(four / kind / "model_tp1_pp0.pt", weights_only=True)
-        assert torch.equal(stage0_tp1["layers.0.feed_forward.w1.weight"], original["layers.0.feed_forward.w1.weight"][40:])
-        assert torch.equal(stage0_tp1["tok_embeddings.weight"], original["tok_embeddings.weight"][:, 32:])
+        assert torch.equal(stage0_tp1[w1.format(0)], original[w1.format(0)][40:])  # rows of the MLP width 80
+        assert torch.equal(stage0_tp1["tok_embeddings.weight"], original["tok_embeddings.weight"][:, 32:])  # hidden
         stage1_tp0 = torch.load(four / kind / "model_tp0_pp1.pt", weights_only=True)  # layer 1, numbered 0 there
-        assert torch.equal(stage1_tp0["layers.0.feed_forward.w2.weight"], original["layers.1.feed_forward.w2.weight"][:, :40])
+        assert torch.equal(stage1_tp0[w2.format(0)], original[w2.format(1)][:, :40])
     for name in SMALL + ("4.step",):
         assert (four / name).read_bytes() == (one / name).read_bytes(), name
     back, first = _tensor_files(converted["back"]), _tensor_files(one)
@@ -202,6 +203,7 @@ def _broken(tmp_path: Path, src: Path, damage) -> Path:
     (lambda f: (f / "optimizer" / "state.pt").unlink(), "optimizer/state.pt: missing"),
     (lambda f: (f / "optimizer" / "exp_avg" / "model_tp1_pp1.pt").unlink(), "model_tp1_pp1.pt is missing"),
     (lambda f: torch.save({"step_count": 7}, f / "context.pt"), "context.pt: step_count 7 disagrees"),
+    (lambda f: torch.save({"batch_count": 4}, f / "sampler.pt"), "sampler.pt: no consumed, epoch, seed"),
 ])
 def test_unresumable_checkpoints_are_refused_in_one_line(capsys, converted, tmp_path, damage, says):
     folder = _broken(tmp_path, converted["four"], damage)
