@@ -6,9 +6,14 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapter.checkpoint.formats import REGISTRY
 from adapter.cli.common import closed_pipe, positive_int, tolerance
+
+if TYPE_CHECKING:  # importing them imports torch, which the argument parser does not need
+    from adapter.checkpoint.convert import Checkpoint
+    from adapter.runtime.layout import ParallelLayout
 
 DESCRIPTION = """\
 Move InternLM weights between InternEvo's sharded checkpoints (model_tp{t}_pp{p}.pt, any TP/PP and virtual
@@ -72,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--to", required=True, choices=list(REGISTRY),
-                         help="internevo: model_tp*_pp*.pt; mcore: megatron-core torch_dist (loads at any layout); "
+                         help="internevo: model_tp*_pp*.pt (of a training checkpoint: its whole training state, "
+                              "in the adapter's form, see below); mcore: megatron-core torch_dist (loads at any layout); "
                               "mcore-legacy: Megatron-LM iter_*/mp_rank_*; hf: transformers LlamaForCausalLM")
     convert.add_argument("--tp", type=positive_int, help="target tensor-parallel size")
     convert.add_argument("--pp", type=positive_int, help="target pipeline-parallel size")
@@ -136,7 +142,7 @@ def _tokenizer(args: argparse.Namespace) -> list[Path]:
     return tokenizer_files(folder)
 
 
-def _convert_training(args: argparse.Namespace, src, layout) -> int:
+def _convert_training(args: argparse.Namespace, src: Checkpoint, layout: ParallelLayout) -> int:
     """``--to internevo`` of a training checkpoint: its whole state, in the adapter's form (``EPILOG``).
     Sizes the trainer could not resume at are refused before any state file is read."""
     from adapter.checkpoint.errors import CheckpointError

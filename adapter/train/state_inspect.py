@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -91,7 +91,7 @@ def _scalars(d: dict) -> dict:
     return out
 
 
-def _read(state: TrainingState, path: Path, reader, required: tuple[str, ...] = ()) -> Any:
+def _read(state: TrainingState, path: Path, reader: Callable[[Path], Any], required: tuple[str, ...] = ()) -> Any:
     """``reader(path)``, or None with one line in ``state.problems`` when it is missing, unreadable, or lacks a
     ``required`` key (what a resume reads from it)."""
     if not path.exists():
