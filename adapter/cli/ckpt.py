@@ -6,9 +6,14 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapter.checkpoint.formats import REGISTRY
 from adapter.cli.common import closed_pipe, positive_int, tolerance
+
+if TYPE_CHECKING:  # importing them imports torch, which the argument parser does not need
+    from adapter.checkpoint.convert import Checkpoint
+    from adapter.runtime.layout import ParallelLayout
 
 DESCRIPTION = """\
 Move InternLM weights between InternEvo's sharded checkpoints (model_tp{t}_pp{p}.pt, any TP/PP and virtual
@@ -26,6 +31,8 @@ examples:
   internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16 --tokenizer internlm/internlm-7b
   internlm-ckpt convert llm_ckpts/5000 resharded --to internevo --tp 2 --pp 4 --vpp 2
   internlm-ckpt convert runs/7b/ckpt/5000 back --to internevo --tp 2 --zero1 4   # hand a run back to InternEvo
+  internlm-ckpt convert runs/7b/ckpt/5000 pp1 --to internevo --pp 1 --state adapter   # reshard for this trainer
+  internlm-ckpt convert llm_ckpts/5000 weights --to internevo --weights-only
   internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore
   internlm-ckpt convert hf/internlm2-7b megatron/ --to mcore-legacy --tp 4 --pp 2
   internlm-ckpt convert llm_ckpts/5000 out --to hf --dry-run
@@ -34,13 +41,25 @@ examples:
 --config CONFIG supplies model sizes a folder cannot tell (head counts for Megatron folders, or an
 InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config's layout, else 1 (with an
 explicit --pp, --vpp defaults to 1, not to the config's model.num_chunks).
-A training checkpoint of this adapter (one with optimizer/) converted --to internevo becomes InternEvo's
-whole training state at that layout: model files, HybridZeroOptimizer partitions for --zero1 ranks (default:
-the run's parallel.zero1, or its data-parallel size), zero plans, sampler, scheduler, context and step marker,
-which InternEvo 0.5.2 resumes with load_ckpt_info content=("all",); its optimizer settings come from the
-checkpoint, or from --config for checkpoints written before this.
+A training checkpoint of this adapter (one with optimizer/) converted --to internevo (--state internevo, the
+default) becomes InternEvo's whole training state at that layout: model files, HybridZeroOptimizer partitions
+for --zero1 ranks (default: the run's parallel.zero1, or its data-parallel size), zero plans, sampler,
+scheduler, context and step marker, which InternEvo 0.5.2 resumes with load_ckpt_info content=("all",); its
+optimizer settings come from the checkpoint, or from --config for checkpoints written before this.
 A torch_dist (--to mcore) folder has no layout: megatron-core loads it at any TP/PP/VPP; --tp/--pp/--vpp,
 when given, are only checked against the model (megatron could not load it at a size that does not fit).
+
+With --state adapter, a training checkpoint (one the adapter's trainer saved, with optimizer/, or one
+InternEvo saved, with optimizer_tp*_pp*_zo*.pt) converted --to internevo keeps its whole training state, in
+the adapter's form: the model files and optimizer/{fp32,exp_avg,exp_avg_sq}/ cut for the target layout (the
+optimizer states are resharded exactly like the weights), optimizer/state.pt (Adam's step), context.pt
+(counters, grad scaler), sampler.pt, schedulder.pt and the step marker, written last. Training resumes it at
+any layout; InternEvo reads its model files, not its optimizer state (InternEvo's ZeRO files, gpus-*.pt plans
+and topology files are not carried). --weights-only writes the model files alone; --to hf, mcore and
+mcore-legacy always do. A checkpoint whose save did not finish (no N.step marker), with a state file that
+cannot be read, or with DeepSpeed's own optimizer files (deepspeed/, written by earlier versions, cut for one
+layout) is refused with the file and the reason; so is a --tp that does not divide the vocabulary (the trainer
+could not resume it).
 
 The output never overlaps an input (same folder, or one inside the other, after resolving symlinks and
 ..), and --overwrite replaces only a folder this tool wrote (it leaves a .internlm-adapter.json listing its
@@ -56,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internlm-ckpt", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,verify}")
-    inspect = sub.add_parser("inspect", help="format, family, layout, dtype and size of a checkpoint")
+    inspect = sub.add_parser("inspect", help="format, family, layout, dtype and size of a checkpoint, and its "
+                                             "training state (optimizer, sampler, counters; headers only)")
     inspect.add_argument("path")
     inspect.add_argument("--tensors", action="store_true", help="also list every logical tensor")
     inspect.add_argument("--config", help="InternEvo config with the model sizes")
@@ -65,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--to", required=True, choices=list(REGISTRY),
-                         help="internevo: model_tp*_pp*.pt; mcore: megatron-core torch_dist (loads at any layout); "
+                         help="internevo: model_tp*_pp*.pt (of a training checkpoint: its whole training state, "
+                              "see --state and below); mcore: megatron-core torch_dist (loads at any layout); "
                               "mcore-legacy: Megatron-LM iter_*/mp_rank_*; hf: transformers LlamaForCausalLM")
     convert.add_argument("--tp", type=positive_int, help="target tensor-parallel size")
     convert.add_argument("--pp", type=positive_int, help="target pipeline-parallel size")
@@ -80,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --to hf: copy the tokenizer files saved in DIR (tokenizer.json, tokenizer.model, "
                               "tokenizer_config.json, special_tokens_map.json, ...) into the export")
     convert.add_argument("--dry-run", action="store_true", help="print the plan (files to read and write) only")
+    convert.add_argument("--state", choices=("internevo", "adapter"), default="internevo",
+                         help="with --to internevo from a training checkpoint: internevo (default) writes "
+                              "InternEvo's own training state, which InternEvo 0.5.2 resumes; adapter writes the "
+                              "adapter's layout-free form, which this trainer resumes at any layout")
+    convert.add_argument("--weights-only", action="store_true",
+                         help="with --to internevo: write the model files only, not a training checkpoint's "
+                              "optimizer, sampler and counters")
     verify = sub.add_parser("verify", help="compare two checkpoints tensor by tensor (exit 0 when they match)")
     verify.add_argument("a")
     verify.add_argument("b")
@@ -149,6 +177,37 @@ def _hand_back(args: argparse.Namespace, layout, cfg) -> int:
     return 0
 
 
+def _convert_training(args: argparse.Namespace, src: Checkpoint, layout: ParallelLayout) -> int:
+    """``--to internevo`` of a training checkpoint: its whole state, in the adapter's form (``EPILOG``).
+    Sizes the trainer could not resume at are refused before any state file is read."""
+    from adapter.checkpoint.errors import CheckpointError
+    from adapter.train.state_convert import (check_resumable_layout, open_training, planned_training_files,
+                                             skipped_files, write_training)
+
+    if args.dtype:
+        raise _BadArguments("--dtype casts the weights of a training checkpoint away from the optimizer's; pass "
+                            "--weights-only to write cast weights alone")
+    if args.zero1:
+        raise _BadArguments("--zero1 sizes InternEvo's optimizer files; the adapter's form (--state adapter) "
+                            "has no ZeRO partitions")
+    try:
+        check_resumable_layout(src.model, layout)
+    except CheckpointError as exc:
+        raise _BadArguments(str(exc)) from None
+    source = open_training(src)
+    if args.dry_run:
+        print(f"read  {src.path} ({source.state.kind} training checkpoint, step {source.state.step}, "
+              f"{len(src.tensors)} tensors)")
+        for name in planned_training_files(source, layout):
+            print(f"write {Path(args.dst) / name}")
+        for name in skipped_files(source):
+            print(f"skip  {src.path / name}")
+        return 0
+    write_training(source, layout, args.dst, overwrite=args.overwrite)
+    print(args.dst)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -157,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
                                             write_checkpoint)
     from adapter.checkpoint.errors import CheckpointError
     from adapter.config import ConfigError, read_config
-    from adapter.train.internevo_export import holds_training_state
 
     try:
         cfg = layout_cfg = None
@@ -165,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg, layout_cfg = read_config(args.config)
         model = cfg.model if cfg else None
         if args.command == "inspect":
-            print(dumps(describe(open_checkpoint(args.path, model), tensors=args.tensors)))
+            from adapter.train.state_inspect import read_state
+
+            info = describe(open_checkpoint(args.path, model), tensors=args.tensors)
+            print(dumps({**info, "state": read_state(args.path).info}))
             return 0
         if args.command == "verify":
             problems = compare(open_checkpoint(args.a, model), open_checkpoint(args.b, model), args.atol)
@@ -179,7 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         src = open_checkpoint(args.src, model)
         layout = _layout(args, src.model, layout_cfg)
         check_target(args.dst, args.overwrite)
-        if args.to == "internevo" and holds_training_state(Path(args.src)):
+        kind = "weights-only"
+        if args.to == "internevo" and not args.weights_only:
+            from adapter.train.state_inspect import training_kind
+
+            kind = training_kind(src.path)
+        if kind != "weights-only":
+            if args.state == "adapter" or kind == "deepspeed":  # the latter refused there, with the reason
+                return _convert_training(args, src, layout)
+            if kind == "internevo":
+                raise _BadArguments(f"{src.path} is InternEvo's own training checkpoint already: --state adapter "
+                                    "converts it to the adapter's form, which can then be handed back at another "
+                                    "layout or ZeRO size")
             return _hand_back(args, layout, cfg)
         if args.zero1:
             raise _BadArguments("--zero1 goes with --to internevo from a training checkpoint (one with optimizer/)")

@@ -39,7 +39,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def training_ckpt(tmp_path) -> Path:
-    """A training checkpoint as the trainer leaves it: model shards plus optimizer, sampler and step files."""
+    """A training checkpoint as earlier versions of the trainer left it: model shards plus DeepSpeed's optimizer
+    files, sampler and step files (``--to internevo`` of it needs ``--weights-only``: its optimizer files are cut
+    for one layout; ``tests/cli/test_ckpt_state.py`` converts whole training checkpoints)."""
     folder = tmp_path / "self" / "40"
     shutil.copytree(SRC, folder)
     (folder / "deepspeed").mkdir()
@@ -70,7 +72,7 @@ def test_overwrite_replaces_only_a_folder_this_tool_wrote(capsys, tmp_path, trai
     out = tmp_path / "out"
     assert _run(capsys, "convert", training_ckpt, out, "--to", "hf")[0] == 0
     assert MARKER in os.listdir(out)
-    rc, err = _run(capsys, "convert", training_ckpt, out, "--to", "internevo", "--overwrite")
+    rc, err = _run(capsys, "convert", training_ckpt, out, "--to", "internevo", "--overwrite", "--weights-only")
     assert rc == 0 and (out / "model_tp0_pp0.pt").exists() and not (out / "config.json").exists()
     before = _files(tmp_path)
     other = tmp_path / "other"

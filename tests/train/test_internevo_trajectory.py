@@ -129,6 +129,7 @@ def random_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 def one_process(tmp_path_factory, random_weights):
     """All single-process runs in one spawned process, then the AdamW references (some read those runs)."""
     from adapter.checkpoint.convert import open_checkpoint, write_checkpoint
+    from adapter.cli.ckpt import main as ckpt_main
     from adapter.config import read_config
 
     root = tmp_path_factory.mktemp("one")
@@ -153,12 +154,22 @@ def one_process(tmp_path_factory, random_weights):
         **every_step)
     c["resume_dp1"] = write_config(DP1, root / "resume.py", root / "resume_dp1", resume_internevo(DP1))
     # InternEvo's data parallel 2 run on one process, the global batch kept (2 rows × 2 ranks → 4 rows)
+    on_one = {"\n    micro_num=2,": "\n    micro_num=4,", "zero1=dict(size=2": "zero1=dict(size=1"}
     c["resume_zero2_dp1"] = write_config(ZERO2, root / "rz1.py", root / "resume_zero2_dp1", resume_internevo(ZERO2),
-                                         **{"\n    micro_num=2,": "\n    micro_num=4,",
-                                            "zero1=dict(size=2": "zero1=dict(size=1"})
+                                         **on_one)
+    # ... and that run's ckpt/4 as ``internlm-ckpt`` converts it to the adapter's form at tp2 × pp2 (every file
+    # of every state cut for that layout), which this one-process run reshards again as it loads it
+    converted = root / "zero2_ours_tp2_pp2"
+    assert ckpt_main(["convert", str(ZERO2 / "ckpt" / "4"), str(converted), "--to", "internevo", "--tp", "2",
+                      "--pp", "2", "--state", "adapter"]) == 0
+    c["converted_zero2_dp1"] = write_config(
+        ZERO2, root / "cz1.py", root / "converted_zero2_dp1",
+        f'load_ckpt_info=dict(path="local:{converted}", content=("all",)),',
+        **on_one)
     runs = [(str(c["dp1"]), str(root / "dp1"), None), (str(c["dp1_hf"]), str(root / "dp1_hf"), None),
             (str(c["resume_dp1"]), str(root / "resume_dp1"), None),
-            (str(c["resume_zero2_dp1"]), str(root / "resume_zero2_dp1"), None)]
+            (str(c["resume_zero2_dp1"]), str(root / "resume_zero2_dp1"), None),
+            (str(c["converted_zero2_dp1"]), str(root / "converted_zero2_dp1"), None)]
     runs += [(str(c[n]), str(root / n), 1) for n in ("model_only", "info_model", "bf16")]
     runs.append((str(c["fresh_optimizer"]), str(root / "fresh_optimizer"), 5))
     batches, steps = torch.load(DP1 / "batches.pt", weights_only=True), trajectory(DP1)
@@ -234,12 +245,14 @@ def test_zero2_at_data_parallel_2_reproduces_internevo_trajectory(two_processes)
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("run", ["resume_dp1", "resume_zero2", "resume_dp1_pp2", "resume_zero2_dp1"])
+@pytest.mark.parametrize("run", ["resume_dp1", "resume_zero2", "resume_dp1_pp2", "resume_zero2_dp1",
+                                 "converted_zero2_dp1"])
 def test_resuming_internevo_checkpoint_continues_its_run(one_process, two_processes, run):
     """InternEvo's full ``ckpt/4`` (``load_ckpt_info`` with ``content=("all",)``): at its own layout (one
     process; ZeRO over 2 data-parallel ranks), at pipeline 2, and the 2-rank run on one process with its global
-    batch kept: the next four steps are InternEvo's."""
-    fixture = ZERO2 if run.startswith("resume_zero2") else DP1
+    batch kept: the next four steps are InternEvo's. So are they from that ``ckpt/4`` converted by
+    ``internlm-ckpt`` into the adapter's form at tp2 × pp2 (optimizer, sampler, grad scaler, counters)."""
+    fixture = ZERO2 if "zero2" in run else DP1
     where = two_processes if run in two_processes["configs"] else one_process
     assert_continues_internevo(where["root"] / run, fixture, where["configs"][run])
 

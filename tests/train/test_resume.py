@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from adapter.checkpoint.convert import compare, open_checkpoint
+from adapter.cli.ckpt import main as ckpt_main
 from adapter.train.state_files import latest_checkpoint
 from adapter.config import RawConfig, normalize, validate
 from tests.conftest import REPO, base_sections
@@ -91,13 +93,25 @@ def pp_vpp_runs(tmp_path_factory) -> tuple[Path, list, list]:
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_resume_at_another_layout(tmp_path, pp_vpp_runs):
-    """6 steps at pp=2 × 2 virtual stages equal 3 steps there, a save, and 3 more at pp=1 on one process, or
-    2 more at tp=2 with sequence parallelism, a save, and the last at pp=2 without virtual stages: the
+def test_resume_at_another_layout(tmp_path, pp_vpp_runs, capsys):
+    """6 steps at pp=2 × 2 virtual stages equal 3 steps there, a save, and 3 more at pp=1 on one process from
+    the checkpoint resharded to pp=1 by ``internlm-ckpt convert`` (each optimizer state cut like the weights),
+    or 2 more at tp=2 with sequence parallelism (the trainer reshards the checkpoint as it loads it), a save,
+    and the last at pp=2 without virtual stages: the
     optimizer state goes wherever the weights go."""
     root, whole, first = pp_vpp_runs
-    for folder in ("b", "c"):
-        shutil.copytree(root / "b", tmp_path / folder)
+    saved = root / "b" / "3"
+    state = _inspect_state(capsys, saved)  # what the trainer wrote, as inspect reports it
+    assert state["kind"] == "adapter" and state["step"] == 3 and state["problems"] == []
+    assert state["optimizer"] == {"format": "adapter", "states": ["fp32", "exp_avg", "exp_avg_sq"],
+                                  "adam_steps": [3], "tp": 1, "pp": 2, "vpp": 2, "dtype": "float32"}
+    assert state["sampler"]["data_world_size"] == 1 and state["sampler"]["batch_count"] == whole[3][2]
+    assert state["context"]["step_count"] == 3
+    (tmp_path / "b").mkdir()
+    assert ckpt_main(["convert", str(saved), str(tmp_path / "b" / "3"), "--to", "internevo", "--pp", "1",
+                      "--state", "adapter"]) == 0
+    _assert_cut_like_the_weights(saved, tmp_path / "b" / "3")
+    shutil.copytree(root / "b", tmp_path / "c")
     pp1 = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, {"pp": 1, "vpp": 1})[0]
     tp2 = spawn(_run, 2, str(tmp_path / "c"), 5, {"checkpoint_every": 1}, 6,
                 {"tp": 2, "pp": 1, "vpp": 1, "sp": True})[0]
@@ -110,6 +124,27 @@ def test_resume_at_another_layout(tmp_path, pp_vpp_runs):
     reference = open_checkpoint(root / "a" / "6")
     for folder in ("b", "c"):
         assert compare(open_checkpoint(tmp_path / folder / "6"), reference, atol=1e-6) == []
+
+
+def _inspect_state(capsys, folder: Path) -> dict:
+    capsys.readouterr()
+    assert ckpt_main(["inspect", str(folder)]) == 0
+    return json.loads(capsys.readouterr().out)["state"]
+
+
+def _assert_cut_like_the_weights(original: Path, converted: Path) -> None:
+    """At tp1 pp1 a model file holds the logical tensors: each state of ``converted`` must be the original's,
+    joined from its pp2 × vpp2 files, and the small files must be carried byte for byte."""
+    import torch
+
+    cfg, _ = _config(str(original), **PP_VPP)
+    for state in ("", "optimizer/fp32", "optimizer/exp_avg", "optimizer/exp_avg_sq"):
+        whole = dict(open_checkpoint(original / state, cfg.model).tensors)
+        got = torch.load(converted / state / "model_tp0_pp0.pt", weights_only=True)
+        assert got.keys() == whole.keys() and all(torch.equal(got[k], v) for k, v in whole.items()), state
+    for name in ("context.pt", "sampler.pt", "schedulder.pt", "optimizer/state.pt"):
+        assert (converted / name).read_bytes() == (original / name).read_bytes(), name
+    assert torch.load(converted / "3.step", weights_only=True) == {"step": 3}
 
 
 def _rewrite_as_earlier_version(folder: str) -> None:
@@ -185,7 +220,7 @@ def _crash_config(tmp_path: Path) -> Path:
     config = tmp_path / "crash.py"
     text = (REPO / "internlm_configs" / "tiny.py").read_text()
     text = text.replace('save_ckpt_folder="local:runs/tiny/ckpt"', f'save_ckpt_folder="local:{tmp_path}/ckpt"')
-    text = text.replace("checkpoint_every=20", "checkpoint_every=1").replace("auto_resume=False", "auto_resume=True")
+    text = text.replace("checkpoint_every=20", "checkpoint_every=2").replace("auto_resume=False", "auto_resume=True")
     text = text.replace('train_folder="launch/data/tiny"', f'train_folder="{REPO}/launch/data/tiny"')
     # a wider model, so that writing a checkpoint takes long enough to be interrupted
     text = text.replace("HIDDEN_SIZE = 64", "HIDDEN_SIZE = 512").replace("NUM_ATTENTION_HEAD = 4", "NUM_ATTENTION_HEAD = 8")
@@ -223,9 +258,25 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def _metrics(run: Path) -> list[list[dict]]:
+    """``metrics.jsonl`` (appended across launches) split into launches, where the step goes back."""
+    launches: list[list[dict]] = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if not launches or record["step"] <= launches[-1][-1]["step"]:
+            launches.append([])
+        launches[-1].append(record)
+    return launches
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_kill_during_checkpoint_write_resumes_from_previous_complete(tmp_path):
+    """kill -9 of every rank while a checkpoint's optimizer state is being written (``optimizer/`` has files,
+    the marker is not there yet): the folder is incomplete for the trainer and for ``internlm-ckpt``, and a
+    restart resumes from the previous complete checkpoint and repeats the interrupted steps exactly. The killed
+    run is the uninterrupted reference (its logged losses, from step 1 up to the kill); with a checkpoint every
+    2 steps the repeated steps include one after an update from the restored optimizer state."""
     config = _crash_config(tmp_path)
     proc = _launch(config, tmp_path)
     ckpt = tmp_path / "ckpt"
@@ -233,8 +284,9 @@ def test_kill_during_checkpoint_write_resumes_from_previous_complete(tmp_path):
     killed_in = None
     while time.monotonic() < deadline and proc.poll() is None:
         for folder in sorted(ckpt.glob("[0-9]*"), key=lambda p: int(p.name)):
-            if int(folder.name) >= 2 and any(folder.iterdir()) and not list(folder.glob("*.step")):
-                _kill_tree(proc.pid)  # mid-write: files there, marker not yet
+            optimizer = folder / "optimizer"  # finished files only: each is written under a temporary name
+            if int(folder.name) >= 4 and any(optimizer.rglob("*.pt")) and not list(folder.glob("*.step")):
+                _kill_tree(proc.pid)  # mid-write: optimizer files there, marker not yet
                 killed_in = folder
                 break
         if killed_in:
@@ -242,12 +294,19 @@ def test_kill_during_checkpoint_write_resumes_from_previous_complete(tmp_path):
         time.sleep(0.01)
     proc.wait()
     assert killed_in is not None, "the run ended before a checkpoint write could be interrupted"
+    assert not list(killed_in.glob("*.step")), "the save finished before the kill landed"
     step = int(killed_in.name)
     previous = latest_checkpoint(ckpt, None)
-    assert previous is not None and int(previous.name) < step
-    resumed = _launch(config, tmp_path, "--max-steps", str(step + 1))
+    assert previous is not None and int(previous.name) == step - 2
+    for state in ("internevo", "adapter"):  # the CLI refuses it too, in either form (messages: test_ckpt_state)
+        rc = ckpt_main(["convert", str(killed_in), str(tmp_path / "converted"), "--to", "internevo", "--state", state])
+        assert rc == 1 and not (tmp_path / "converted").exists(), state
+    resumed = _launch(config, tmp_path, "--max-steps", str(step))
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
-    steps = [int(m) for m in re.findall(r"step +(\d+) loss=", out)]
-    assert steps and steps[0] == int(previous.name) + 1, out[-3000:]  # right after the last complete checkpoint
-    assert (ckpt / str(step + 1) / f"{step + 1}.step").exists()
+    killed, again = _metrics(tmp_path / "runs" / "tiny")
+    assert [r["step"] for r in killed] == list(range(1, step + 1))
+    assert [r["step"] for r in again] == [step - 1, step]  # right after the last complete checkpoint
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in killed[-2:]], rel=1e-6, abs=0)
+    assert [r["batch_count"] for r in again] == [r["batch_count"] for r in killed[-2:]]
+    assert (killed_in / f"{step}.step").exists()  # the interrupted save, made again whole
