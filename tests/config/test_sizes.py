@@ -94,12 +94,16 @@ def _params(m) -> int:
         math.prod(atoms.shape(m, a)) for a in atoms.EMBEDDING + atoms.FINAL if atoms.present(m, a))
 
 
-POW = st.integers(0, 70).map(lambda k: 2**k)
+def _pow(top: int, *edges: int):
+    """Powers of two up to ``2**top`` (past 2^63 for some fields), or a value at a bound."""
+    return st.one_of(st.integers(0, top).map(lambda k: 2**k), st.sampled_from(edges)) if edges else \
+        st.integers(0, top).map(lambda k: 2**k)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(layers=POW, hidden=POW, vocab=POW, ratio=st.sampled_from([1.0, 8 / 3, 2.0**30, 2.0**62]),
-       seq=POW, bsz=POW, num=POW, norm=st.sampled_from(["rmsnorm", "layernorm"]))
+@given(layers=_pow(22, 10**6, 10**6 + 1, 2**63, 2**63 - 1), hidden=_pow(34), vocab=_pow(64),
+       ratio=st.sampled_from([1.0, 8 / 3, 2.0**30, 2.0**62]), seq=_pow(40), bsz=_pow(24), num=_pow(40, 2**63 - 1),
+       norm=st.sampled_from(["rmsnorm", "layernorm"]))
 def test_property_a_config_passes_exactly_when_its_tensors_can_exist(make_config, layers, hidden, vocab, ratio, seq,
                                                                      bsz, num, norm):
     s = _with(dict(num_layers=layers, hidden_size=hidden, num_attention_heads=1, vocab_size=vocab, mlp_ratio=ratio,
