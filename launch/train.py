@@ -9,6 +9,10 @@ Without CUDA the same command trains on the CPU over gloo (one process per "GPU"
     deepspeed --num_gpus 2 launch/train.py --config internlm_configs/tiny.py
 
 The world size must be a multiple of tensor × pipeline size; the rest is data parallelism.
+
+Exit status: 0 done; 2 a bad config (one line, printed once); 1 anything else, one line per rank that met it:
+bad data, a bad checkpoint, unusable storage, or an unexpected error, whose traceback goes to
+``<run-dir>/error_rank<r>.log`` (and to stderr with ``--verbose``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         "TensorBoard logs (default: runs/<JOB_NAME>)")
     parser.add_argument("--tensorboard-dir", help="TensorBoard folder (default: the config's tensorboard_folder, "
                         "else <run-dir>/tensorboard)")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an unexpected error (it "
+                        "always goes to <run-dir>/error_rank<r>.log)")
     # the deepspeed launcher appends --local_rank; torchrun sets LOCAL_RANK instead
     args, _ = parser.parse_known_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     from adapter.runtime.dist import destroy_distributed
+    from adapter.train.failure import report_unexpected
     from adapter.train.loop import RunOptions, train
 
     from adapter.checkpoint.errors import CheckpointError
@@ -51,15 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     from adapter.data.tokenized import DataError
 
     rank = int(os.environ.get("RANK", "0"))
+    options = RunOptions(seed=args.seed, peak_tflops=args.peak_tflops, max_steps=args.max_steps,
+                         tensorboard_dir=args.tensorboard_dir, run_dir=args.run_dir)
     try:
-        train(cfg, layout, RunOptions(seed=args.seed, peak_tflops=args.peak_tflops, max_steps=args.max_steps,
-                                      tensorboard_dir=args.tensorboard_dir, run_dir=args.run_dir))
+        train(cfg, layout, options)
     except (ConfigError, StorageError) as exc:  # every rank raises it: one line, once
         if rank == 0:
             print(f"train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
     except (DataError, CheckpointError) as exc:  # bad input met by the ranks that read it: one line each
         print(f"train: error (rank {rank}): {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug or a failing component: one line per raising rank, the traceback in a file
+        report_unexpected(exc, rank, options.folder(cfg), args.verbose)
         return 1
     finally:
         destroy_distributed()

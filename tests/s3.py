@@ -66,8 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
             return
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-        headers["Host"] = f"127.0.0.1:{self.server.upstream_port}"
+        headers = dict(self.headers.items())  # the Host too: it is part of what the client signed
         upstream.request(self.command, self.path, body=body, headers=headers)
         response = upstream.getresponse()
         data = response.read()
@@ -86,11 +85,16 @@ class _Handler(BaseHTTPRequestHandler):
 class S3Server:
     """moto's S3 server in a subprocess, reached through a ``FaultyProxy``."""
 
-    def __init__(self):
+    def __init__(self, auth_after: int | None = None):
+        """``auth_after``: moto checks credentials (IAM users' access keys and policies) from that many requests
+        on (``INITIAL_NO_AUTH_ACTION_COUNT``); by default it takes any."""
         self.port = free_port()
         moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+        env = dict(os.environ)
+        if auth_after is not None:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(auth_after)
         self.process = subprocess.Popen([moto, "-p", str(self.port)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -108,10 +112,10 @@ class S3Server:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1"}
 
-    def client(self):
+    def client(self, service: str = "s3"):
         import boto3
 
-        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.port}", aws_access_key_id="testing",
+        return boto3.client(service, endpoint_url=f"http://127.0.0.1:{self.port}", aws_access_key_id="testing",
                             aws_secret_access_key="testing", region_name="us-east-1")
 
     def stop_backend(self) -> None:

@@ -23,6 +23,7 @@ from adapter.checkpoint import formats
 from adapter.checkpoint.errors import CheckpointError
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout, partition_uniform
+from adapter.weights.stored import same_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -135,18 +136,13 @@ def compare(a: Checkpoint, b: Checkpoint, atol: float = 0.0) -> list[str]:
         if x.shape != y.shape:
             problems.append(f"{key}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
         elif atol == 0.0:
-            if x.dtype != y.dtype or not _bit_equal(x, y):
+            if x.dtype != y.dtype or not same_bytes(x, y):
                 problems.append(f"{key}: differs (max |a-b| = {_max_diff(x, y):.3g}, dtypes {x.dtype} / {y.dtype})")
         else:
             diff = _max_diff(x, y)
             if not diff <= atol:  # NaN (a NaN on one side only) is a difference too
                 problems.append(f"{key}: max |a-b| = {diff:.3g} > atol {atol:g}")
     return problems
-
-
-def _bit_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Same bytes (so a NaN matches the same NaN, which ``torch.equal`` does not count as equal)."""
-    return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
 
 
 def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:

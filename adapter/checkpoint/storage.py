@@ -83,7 +83,8 @@ class ObjectStore:
         secret = os.environ.get("S3_SECRET_ACCESS_KEY_ID") or os.environ.get("SECRET_ACCESS_KEY")
         if location.endpoint and key_id and secret:
             kwargs.update(aws_access_key_id=key_id, aws_secret_access_key=secret)
-        self.client = boto3.client("s3", endpoint_url=location.endpoint,
+        # its own session: boto3's default one keeps the first credentials it found for the whole process
+        self.client = boto3.session.Session().client("s3", endpoint_url=location.endpoint,
                                    config=Config(retries={"max_attempts": 1, "mode": "standard"},
                                                  connect_timeout=5, read_timeout=60), **kwargs)
         self.bucket, self.attempts, self.backoff_s = location.bucket, attempts, backoff_s

@@ -16,7 +16,7 @@ import math
 import typing
 from typing import Any
 
-from adapter.config import fields, spellings
+from adapter.config import fields, sizes, spellings
 from adapter.config.load import RawConfig
 from adapter.config.reader import MISSING, Reader, suggest
 from adapter.config.schema import MODEL_TYPES, InternLMConfig, ModelConfig
@@ -51,8 +51,11 @@ def normalize(raw: RawConfig) -> InternLMConfig:
     _data(r, values)
     _grad_scaler(r, values)
     _ckpt(r, values)
-    return _build(InternLMConfig, values, "", source=raw.source, given=_given(raw), defaulted=r.defaulted,
-                  lines=raw.lines)
+    cfg = _build(InternLMConfig, values, "", source=raw.source, given=_given(raw), defaulted=r.defaulted,
+                 lines=raw.lines)
+    sizes.check_model(cfg.model, r.error)
+    sizes.check_data(cfg.model, cfg.data, r.error)
+    return cfg
 
 
 def normalize_model(model_type: str, model: dict[str, Any], source: str) -> ModelConfig:
@@ -65,7 +68,9 @@ def normalize_model(model_type: str, model: dict[str, Any], source: str) -> Mode
     r.spelled = spellings.canonical(r)
     out = _read_all(r, [f for f in fields.FIELDS if f.path.startswith("model.") or (f.into or "").startswith("model.")])
     _model(r, out)
-    return _build(ModelConfig, out, "model.")
+    model = _build(ModelConfig, out, "model.")
+    sizes.check_model(model, r.error)
+    return model
 
 
 def _read_all(r: Reader, rows) -> dict[str, Any]:
@@ -159,6 +164,7 @@ def _model(r: Reader, v: dict[str, Any]) -> None:
     v["model.family"] = r.family
     v["model.dtype"], v["model.tf32"] = r.value("model.dtype")
     hidden, mlp_ratio = v["model.hidden_size"], v["model.mlp_ratio"]
+    sizes.check_ffn_product(hidden, mlp_ratio, r.error)
     if int(hidden * mlp_ratio) < 1:
         raise r.error("model.mlp_ratio", f"gives an empty MLP (hidden_size {hidden} × {mlp_ratio})")
     v["model.ffn_hidden_size"] = ffn_hidden_size(hidden, mlp_ratio, v["model.multiple_of"])

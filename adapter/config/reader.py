@@ -16,6 +16,7 @@ from adapter.config.fields import REQUIRED, Field, Same
 from adapter.config.load import RawConfig
 
 MISSING: Any = object()
+INT64 = 2**63
 
 
 def suggest(word: Any, candidates) -> str:
@@ -99,6 +100,9 @@ def _int(r: Reader, f: Field, value: Any) -> int | None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise r.error(f.path, f"must be an integer, got {describe(value)}")
+    if not -INT64 <= value < INT64:
+        raise r.error(f.path, f"an integer of {value.bit_length()} bits does not fit the signed 64-bit integers "
+                      "torch, numpy and DeepSpeed read")
     _bounded(r, f, value)
     return value
 

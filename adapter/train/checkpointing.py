@@ -82,18 +82,20 @@ class Checkpointer:
 
     # ---- start-up
     def check_storage(self) -> None:
-        """Before step 1: every save location can be written (collective), then staged checkpoints a failed
-        upload left are uploaded."""
-        def check() -> None:
-            if self.save is not None:
-                check_writable("ckpt.save_ckpt_folder", self.save)
-            if self.snapshot is not None:
-                check_writable("ckpt.snapshot_ckpt_folder", self.snapshot)
-            if self.store is not None:
-                check_writable("ckpt.async_upload_tmp_folder", Location("local", path=self.staging))
-
-        on_rank0(check)
+        """Before step 1: every save location can be written (collective: rank 0 checks, every rank raises its
+        ``StorageError``), then staged checkpoints a failed upload left are uploaded."""
+        on_rank0(self.check_locations)
         self._upload_pending()
+
+    def check_locations(self) -> None:
+        """Rank 0's half of ``check_storage``: the save and snapshot locations and the staging folder of
+        object-storage saves can be written, else one ``StorageError`` line naming the field."""
+        if self.save is not None:
+            check_writable("ckpt.save_ckpt_folder", self.save)
+        if self.snapshot is not None:
+            check_writable("ckpt.snapshot_ckpt_folder", self.snapshot)
+        if self.store is not None:
+            check_writable("ckpt.async_upload_tmp_folder", Location("local", path=self.staging))
 
     def check_load(self, plan: "ResumePlan") -> None:
         """The checkpoint ``plan`` loads exists (collective)."""

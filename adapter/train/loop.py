@@ -41,7 +41,12 @@ class RunOptions:
     tensorboard_dir: Optional[str] = None
     """Default: ``tensorboard_folder`` from the config, else ``<run_dir>/tensorboard``."""
     run_dir: Optional[str] = None
-    """Where the run's own outputs go (``metrics.jsonl``, TensorBoard logs); default ``runs/<JOB_NAME>``."""
+    """Where the run's own outputs go (``metrics.jsonl``, TensorBoard logs, error logs); default
+    ``runs/<JOB_NAME>``."""
+
+    def folder(self, cfg: InternLMConfig) -> Path:
+        """The run folder: ``run_dir``, else ``runs/<JOB_NAME>``."""
+        return Path(self.run_dir or os.path.join("runs", cfg.job_name))
 
 
 def is_log_rank() -> bool:
@@ -162,7 +167,7 @@ class StepLogger:
     def __init__(self, cfg: InternLMConfig, options: RunOptions, start_step: int):
         self.bar = tqdm(total=cfg.data.total_steps, initial=start_step, desc=cfg.job_name, unit="step",
                         dynamic_ncols=True, disable=not sys.stderr.isatty())
-        run_dir = Path(options.run_dir or os.path.join("runs", cfg.job_name))
+        run_dir = options.folder(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
         self.writer = None

@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch.distributed as dist
-
 from adapter.checkpoint.storage import Location, ObjectStore, StorageError
 
 
@@ -58,6 +56,8 @@ def _named(field: str, call: Callable):
 
 def on_rank0(check: Callable[[], None]) -> None:
     """Run ``check`` on rank 0; every rank raises its error (collective: call it on all ranks)."""
+    import torch.distributed as dist  # here: the checks themselves stay torch-free
+
     message: list[Optional[str]] = [None]
     if dist.get_rank() == 0:
         try:

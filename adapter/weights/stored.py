@@ -18,7 +18,10 @@ The tensor-parallel split is one of a few kinds:
   ``r``-th row slice, with ``blocks / tp`` blocks (so a grouped qkv splits into whole kv groups, a slice of
   the fused tensor) or, when ``blocks = 1``, one (``[Q_r; K_r; V_r]``, megatron's ``[gate_r; up_r]``).
 
-Everything only slices, reshapes and concatenates, so every conversion is bit-exact.
+Everything only slices, reshapes and concatenates, so every conversion is bit-exact. Pieces are checked
+before they are joined (``check_pieces``): each one floating point and of the first piece's dtype (``torch.cat``
+would promote silently), and every replica of a replicated tensor of the first one's shape and, when data is
+read, bytes; a conversion never picks one replica and drops the others unseen.
 """
 
 from __future__ import annotations
@@ -44,6 +47,38 @@ def concat(tensors: Sequence[torch.Tensor], dim: int, out: Optional[torch.Tensor
     shape = list(tensors[0].shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
     return out if out is not None else torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+
+
+class PieceError(ValueError):
+    """Pieces of one tensor that cannot be joined. ``index`` is the offending piece's position; ``problem``
+    reads after the tensor's name and names the first piece as ``{first}`` (formats name pieces by file)."""
+
+    def __init__(self, index: int, problem: str):
+        self.index, self.problem = index, problem
+        super().__init__(self.describe(lambda i: f"piece {i}", "the tensor"))
+
+    def describe(self, name_of, key: str) -> str:
+        return f"{name_of(self.index)}: {key} {self.problem.format(first=name_of(0))}"
+
+
+def check_pieces(pieces: Sequence[torch.Tensor], replicated: bool) -> None:
+    """Refuse pieces that would be joined into something none of them says (see the module docstring)."""
+    first = pieces[0]
+    for i, piece in enumerate(pieces):
+        if not piece.is_floating_point():
+            raise PieceError(i, f"is {piece.dtype}: a weight must be floating point")
+        if piece.dtype != first.dtype:
+            raise PieceError(i, f"is {piece.dtype}, its piece in {{first}} {first.dtype}")
+        if replicated and i:
+            if piece.shape != first.shape:
+                raise PieceError(i, f"has shape {tuple(piece.shape)}, its replica in {{first}} {tuple(first.shape)}")
+            if not piece.is_meta and not first.is_meta and not same_bytes(piece, first):
+                raise PieceError(i, "differs from its replica in {first}")
+
+
+def same_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same bytes (so a NaN matches the same NaN, which ``torch.equal`` does not count as equal)."""
+    return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
 
 
 def _slice(t: torch.Tensor, dim: int, sizes: Sequence[int], rank: int) -> torch.Tensor:
@@ -139,6 +174,7 @@ class Stored:
 
     def merge(self, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The whole atoms from the pieces of ``holders``."""
+        check_pieces(pieces, self.split == "replicated")
         if not self.fused:
             return [self.join(pieces)]
         per_rank = [self.unfuse(p, len(pieces)) for p in pieces]
@@ -146,7 +182,8 @@ class Stored:
 
     def join(self, pieces: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole stored tensor from the pieces of ``holders`` (into ``out`` when given: then always a
-        copy; without it a replicated tensor is the rank-0 piece itself)."""
+        copy; without it a replicated tensor is the rank-0 piece itself, once every replica is checked equal)."""
+        check_pieces(pieces, self.split == "replicated")
         if self.split in ("first", "replicated") or (len(pieces) == 1 and out is None):
             return pieces[0] if out is None else out.copy_(pieces[0])
         if not self.sliceable(len(pieces)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adapter.checkpoint.storage import Location, ObjectStore, StorageError, parse_location
@@ -60,3 +62,53 @@ def test_persistent_failure_is_a_clear_error(s3, tmp_path):
     s3.stop_backend()  # the server goes away
     with pytest.raises(StorageError, match=r"upload s3://ckpt/run/a.bin: failed after 3 attempts"):
         store.upload(tmp_path / "a.bin", "run/a.bin")
+
+
+def test_wrong_credentials_are_refused_at_start_up_naming_the_bucket(monkeypatch, tmp_path):
+    """moto checking credentials: the run's storage check (what rank 0 does before step 1) passes with the
+    trainer's access key and is refused in one line naming the field and bucket with a wrong secret or an
+    unknown key; with the right key, an S3 save's staging folder that cannot be written is refused too."""
+    from adapter.config import RawConfig, normalize, validate
+    from adapter.train.checkpointing import Checkpointer
+    from tests.conftest import base_sections
+
+    server = S3Server(auth_after=4)  # the four set-up requests below, then every request is checked
+    try:
+        server.client().create_bucket(Bucket="ckpt")
+        iam = server.client("iam")
+        iam.create_user(UserName="trainer")
+        iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        s = base_sections()
+        s["ckpt"] = dict(enable_save_ckpt=True, save_ckpt_folder="s3://ckpt/run", checkpoint_every=2,
+                         async_upload=True, async_upload_tmp_folder=str(tmp_path / "staging"))
+        cfg = normalize(RawConfig(s, "s3.py", {}))
+        layout = validate(cfg, 1)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        for key_id, secret, refused in ((key["AccessKeyId"], key["SecretAccessKey"], False),
+                                        (key["AccessKeyId"], "wrong-secret", True),
+                                        ("AKIAUNKNOWN0000000000", "x", True)):
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+            checkpointer = Checkpointer(cfg, layout)
+            if not refused:
+                checkpointer.check_locations()
+                continue
+            with pytest.raises(StorageError) as info:
+                checkpointer.check_locations()
+            assert str(info.value) == ("ckpt.save_ckpt_folder: s3://ckpt: access denied (wrong credentials, or no "
+                                       "permission)")
+        # the right credentials, but a staging folder that cannot be made (under a file: denied to root too)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        (tmp_path / "a-file").write_text("")
+        s["ckpt"]["async_upload_tmp_folder"] = str(tmp_path / "a-file" / "staging")
+        cfg = normalize(RawConfig(s, "s3.py", {}))
+        with pytest.raises(StorageError) as info:
+            Checkpointer(cfg, layout).check_locations()
+        assert str(info.value) == (f"ckpt.async_upload_tmp_folder: {tmp_path / 'a-file' / 'staging' / 'test'} "
+                                   "cannot be written: Not a directory")
+    finally:
+        server.close()

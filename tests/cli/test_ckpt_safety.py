@@ -15,6 +15,7 @@ from adapter.atomic import MARKER
 from adapter.checkpoint.convert import compare, open_checkpoint
 from adapter.cli.ckpt import main
 from tests.conftest import FIXTURES, REPO, base_sections, render_sections
+from tests.tmpfs import in_small_tmpfs
 
 SRC = FIXTURES / "internlm2_tiny" / "ckpt"
 
@@ -137,23 +138,10 @@ def test_a_closed_pipe_is_not_an_error():
     assert proc.wait() == 0 and proc.stderr.read() == b""
 
 
-def _in_small_tmpfs(script: str, size: str = "256k") -> subprocess.CompletedProcess:
-    """Run ``script`` (bash, with ``$M`` a fresh tmpfs of ``size``) in a user and mount namespace, which
-    needs no root. Skips where unprivileged namespaces are off."""
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare")
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"unprivileged mount namespaces unavailable: {probe.stderr.decode().strip()}")
-    body = f"set -e; M=$(mktemp -d); mount -t tmpfs -o size={size} tmpfs $M; {script}"
-    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", body],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 @pytest.mark.parametrize("fmt", ["internevo", "mcore", "mcore-legacy", "hf"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(fmt):
     """The free space is checked against the planned size before anything is written."""
-    proc = _in_small_tmpfs(f"""{sys.executable} -m adapter.cli.ckpt convert {SRC} $M/out --to {fmt} || echo "rc=$?"
+    proc = in_small_tmpfs(f"""{sys.executable} -m adapter.cli.ckpt convert {SRC} $M/out --to {fmt} || echo "rc=$?"
                                ls -A $M""")
     lines = proc.stdout.splitlines()
     assert lines == ["rc=1"], proc.stdout + proc.stderr  # and the tmpfs is empty
@@ -206,7 +194,7 @@ def test_a_disk_filling_up_while_writing_is_named_and_cleaned(tmp_path, fmt):
     """After the check passed: torch's zip writer must not abort the process (std::terminate, rc 134)."""
     script = tmp_path / "fill.py"
     script.write_text(FILL)
-    proc = _in_small_tmpfs(f"{sys.executable} {script} $M {fmt} {SRC}", size="4m")
+    proc = in_small_tmpfs(f"{sys.executable} {script} $M {fmt} {SRC}", size="4m")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("NoSpaceError no space left on /") and lines[1] == "[]", lines

@@ -289,6 +289,9 @@ class HFTensors(UnitSource):
         self.entries: dict[str, _Entry] = {}
         for name in files:
             self.entries.update(_read_header(folder / name))
+        for key, e in self.entries.items():
+            if not e.dtype.is_floating_point:
+                raise CheckpointError(f"{e.path}: {key} is {e.dtype}: a weight must be floating point")
         self.table = import_table(self.entries, model)
         head, embedding = self.table.final[-1].name, self.table.embedding[0].name
         if tied and head not in self.entries and embedding in self.entries:

@@ -45,8 +45,8 @@ from adapter.config.schema import ModelConfig
 from adapter.families import FAMILIES, logical_table, recognise_internevo
 from adapter.model.mapping import chunk_units
 from adapter.runtime.layout import ParallelLayout
-from adapter.weights.stored import Stored, concat
-from adapter.weights.table import Unit, whole_unit
+from adapter.weights.stored import PieceError, Stored, check_pieces, concat
+from adapter.weights.table import Unit, whole_shape, whole_unit
 
 NAME = "internevo"
 HELP = "InternEvo model_tp*_pp*.pt at any --tp/--pp/--vpp"
@@ -128,6 +128,8 @@ class InternEvoCheckpoint:
     files: dict[tuple[int, int, int], Path]
     """``files[(tp_rank, pp_rank, wp_rank)]``; ``wp_rank`` is 0 except in ISP folders."""
     model: ModelConfig | None = None
+    model_source: str = "the config"
+    """Where the model sizes came from: the folder's ``model_config.pt`` or ``--config``."""
     wp: int = 1
     """Weight-parallel size of an ISP folder (``model_tp{t}_wp{w}_pp{p}.pt``), 1 otherwise."""
     legacy: bool = False
@@ -194,14 +196,17 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         qkv not regrouped)? Norms stay whole; the embedding and head go by tensor rank."""
         return self.ckpt.isp and stored.split != "replicated" and stored.atoms[0] not in ("embedding", "head")
 
-    def _pieces(self, p: int, file_key: str, stored: Stored) -> list[torch.Tensor]:
-        """The per-rank pieces of one tensor: ``(t=0, w)`` files in ISP folders, else the tensor ranks."""
+    def _where(self, p: int, stored: Stored) -> list[tuple[int, int, int]]:
+        """The files that hold pieces of a tensor of stage ``p``: ``(t=0, w)`` in ISP folders, else the tensor
+        ranks that hold one."""
         if self._isp_rows(stored):
-            where = [(0, p, w) for w in range(self.ckpt.wp)]
-        else:
-            where = [(t, p, 0) for t in stored.holders(self.ckpt.tp)]
+            return [(0, p, w) for w in range(self.ckpt.wp)]
+        return [(t, p, 0) for t in stored.holders(self.ckpt.tp)]
+
+    def _pieces(self, p: int, file_key: str, stored: Stored) -> list[torch.Tensor]:
+        """The pieces of one tensor, in the order of ``_where``."""
         pieces = []
-        for rank in where:
+        for rank in self._where(p, stored):
             if rank not in self._files:
                 self._files[rank] = self.ckpt.load_file(*rank)
             tensors = self._files[rank]
@@ -210,21 +215,30 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             pieces.append(tensors[file_key])
         return pieces
 
-    def _join(self, stored: Stored, pieces: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-        if self._isp_rows(stored):
-            return concat(pieces, 0, out=out)
-        return stored.join(pieces, out=out)
+    def _join(self, p: int, file_key: str, stored: Stored, pieces: list[torch.Tensor],
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            if self._isp_rows(stored):
+                check_pieces(pieces, replicated=False)
+                return concat(pieces, 0, out=out)
+            return stored.join(pieces, out=out)
+        except PieceError as exc:  # a replica that differs, a dtype that differs or is not a float: name the file
+            files = [self.ckpt.files[rank] for rank in self._where(p, stored)]
+            raise CheckpointError(exc.describe(lambda i: str(files[i]) if i == exc.index else files[i].name,
+                                               file_key)) from None
 
     def meta(self, key: str) -> torch.Tensor:
         """A ``meta`` tensor with ``key``'s logical shape and dtype (no data is read)."""
         p, file_key, stored = self.index[key]
-        return self._join(stored, [t.to("meta") for t in self._pieces(p, file_key, stored)])
+        return self._join(p, file_key, stored, [t.to("meta") for t in self._pieces(p, file_key, stored)])
 
     def __getitem__(self, key: str) -> torch.Tensor:
         p, file_key, stored = self.index[key]
         pieces = self._pieces(p, file_key, stored)
         try:
-            out = self._join(stored, pieces, out=empty_huge(self.meta(key).shape, pieces[0].dtype))
+            out = self._join(p, file_key, stored, pieces, out=empty_huge(self.meta(key).shape, pieces[0].dtype))
+        except CheckpointError:
+            raise
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit together: "
                                   f"{exc}") from None
@@ -239,16 +253,36 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self.index)
 
     def validate(self) -> None:
-        """Check every tensor's pieces exist and fit, from shapes only (no tensor data is read)."""
+        """Check from headers only (no tensor data is read): every tensor's pieces exist and fit, are floating
+        point of one dtype, its replicas have one shape, it has the shape the model sizes give, and no file
+        holds a tensor this model and layout have no place for. (Replicas' values are compared when read.)"""
+        expected: dict[tuple[int, int, int], set[str]] = {}
         for key, (p, file_key, stored) in self.index.items():
             pieces = self._pieces(p, file_key, stored)
-            if stored.split == "replicated" or (stored.split == "first" and not self._isp_rows(stored)):
-                continue
-            dim = 1 if stored.split == "columns" and not self._isp_rows(stored) else 0
-            shapes = {tuple(s for d, s in enumerate(t.shape) if d != dim) for t in pieces}
-            if len(shapes) != 1:
-                raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
-                                      f"together: shapes {[tuple(t.shape) for t in pieces]}")
+            for rank in self._where(p, stored):
+                expected.setdefault(rank, set()).add(file_key)
+            if stored.split not in ("replicated", "first") or self._isp_rows(stored):
+                dim = 1 if stored.split == "columns" and not self._isp_rows(stored) else 0
+                shapes = {tuple(s for d, s in enumerate(t.shape) if d != dim) for t in pieces}
+                if len(shapes) != 1:
+                    raise CheckpointError(f"{self.ckpt.path}: the pieces of {file_key} (stage {p}) do not fit "
+                                          f"together: shapes {[tuple(t.shape) for t in pieces]}")
+            shape, want = tuple(self.meta(key).shape), whole_shape(self.ckpt.model, stored)
+            if shape != want:
+                raise CheckpointError(f"{self.ckpt.path}: {file_key} (stage {p}) is {shape} in the files but "
+                                      f"{want} for the model {self.ckpt.model_source} describes")
+        for rank, path in sorted(self.ckpt.files.items()):
+            place = expected.get(rank, set())
+            if self.ckpt.isp:  # which ISP file holds what is inferred, not seen: any of the stage's keys
+                place = {k for r, keys in expected.items() if r[1] == rank[1] for k in keys}
+            for key in self.ckpt.load_file(*rank):
+                if key not in place and not key.endswith(DERIVED):
+                    raise CheckpointError(f"{path}: unexpected tensor {key}: no {self.ckpt.family} model of these "
+                                          "sizes holds it in this file")
+
+
+#: Buffers some InternEvo versions save that the weights determine (rotary frequencies from ``rope_base``).
+DERIVED = ("rotary_emb.inv_freq",)
 
 
 def _modernise(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -323,6 +357,7 @@ def read_internevo(path: str | Path, model: ModelConfig | None = None) -> Intern
             raise CheckpointError(f"{folder / 'model_config.pt'}: cannot be read ({type(exc).__name__}: {exc}); "
                                   "pass --config to give the model sizes instead") from None
         model = normalize_model(found.model_type, meta, str(folder / "model_config.pt"))
+        ckpt.model_source = "model_config.pt"
     if model is not None:
         if model.family != family:
             raise CheckpointError(f"{folder}: files hold {family} but the config describes {model.family}")

@@ -233,6 +233,9 @@ class DistTensors(UnitSource):
             if tuple(tensors[key].size) != shape:
                 raise CheckpointError(f"{folder / METADATA}: tensor {key} has shape {tuple(tensors[key].size)}, "
                                       f"expected {shape} for this model")
+            if not tensors[key].properties.dtype.is_floating_point:
+                raise CheckpointError(f"{folder / METADATA}: tensor {key} is {tensors[key].properties.dtype}: a "
+                                      "weight must be floating point")
         unexpected = sorted(set(tensors) - set(shapes))
         if unexpected:
             raise CheckpointError(f"{folder / METADATA}: unexpected tensor {unexpected[0]}")

@@ -26,6 +26,7 @@ from adapter.config.schema import ModelConfig
 from adapter.families import logical_table
 from adapter.model.mapping import chunk_units, expected_chunk, local_spec_name, logical_shapes
 from adapter.weights.mcore import mcore_table
+from adapter.weights.stored import PieceError, check_pieces
 from adapter.weights.table import Unit
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 
@@ -74,9 +75,11 @@ def read_mcore_legacy(root: Path, model: ModelConfig) -> tuple[ParallelLayout, "
                     raise CheckpointError(f"{ranks[(t, p)]}: no {entry!r} entry")
                 shards.append(_local_names(files[(t, p)][entry]))
                 _check(shards[-1], expected_chunk(model, layout, p, vp, t), f"{ranks[(t, p)]} [{entry!r}]")
+            _check_dtypes(shards, [ranks[(t, p)] for t in range(tp)], entry)
             chunks[(p, vp)] = shards
     renamed = any(local_spec_name(k) not in (k, None) for k in files[(0, 0)]["model" if vpp == 1 else "model0"])
-    return layout, LegacyTensors(chunks, model, layout, renamed)
+    paths = {p: [ranks[(t, p)] for t in range(tp)] for p in range(pp)}
+    return layout, LegacyTensors(chunks, model, layout, renamed, paths)
 
 
 def _check(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
@@ -90,6 +93,17 @@ def _check(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], wh
     unexpected = [k for k in state if k not in expected]
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]}")
+
+
+def _check_dtypes(shards: list[dict[str, torch.Tensor]], paths: list[Path], entry: str) -> None:
+    """From headers: every tensor floating point, and of one dtype on every tensor rank (joining would cast)."""
+    for key, first in shards[0].items():
+        for t, state in enumerate(shards):
+            try:
+                check_pieces([first, state[key]] if t else [first], replicated=False)
+            except PieceError as exc:
+                where = [paths[0], paths[t]]
+                raise CheckpointError(exc.describe(lambda i: f"{where[i]} [{entry!r}]", key)) from None
 
 
 def _local_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,8 +124,10 @@ class LegacyTensors(UnitSource):
     tensor tables, and the source pages it read are dropped (they stay in the page cache)."""
 
     def __init__(self, chunks: dict[tuple[int, int], list[dict[str, torch.Tensor]]], model: ModelConfig,
-                 layout: ParallelLayout, renamed: bool = False):
+                 layout: ParallelLayout, renamed: bool = False, paths: Optional[dict[int, list[Path]]] = None):
         self.chunks, self.layout = chunks, layout
+        self.paths = paths or {}
+        """Each pipeline stage's files by tensor rank, to name one whose piece is refused."""
         self.renamed = renamed
         """Whether the files use Transformer Engine's names."""
         dtype = next(iter(chunks[(0, 0)][0].values())).dtype
@@ -124,8 +140,14 @@ class LegacyTensors(UnitSource):
         shards, read = self.chunks[(p, vp)], []
 
         def pieces(stored, key: str) -> list[torch.Tensor]:
-            got = [shards[r][key] for r in stored.holders(self.layout.tp)]
+            holders = stored.holders(self.layout.tp)
+            got = [shards[r][key] for r in holders]
             read.extend(got)
+            try:  # here, where the key and files are known (joining checks again, without them)
+                check_pieces(got, stored.split == "replicated")
+            except PieceError as exc:  # a replica that differs from tensor rank 0's: name both files
+                files = self.paths.get(p) or [f"tensor rank {t}" for t in range(self.layout.tp)]
+                raise CheckpointError(exc.describe(lambda i: str(files[holders[i]]), key)) from None
             return got
 
         source = Unit(self.model, unit, mcore_table(self.model), self.layout.tp, pieces, local)
