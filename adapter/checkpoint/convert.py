@@ -3,9 +3,10 @@
 Formats are plug-ins (``adapter.checkpoint.formats``): ``internevo`` (``model_tp{t}_pp{p}.pt`` folders),
 ``mcore`` (megatron-core's ``torch_dist`` distributed checkpoint of the adapter's model, loadable at any
 layout), ``mcore-legacy`` (Megatron-LM's per-rank ``iter_*/mp_rank_*`` layout) and ``hf`` (transformers
-``LlamaForCausalLM`` safetensors; InternLM2's official naming is read too). Every conversion goes source → InternEvo's logical (tp=1) tensors → target,
-using only slicing, concatenation and row reordering, so round trips are bit-exact (a ``--dtype`` cast
-aside). Outputs are written into a temporary folder next to the target and renamed at the end.
+``LlamaForCausalLM`` safetensors; InternLM2's official naming is read too). Every conversion goes source →
+InternEvo's logical (tp=1) tensors → target, using only slicing, concatenation and row reordering, so round
+trips are bit-exact (a ``--dtype`` cast aside). Outputs are written into a temporary folder next to the target
+and renamed at the end.
 """
 
 from __future__ import annotations

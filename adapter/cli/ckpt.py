@@ -177,7 +177,7 @@ def _hand_back(args: argparse.Namespace, layout, cfg) -> int:
     return 0
 
 
-def _convert_training(args: argparse.Namespace, src: Checkpoint, layout: ParallelLayout) -> int:
+def _convert_training(args: argparse.Namespace, src: Checkpoint, layout: ParallelLayout, cfg) -> int:
     """``--to internevo`` of a training checkpoint: its whole state, in the adapter's form (``EPILOG``).
     Sizes the trainer could not resume at are refused before any state file is read."""
     from adapter.checkpoint.errors import CheckpointError
@@ -203,7 +203,10 @@ def _convert_training(args: argparse.Namespace, src: Checkpoint, layout: Paralle
         for name in skipped_files(source):
             print(f"skip  {src.path / name}")
         return 0
-    write_training(source, layout, args.dst, overwrite=args.overwrite)
+    from adapter.train.internevo_export import RunSettings
+
+    write_training(source, layout, args.dst, overwrite=args.overwrite,
+                   settings=RunSettings.from_config(cfg).to_dict() if cfg else None)
     print(args.dst)
     return 0
 
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = training_kind(src.path)
         if kind != "weights-only":
             if args.state == "adapter" or kind == "deepspeed":  # the latter refused there, with the reason
-                return _convert_training(args, src, layout)
+                return _convert_training(args, src, layout, cfg)
             if kind == "internevo":
                 raise _BadArguments(f"{src.path} is InternEvo's own training checkpoint already: --state adapter "
                                     "converts it to the adapter's form, which can then be handed back at another "

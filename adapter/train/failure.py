@@ -1,11 +1,11 @@
 """What a training rank prints when it stops on an error nobody anticipated (a bug, or a component failing).
 
 Anticipated errors (a bad config, bad data, a bad checkpoint, unusable storage) are one line already: the
-message says what to fix. Anything else is reported the same way, one line on each rank that raised it,
-naming the rank, the exception and where its traceback went: ``<run folder>/error_rank<r>.log`` (rewritten
-at each launch), which is what a bug report needs. A rank whose collective failed because another rank died
-says only that (``train: rank r stopped: another rank failed``), so the cause is the one error line. ``--verbose`` prints the traceback too; so does a run
-folder that cannot be written, since the traceback must go somewhere.
+message says what to fix. Anything else is reported the same way, one line on each rank that raised it, naming
+the rank, the exception and where its traceback went: ``<run folder>/error_rank<r>.log`` (rewritten at each
+launch), which is what a bug report needs. A rank whose collective failed because another rank died says only
+that (``train: rank r stopped: another rank failed``), so the cause is the one error line. ``--verbose``
+prints the traceback too; so does a run folder that cannot be written, since the traceback must go somewhere.
 """
 
 from __future__ import annotations

@@ -207,6 +207,18 @@ def _epoch_rows(indices: np.ndarray, rng_state: tuple, global_batch: int, where:
     raise CheckpointError(f"{where}: its indices are no shuffle of the data from its rng_state")
 
 
+def imported_sampler(path: Path) -> dict:
+    """InternEvo's ``sampler.pt`` as the adapter's: its state (``sampler_state``) and the epoch's row count,
+    which the adapter's sampler keeps and InternEvo's does not (found from its index array)."""
+    from adapter.data.sampler import rng_from_saved
+
+    sampler = sampler_state(path)
+    indices = np.asarray(_load(path, megatron_globals())["indices"], dtype=np.int64)
+    global_batch = sampler["batch_size"] * sampler["data_world_size"]
+    sampler["num_samples"] = _epoch_rows(indices, rng_from_saved(sampler["epoch_rng_state"]), global_batch, path)
+    return sampler
+
+
 def import_checkpoint(folder: Path, cfg: InternLMConfig, target: Path) -> Path:
     """Write InternEvo's training checkpoint ``folder`` as an adapter training checkpoint into ``target``, a
     new or empty folder (``train.state_files``): model files, per-tensor optimizer state, context (with the loss
@@ -214,7 +226,6 @@ def import_checkpoint(folder: Path, cfg: InternLMConfig, target: Path) -> Path:
     ``cfg`` is the run's config (InternEvo's files do not hold all of its settings)."""
     import shutil
 
-    from adapter.data.sampler import rng_from_saved
     from adapter.train.internevo_export import RunSettings
     from adapter.train.state_files import completed_step
 
@@ -229,12 +240,7 @@ def import_checkpoint(folder: Path, cfg: InternLMConfig, target: Path) -> Path:
     scaler = import_optimizer(folder, cfg.model, target)
     context = {**load_metadata(folder / "context.pt"), "grad_scaler": scaler}
     torch.save(context, target / "context.pt")
-    sampler = sampler_state(folder / "sampler.pt")
-    indices = np.asarray(_load(folder / "sampler.pt", megatron_globals())["indices"], dtype=np.int64)
-    global_batch = sampler["batch_size"] * sampler["data_world_size"]
-    sampler["num_samples"] = _epoch_rows(indices, rng_from_saved(sampler["epoch_rng_state"]), global_batch,
-                                         folder / "sampler.pt")
-    torch.save(sampler, target / "sampler.pt")
+    torch.save(imported_sampler(folder / "sampler.pt"), target / "sampler.pt")
     torch.save({"step_count": step, "base_lr": cfg.adam.lr, "internevo": RunSettings.from_config(cfg).to_dict()},
                target / "schedulder.pt")
     torch.save({"step": step}, target / f"{step}.step")

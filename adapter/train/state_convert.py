@@ -14,7 +14,8 @@ streamed one model unit at a time (``checkpoint.stream_convert``), as weight con
 checkpoint InternEvo wrote, its ZeRO partitions are first cut back into per-parameter states, one (tensor,
 pipeline) rank at a time (``train.internevo_state.import_optimizer``), into a staging folder inside the
 output, then streamed from there; the grad scaler its optimizer files hold goes into ``context.pt``, its
-sampler state becomes the adapter's, its scheduler file the adapter's ``{"step_count", "base_lr"}``. The
+sampler state becomes the adapter's, its scheduler file the adapter's ``{"step_count", "base_lr"}`` (with
+the run's optimizer settings when a config is given, so that the result can be handed back to InternEvo). The
 trainer resumes the result at any layout; InternEvo reads its model files, not its optimizer state.
 
 The output appears whole or not at all (``atomic.atomic_directory``). A source whose save did not finish (no
@@ -133,8 +134,9 @@ def _disk_errors(tmp: Path, dst: str | Path) -> Iterator[None]:
 
 
 def write_training(source: TrainingSource, layout: ParallelLayout, dst: str | Path, *,
-                   overwrite: bool = False) -> Path:
-    """Write ``source`` at ``layout`` into ``dst`` in the adapter's form (module docstring), atomically."""
+                   overwrite: bool = False, settings: dict | None = None) -> Path:
+    """Write ``source`` at ``layout`` into ``dst`` in the adapter's form (module docstring), atomically;
+    ``settings``: the run's optimizer settings (``RunSettings.to_dict``) to record for an InternEvo source."""
     from adapter.checkpoint.stream_convert import meta_tensors
 
     weights, model = source.weights, source.weights.model
@@ -147,7 +149,7 @@ def write_training(source: TrainingSource, layout: ParallelLayout, dst: str | Pa
         with _disk_errors(tmp, dst):
             write_streaming(weights.tensors, model, "internevo", layout, tmp, where=str(weights.path))
             if source.state.kind == "internevo":
-                _import_internevo(source, layout, tmp)
+                _import_internevo(source, layout, tmp, settings)
             else:
                 _carry_adapter(source, layout, tmp)
             torch.save({"step": source.state.step}, tmp / f"{source.state.step}.step")  # last, as the trainer does
@@ -171,10 +173,11 @@ def _carry_adapter(source: TrainingSource, layout: ParallelLayout, tmp: Path) ->
         shutil.copyfile(folder / name, tmp / name)
 
 
-def _import_internevo(source: TrainingSource, layout: ParallelLayout, tmp: Path) -> None:
+def _import_internevo(source: TrainingSource, layout: ParallelLayout, tmp: Path, settings: dict | None) -> None:
     """InternEvo's partitions → per-parameter states (staged at its layout) → the target layout; its sampler,
-    counters and scheduler as the adapter keeps them."""
-    from adapter.train.internevo_state import import_optimizer, sampler_state
+    counters and scheduler as the adapter keeps them, with the run's optimizer ``settings`` when known (a
+    config was given), so that the result can be handed back."""
+    from adapter.train.internevo_state import import_optimizer, imported_sampler
 
     folder, model, step = source.weights.path, source.weights.model, source.state.step
     staging = tmp / _STAGING
@@ -183,6 +186,9 @@ def _import_internevo(source: TrainingSource, layout: ParallelLayout, tmp: Path)
     shutil.copyfile(staging / FOLDER / STEPS_FILE, tmp / FOLDER / STEPS_FILE)
     shutil.rmtree(staging)
     torch.save({**load_metadata(folder / CONTEXT), "grad_scaler": scaler}, tmp / CONTEXT)
-    torch.save(sampler_state(folder / SAMPLER), tmp / SAMPLER)
+    torch.save(imported_sampler(folder / SAMPLER), tmp / SAMPLER)
     base_lrs = load_metadata(folder / SCHEDULES).get("base_lrs") or [None]
-    torch.save({"step_count": step, "base_lr": base_lrs[0]}, tmp / SCHEDULES)
+    schedules = {"step_count": step, "base_lr": base_lrs[0]}
+    if settings is not None:  # what handing the run back to InternEvo needs (``train.internevo_export``)
+        schedules["internevo"] = settings
+    torch.save(schedules, tmp / SCHEDULES)

@@ -10,11 +10,12 @@ What one file holds (InternEvo 0.5.2, modes mtp/msp/fsp; ``INTERNEVO_FORMAT.md``
   on *hidden* columns, the head on vocabulary rows with the first ranks one row larger when ``V % tp != 0``,
   norms whole in every file, a row-parallel bias only in the ``t = 0`` file, a fused qkv per rank.
 
-A folder is read at whatever layout it was saved with. The layout is found from the files themselves: ``model_tp{t}_pp{p}.pt`` names give the tensor and pipeline
-sizes, ``"{k}.model."`` key prefixes the virtual chunks, and the local layer numbers of each file how many
-layers every (stage, chunk) holds, so uneven splits need no metadata. The family comes from the key names
-(``adapter.families``: each family's marker); the sizes that weights cannot tell (heads) come from the
-folder's ``model_config.pt`` (read through an allow-list) or from a config file.
+A folder is read at whatever layout it was saved with. The layout is found from the files themselves:
+``model_tp{t}_pp{p}.pt`` names give the tensor and pipeline sizes, ``"{k}.model."`` key prefixes the virtual
+chunks, and the local layer numbers of each file how many layers every (stage, chunk) holds, so uneven splits
+need no metadata. The family comes from the key names (``adapter.families``: each family's marker); the sizes
+that weights cannot tell (heads) come from the folder's ``model_config.pt`` (read through an allow-list) or
+from a config file.
 
 ISP folders (``model_tp{t}_wp{w}_pp{p}.pt``, InternEvo's ``tensor.mode="isp"``) are read too: every linear
 weight and bias is a row slice of the logical tensor over the weight-parallel ranks (the fused qkv is *not*
