@@ -64,20 +64,34 @@ def _spawn_error(ckpt: dict) -> str:
 @pytest.mark.slow
 def test_storage_is_checked_before_step_1(s3, tmp_path):
     """A missing bucket, a bucket we may not write, a local folder that cannot be written: refused at start-up,
-    naming the field and the bucket or path, before any step (nothing is staged or logged)."""
+    naming the field and the bucket or path, before any step (nothing is staged or logged). The first case
+    runs the trainer on 2 ranks; the others call the same checks rank 0 makes before step 1."""
+    from adapter.checkpoint.storage import StorageError, parse_location
+    from adapter.train.checkpointing import Checkpointer
+    from adapter.train.preflight import check_readable
+
     staging = tmp_path / "staging"
     base = dict(enable_save_ckpt=True, checkpoint_every=2, async_upload_tmp_folder=str(staging), auto_resume=False)
     error = _spawn_error(dict(base, save_ckpt_folder="s3://nobucket/run"))
     assert "ckpt.save_ckpt_folder: s3://nobucket: the bucket does not exist" in error
-    error = _spawn_error(dict(base, save_ckpt_folder="s3://ckpt/run", oss_snapshot_freq=3,
-                              snapshot_ckpt_folder="s3://missing-snapshots/snap"))
-    assert "ckpt.snapshot_ckpt_folder: s3://missing-snapshots: the bucket does not exist" in error
+
+    def refusal(ckpt: dict) -> str:
+        s = base_sections()
+        s["ckpt"] = ckpt
+        cfg = normalize(RawConfig(s, "s3.py", {}))
+        with pytest.raises(StorageError) as info:
+            Checkpointer(cfg, validate(cfg, 1)).check_locations()
+        return str(info.value)
+
+    error = refusal(dict(base, save_ckpt_folder="s3://ckpt/run", oss_snapshot_freq=3,
+                         snapshot_ckpt_folder="s3://missing-snapshots/snap"))
+    assert error == "ckpt.snapshot_ckpt_folder: s3://missing-snapshots: the bucket does not exist"
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    error = _spawn_error(dict(base, save_ckpt_folder=f"local:{blocker}/ckpt"))
-    assert f"ckpt.save_ckpt_folder: {blocker}/ckpt cannot be written" in error
-    error = _spawn_error(dict(enable_save_ckpt=False, load_ckpt_folder="s3://ckpt/none"))
-    assert "ckpt.load_ckpt_folder: s3://ckpt/none holds no objects" in error
+    assert refusal(dict(base, save_ckpt_folder=f"local:{blocker}/ckpt")).startswith(
+        f"ckpt.save_ckpt_folder: {blocker}/ckpt cannot be written")
+    with pytest.raises(StorageError, match="ckpt.load_ckpt_folder: s3://ckpt/none holds no objects"):
+        check_readable("ckpt.load_ckpt_folder", parse_location("s3://ckpt/none", "ckpt.load_ckpt_folder"))
     assert not staging.exists()  # nothing was saved: no step ran
 
 
