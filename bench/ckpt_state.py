@@ -11,26 +11,28 @@ state) and then, ``--repeats`` times, measures on that same trained state:
 * (c) ``ours load``: ``load_model_weights`` + ``load_training_state`` of (a), as a resume does;
 * (d) ``DeepSpeed load``: the engine's ``load_checkpoint`` of (b), as resuming an old checkpoint does;
 
-(a)/(b) and (c)/(d) alternate which goes first from repeat to repeat. Before each load the model, ZeRO's
-fp32 partitions and Adam's moments are zeroed, and after it they are compared with the saved state, so a load
-that did nothing cannot pass. Then, in the same processes, from the checkpoint the previous layout saved
-(resharding):
+A repeat runs (a) (b) (b) (a), then (c) (d) (d) (c), so that neither side profits from its place in the order
+(on this shared machine a phase measured right after another one varied by up to 3×). Before each load the
+model, ZeRO's fp32 partitions and Adam's moments are zeroed, and after it they are compared with the saved
+state, so a load that did nothing cannot pass. Then, in the same processes, from the checkpoint the previous
+layout saved (resharding), as (e) (f) (f) (e):
 
 * (e) ``ours load, resharded``: the same two calls on a checkpoint of another layout;
 * (f) ``read the files once``: every file of that checkpoint ``torch.load``-ed into memory once, the files
   dealt out to the ranks by size (the job's I/O floor for reading it; no slicing, no optimizer).
 
 Time: wall time on rank 0 from a barrier before to a barrier after (so the slowest rank counts); the median
-over the repeats, and for ours the median of the per-repeat ratios to the baseline measured next to it. Each save is followed (outside its time) by an ``fsync`` of every file it wrote, timed as
-``+ fsync``, then its pages are dropped from the page cache (``posix_fadvise(DONTNEED)``, which needs no
-privileges and is checked with ``mincore``); loads and reads start from a cold page cache that way. Memory:
-each rank's peak resident set during the phase (``VmHWM``, reset before the phase through
-``/proc/self/clear_refs``), minus its resident set before it; the table shows the largest rank. Resident
-set counts tensors and the checkpoint pages a process has mapped (the lazy reader maps files), which is
-what the machine must hold; ``tracemalloc`` would see neither. Bytes: what each save left on disk.
+over every run of a phase, and for ours the median over repeats of (its two runs) / (the baseline's two).
+Each save is followed (untimed) by an ``fsync`` of every file it wrote, timed as ``+ fsync``, and then its
+pages are dropped from the page cache (``posix_fadvise(DONTNEED)``, which needs no privileges; ``mincore``
+checks it), so loads and reads start from a cold page cache. Memory: each rank's peak resident set during
+the phase (``VmHWM``, reset before it through ``/proc/self/clear_refs``, after ``malloc_trim`` has returned
+freed heap) minus its resident set before; the table shows the largest rank. The resident set counts tensors
+and the checkpoint pages a process maps (the lazy reader maps files), which is what the machine must hold;
+``tracemalloc`` sees neither. Bytes: what each save left on disk.
 
     .venv/bin/python bench/ckpt_state.py [--layouts dp2,tp2_pp2] [--hidden 512] [--layers 4] [--vocab 8192]
-                                         [--repeats 5] [--out runs/bench_ckpt_state]
+                                         [--repeats 3] [--out runs/bench_ckpt_state]
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ LABELS = {"ours_save": "(a) ours save", "ds_save": "(b) DeepSpeed save", "ours_l
           "ds_load": "(d) DeepSpeed load", "ours_reshard": "(e) ours load, resharded",
           "read_once": "(f) read the files once"}
 DS_TAG = "deepspeed"
+ABBA = ("ours", "ds", "ds", "ours")
 
 
 def parse_layout(name: str) -> dict[str, int]:
@@ -251,7 +254,6 @@ def _worker(jobs: list[tuple[str, bool, str | None]], sizes: dict, root: str, re
 def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bool,
                 reshard_from: str | None) -> dict | None:
     """``same``: phases (a)-(d) at this layout; ``reshard_from``: (e), (f) from that layout's checkpoint."""
-    from megatron.core import parallel_state as ps
 
     from adapter.config.to_mcore import model_options, transformer_config
     from adapter.model.build import build_model_chunks
@@ -309,30 +311,36 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
                                           load_lr_scheduler_states=False, load_module_strict=False)
 
     for repeat in range(repeats if same else 0):
-        folders = {"ours": here / f"ours{repeat}", "ds": here / f"ds{repeat}"}
-        saves = {"ours": lambda: save_checkpoint(folders["ours"], cfg, layout, trainer, _Sampler(), {}, step=1),
-                 "ds": lambda: trainer.deepspeed.save_checkpoint(str(folders["ds"]), tag=DS_TAG, save_latest=False)}
-        order = ("ours", "ds") if repeat % 2 == 0 else ("ds", "ours")
-        for who in order:  # (a), (b)
-            timed(f"{who}_save", repeat, saves[who])
-            records[-1].update(fsync=drop(folders[who]), bytes=_bytes(folders[who]) if rank0 else 0)
-        for who in order:  # (c), (d), each from a cold page cache and a zeroed state
-            left = cold(folders[who])
+        # each repeat runs ours and DeepSpeed's as A B B A, so that neither profits from going first or last
+        folders = {who: [here / f"{who}{repeat}_{k}" for k in range(2)] for who in ("ours", "ds")}
+
+        def save(who: str, folder: Path) -> None:
+            if who == "ours":
+                save_checkpoint(folder, cfg, layout, trainer, _Sampler(), {}, step=1)
+            else:
+                trainer.deepspeed.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+
+        for k, who in enumerate(ABBA):  # (a), (b)
+            folder = folders[who][k // 2]
+            timed(f"{who}_save", repeat, lambda: save(who, folder))
+            records[-1].update(fsync=drop(folder), bytes=_bytes(folder) if rank0 else 0)
+        for k, who in enumerate(ABBA):  # (c), (d), each from a cold page cache and a zeroed state
+            folder = folders[who][k // 2]
+            left = cold(folder)
             _zero_state(trainer)
-            timed(f"{who}_load", repeat, lambda: (load_ours if who == "ours" else load_ds)(folders[who]), cached=left)
+            timed(f"{who}_load", repeat, lambda: (load_ours if who == "ours" else load_ds)(folder), cached=left)
             if who == "ds":
                 _relink_optimizer_state(trainer)
             _check_state(trainer, saved, f"{who} load at {layout_name}")
         dist.barrier()
-        if rank0:  # keep the last of ours for the next layout's resharded load
-            shutil.rmtree(folders["ds"])
-            if repeat < repeats - 1:
-                shutil.rmtree(folders["ours"])
+        if rank0:  # keep one of ours for the next layout's resharded load
+            for folder in folders["ds"] + folders["ours"][1:] + folders["ours"][:1] * (repeat < repeats - 1):
+                shutil.rmtree(folder)
         dist.barrier()
     if reshard_from is not None:  # (e), (f): another layout's checkpoint
-        source = root_path / reshard_from / f"ours{repeats - 1}"
+        source = root_path / reshard_from / f"ours{repeats - 1}_0"
         for repeat in range(repeats):
-            for who in ("ours", "read") if repeat % 2 == 0 else ("read", "ours"):
+            for who in ("ours", "read", "read", "ours"):
                 left = cold(source)
                 if who == "ours":
                     timed("ours_reshard", repeat, lambda: load_ours(source), cached=left)
@@ -361,7 +369,7 @@ def summarise(run: dict) -> dict[str, dict]:
         recs = [r for r in run["records"] if r["phase"] == phase]
         if not recs:
             continue
-        rank0 = sorted((r for r in recs if r["rank"] == 0), key=lambda r: r["repeat"])
+        rank0 = [r for r in recs if r["rank"] == 0]
         out[phase] = {
             "seconds": statistics.median(r["seconds"] for r in rank0),
             "seconds_all": [r["seconds"] for r in rank0],
@@ -369,14 +377,21 @@ def summarise(run: dict) -> dict[str, dict]:
             "extra": max(r["extra"] for r in recs),
             "peak": max(r["peak"] for r in recs),
             "bytes": (statistics.median(r["bytes"] for r in rank0) if phase.endswith("save")
-                      else sum(r["bytes"] for r in recs if r["repeat"] == 0) if phase == "read_once" else None),
+                      else sum({r["rank"]: r["bytes"] for r in recs}.values()) if phase == "read_once" else None),
             "cached": max((r.get("cached", 0.0) for r in rank0), default=0.0),
         }
     for phase, base in BASELINE.items():
         if phase in out and base in out:
-            pairs = [a / b for a, b in zip(out[phase]["seconds_all"], out[base]["seconds_all"])]
-            out[phase]["ratio"] = statistics.median(pairs)
-            out[phase]["ratios"] = pairs
+            def per_repeat(name: str) -> dict[int, float]:
+                totals: dict[int, float] = {}
+                for r in run["records"]:
+                    if r["phase"] == name and r["rank"] == 0:
+                        totals[r["repeat"]] = totals.get(r["repeat"], 0.0) + r["seconds"]
+                return totals
+
+            ours, theirs = per_repeat(phase), per_repeat(base)
+            out[phase]["ratios"] = [ours[k] / theirs[k] for k in sorted(ours)]
+            out[phase]["ratio"] = statistics.median(out[phase]["ratios"])
     return out
 
 
@@ -389,7 +404,8 @@ def table(runs: list[dict]) -> str:
             "|---|---|---|---|---|---|---|"]
     for run in runs:
         for phase, v in summarise(run).items():
-            name = f"{run['reshard_from']} → {run['layout']}" if phase in ("ours_reshard", "read_once") else run["layout"]
+            resharded = phase in ("ours_reshard", "read_once")
+            name = f"{run['reshard_from']} → {run['layout']}" if resharded else run["layout"]
             ratio = f"**{v['ratio']:.2f}**" if "ratio" in v else ""
             fsync = f"{v['seconds'] + v['fsync']:.2f} s" if v["fsync"] is not None else ""
             rows.append(f"| {name} | {LABELS[phase]} | {v['seconds']:.2f} s ({min(v['seconds_all']):.2f}–"
@@ -408,12 +424,13 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layouts", default="dp2,tp2_pp2",
-                        help="comma-separated; each loads the previous one's checkpoint resharded (the first the last's)")
+                        help="comma-separated; each loads the previous one's checkpoint resharded "
+                             "(the first the last's)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=None, help="where checkpoints are written (default: a folder in --out)")
     parser.add_argument("--out", default="runs/bench_ckpt_state")
     args = parser.parse_args(argv)

@@ -66,7 +66,8 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     save = atomic_save if dp == 1 else (lambda obj, path: deferred.append((obj, path)))
     if ps.get_data_parallel_rank() == writer(0, dp):  # the weights need no collective over data parallel
         logical = gather_logical(cfg, layout, trainer.chunks, lambda name, p: p)
-        save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank), folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
+        save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank),
+             folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
         del logical
     save_optimizer_state(folder, cfg, layout, trainer, save)
     while deferred:

@@ -81,7 +81,8 @@ def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
     storages: set[int] = set()
     for unit, local, prefix in stage_units(model, layout, pp_rank):
         source = whole_unit(model, unit, logical_table(model), logical.__getitem__)
-        out.update((k, _own_storage(v, storages)) for k, v in unit_pieces(source, model, layout, local, prefix, tp_rank))
+        pieces = unit_pieces(source, model, layout, local, prefix, tp_rank)
+        out.update((k, _own_storage(v, storages)) for k, v in pieces)
     return out
 
 
