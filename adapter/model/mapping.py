@@ -8,7 +8,7 @@ the tables do the slicing, concatenation and row reordering, bit-exact in both d
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Container, Mapping, Optional
 
 import torch
 
@@ -50,13 +50,16 @@ def chunk_units(model: ModelConfig, layout: ParallelLayout, pp_rank: int, vp_sta
 
 
 def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
-                     pp_rank: int, vp_stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
-    """The megatron-core state dict of chunk ``vp_stage`` on pipeline rank ``pp_rank``, tensor rank ``tp_rank``.
-    Only that chunk's logical tensors are read; pieces that are plain slices stay views of them."""
+                     pp_rank: int, vp_stage: int, tp_rank: int,
+                     keys: Optional[Container[str]] = None) -> dict[str, torch.Tensor]:
+    """The megatron-core state dict of chunk ``vp_stage`` on pipeline rank ``pp_rank``, tensor rank ``tp_rank``
+    (with ``keys``, only those entries). Only the logical tensors those entries need are read; pieces that
+    are plain slices stay views of them."""
     out: dict[str, torch.Tensor] = {}
     for unit, local in chunk_units(model, layout, pp_rank, vp_stage):
         source = whole_unit(model, unit, logical_table(model), logical.__getitem__)
-        out.update((key, piece) for key, _, piece in source.convert(mcore_table(model), layout.tp, tp_rank, local))
+        out.update((key, piece) for key, _, piece in source.convert(mcore_table(model), layout.tp, tp_rank, local,
+                                                                   only=keys))
     return out
 
 

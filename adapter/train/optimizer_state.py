@@ -19,7 +19,7 @@ data-parallel size may change too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,9 +35,14 @@ STEPS_FILE = "state.pt"
 
 
 def gather_logical(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
-                   value: Callable[[str, torch.nn.Parameter], torch.Tensor]) -> dict[str, torch.Tensor]:
+                   value: Callable[[str, torch.nn.Parameter], Optional[torch.Tensor]],
+                   keep: bool = True) -> dict[str, torch.Tensor]:
     """This pipeline stage's logical tensors of ``value(name, parameter)`` (collective over the tensor
-    group, and over whatever group ``value`` itself talks to)."""
+    group, and over whatever group ``value`` itself talks to). With ``keep`` False (every rank of this
+    tensor group passes the same: the data-parallel ranks that do not write this file) ``value`` is still
+    called for every parameter, for its own collectives, and may return None; nothing is gathered and the
+    result is empty. Parameters are gathered one at a time, so a device holds one parameter's pieces at
+    most (one all-gather per parameter also measured faster over gloo than fewer, larger ones)."""
     from megatron.core import parallel_state as ps
 
     from adapter.model.mapping import logical_from_chunk
@@ -45,11 +50,103 @@ def gather_logical(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
     pp_rank = ps.get_pipeline_model_parallel_rank()
     logical: dict[str, torch.Tensor] = {}
     for vp, chunk in enumerate(chunks):
-        local = {name: value(name, p).detach().cpu() for name, p in chunk.named_parameters()}
-        shards = [None] * layout.tp
-        dist.all_gather_object(shards, local, group=ps.get_tensor_model_parallel_group())
-        logical.update(logical_from_chunk(shards, cfg.model, layout, pp_rank, vp))
+        if keep and layout.tp > 1:
+            _check_tensor_ranks(chunk)
+        shards: list[dict[str, torch.Tensor]] = [{} for _ in range(layout.tp)]
+        for name, p in chunk.named_parameters():
+            v = value(name, p)
+            if keep:
+                for rank, piece in enumerate(_gather_tensor_ranks(v.detach(), layout.tp)):
+                    shards[rank][name] = piece
+        if keep:
+            logical.update(logical_from_chunk(shards, cfg.model, layout, pp_rank, vp))
     return logical
+
+
+def _check_tensor_ranks(chunk: torch.nn.Module) -> None:
+    """Every tensor rank holds parameters of the same names, shapes and dtypes (megatron-core splits every
+    tensor-parallel parameter evenly), so pieces can be gathered as tensors; one small collective."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    shapes = [(name, tuple(p.shape), str(p.dtype)) for name, p in chunk.named_parameters()]
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, shapes, group=group)
+    if any(other != shapes for other in every):
+        raise RuntimeError("tensor-parallel ranks hold parameters of different names or shapes: "
+                           f"{[other[:3] for other in every]}")
+
+
+def _gather_tensor_ranks(t: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    """Every tensor rank's ``t`` on the CPU, in rank order (one all-gather of tensors).
+
+    Not ``all_gather_object``: pickling a tensor writes its whole storage, and DeepSpeed keeps the parameters
+    as views of one flat buffer, so each parameter would carry the whole buffer (a model of 40 parameters
+    pickled 40 times its size)."""
+    if tp == 1:
+        return [t.cpu()]
+    from megatron.core import parallel_state as ps
+
+    pieces = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(tp)]
+    dist.all_gather(pieces, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return [piece.cpu() for piece in pieces]
+
+
+class ZeroStates:
+    """Whole fp32 masters and Adam moments of parameters, assembled at one data-parallel rank from ZeRO-1's
+    partitions.
+
+    DeepSpeed links each parameter to the part of it this rank's partition holds (``_hp_mapping``: where it
+    starts in the parameter, ``lp_fragment_address``, and its fp32 and optimizer-state values,
+    ``get_hp_fragment``), the links its own ``safe_get_full_*`` read. Those all-reduce a zero-filled copy of
+    the whole parameter over every data-parallel rank; here each rank sends its parts to the one rank that
+    writes, point to point, so every element crosses once and nobody else receives or sums anything.
+    Collective over data parallel: every rank asks for the same parameters in the same order."""
+
+    def __init__(self, chunks: list):
+        params = [p for chunk in chunks for _, p in chunk.named_parameters()]
+        self.group = params[0]._dp_group
+        self.ranks = dist.get_process_group_ranks(self.group)
+        self.rank = dist.get_rank(self.group)
+        mine = [None if p._hp_mapping is None else
+                (p._hp_mapping.lp_fragment_address.start, p._hp_mapping.lp_fragment_address.numel) for p in params]
+        self.parts: list = [None] * len(self.ranks)
+        dist.all_gather_object(self.parts, mine, group=self.group)  # where every rank's parts are: small
+        self.index = {id(p): i for i, p in enumerate(params)}
+        for i, p in enumerate(params):
+            held = sum(parts[i][1] for parts in self.parts if parts[i] is not None)
+            if held != p.numel():
+                raise RuntimeError(f"ZeRO's partitions hold {held} of a parameter's {p.numel()} elements")
+
+    @staticmethod
+    def available(chunks: list) -> bool:
+        """Whether DeepSpeed linked every parameter to its partition (ZeRO stage 1 or 2)."""
+        params = [p for chunk in chunks for p in chunk.parameters()]
+        return bool(params) and all(hasattr(p, "_hp_mapping") and getattr(p, "_dp_group", None) is params[0]._dp_group
+                                    for p in params)
+
+    def value(self, p: torch.nn.Parameter, key: str, writer: int) -> Optional[torch.Tensor]:
+        """``p``'s whole ``key`` (``fp32`` or an Adam state) at data-parallel rank ``writer``; None elsewhere."""
+        i = self.index[id(p)]
+        mapping = p._hp_mapping
+        part = None if mapping is None else mapping.get_hp_fragment(None if key == "fp32" else key)
+        if self.rank != writer:
+            if part is not None:
+                dist.send(part.contiguous(), dst=self.ranks[writer], group=self.group)
+            return None
+        whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+        pending = []
+        for r, parts in enumerate(self.parts):
+            if parts[i] is None:
+                continue
+            place = whole.narrow(0, parts[i][0], parts[i][1])
+            if r == self.rank:
+                place.copy_(part.reshape(-1))
+            else:
+                pending.append(dist.irecv(place, src=self.ranks[r], group=self.group))
+        for request in pending:
+            request.wait()
+        return whole.view(p.shape)
 
 
 def has_state(trainer) -> bool:
@@ -57,26 +154,43 @@ def has_state(trainer) -> bool:
     return bool(trainer.optimizer.optimizer.state)
 
 
+def writer(index: int, dp: int) -> int:
+    """The data-parallel rank that writes file ``index`` of a (tensor, pipeline) rank's four: the model (0),
+    then the ``STATES`` (1-3). Any data-parallel rank can: the weights are whole on each, and each state is
+    assembled where it is written (``ZeroStates``). Spread like this, the files are written side by side."""
+    return index % dp
+
+
 def save_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer,
                          save: Callable[[object, Path], None]) -> None:
-    """Write ``folder/optimizer``; collective over all ranks (ZeRO gathers each state over data parallel)."""
+    """Write ``folder/optimizer`` through ``save(obj, path)``; collective over all ranks (ZeRO gathers each
+    state over data parallel). Each state's files are written by data-parallel rank ``writer(1 + i, dp)``."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from megatron.core import parallel_state as ps
 
     if not has_state(trainer):
         return
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    for key in STATES:
-        def value(name: str, p: torch.nn.Parameter, key: str = key) -> torch.Tensor:
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    zero = ZeroStates(trainer.chunks) if ZeroStates.available(trainer.chunks) else None
+    if zero is not None:
+        dp_rank = zero.rank
+    for i, key in enumerate(STATES, start=1):
+        mine = dp_rank == writer(i, dp)
+
+        def value(name: str, p: torch.nn.Parameter, key: str = key, i: int = i) -> Optional[torch.Tensor]:
+            if zero is not None:
+                return zero.value(p, key, writer(i, dp))
             return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
 
-        logical = gather_logical(cfg, layout, trainer.chunks, value)
-        if ps.get_data_parallel_rank() == 0:
+        logical = gather_logical(cfg, layout, trainer.chunks, value, keep=mine)
+        if mine:
             target = folder / FOLDER / key
             target.mkdir(parents=True, exist_ok=True)
             save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank), target / f"model_tp{tp_rank}_pp{pp_rank}.pt")
             if tp_rank == 0 and pp_rank == 0:
                 save(model_config_dict(cfg.model), target / "model_config.pt")
+        del logical
     if dist.get_rank() == 0:
         adam = trainer.optimizer.optimizer
         steps = [int(adam.state[group["params"][0]]["step"]) for group in adam.param_groups]
@@ -111,10 +225,20 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
     for key in STATES:
         source = open_checkpoint(root / key, cfg.model)
         for vp, chunk in enumerate(trainer.chunks):
-            values = chunk_state_dict(source.tensors, cfg.model, layout, pp_rank, vp, tp_rank)
+            held = {name for name, p in chunk.named_parameters() if _in_partition(p)}
+            values = chunk_state_dict(source.tensors, cfg.model, layout, pp_rank, vp, tp_rank, keys=held)
             for name, p in chunk.named_parameters():
+                if name not in held:
+                    continue
                 value = values[name].to(device=p.device, dtype=torch.float32)
                 if key == "fp32":
                     safe_set_full_fp32_param(p, value)
                 else:
                     safe_set_full_optimizer_state(p, value, key)
+
+
+def _in_partition(p: torch.nn.Parameter) -> bool:
+    """Whether this rank's ZeRO partition holds a part of ``p``. DeepSpeed links each parameter to its part
+    (``_hp_mapping``, None where the partition holds none, and then ``safe_set_full_*`` sets nothing); the
+    tensors of the others are not read. Without the attribute (another DeepSpeed), every parameter counts."""
+    return getattr(p, "_hp_mapping", True) is not None

@@ -38,7 +38,7 @@ from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
-from adapter.train.optimizer_state import gather_logical, save_optimizer_state
+from adapter.train.optimizer_state import gather_logical, save_optimizer_state, writer
 
 MARKER = re.compile(r"^(\d+)\.step$")
 DEEPSPEED_TAG = "deepspeed"
@@ -65,12 +65,20 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
                 old.unlink()
     dist.barrier()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    logical = gather_logical(cfg, layout, trainer.chunks, lambda name, p: p)
-    if ps.get_data_parallel_rank() == 0:
-        atomic_save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank),
-                    folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-    del logical
-    save_optimizer_state(folder, cfg, layout, trainer, atomic_save)
+    dp = ps.get_data_parallel_world_size()
+    # With data parallelism a (tensor, pipeline) rank's four files are written by different data-parallel
+    # ranks (``optimizer_state.writer``), all after the last collective so that they are written side by
+    # side; without it, each file is written as soon as it is gathered (one state in memory at a time).
+    deferred: list[tuple[object, Path]] = []
+    save = atomic_save if dp == 1 else (lambda obj, path: deferred.append((obj, path)))
+    if ps.get_data_parallel_rank() == writer(0, dp):  # the weights need no collective over data parallel
+        logical = gather_logical(cfg, layout, trainer.chunks, lambda name, p: p)
+        save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank),
+             folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
+        del logical
+    save_optimizer_state(folder, cfg, layout, trainer, save)
+    while deferred:
+        atomic_save(*deferred.pop(0))
     if dist.get_rank() == 0:
         atomic_save(model_config_dict(cfg.model), folder / "model_config.pt")
         atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},

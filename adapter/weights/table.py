@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Container, Iterator, Optional, Sequence
 
 import torch
 
@@ -115,11 +115,14 @@ class Unit:
             return target.cut(self.whole(*same), tp, rank)
         return target.shard([self.atom(a) for a in target.atoms], tp, rank)
 
-    def convert(self, table: Table, tp: int, rank: int,
-                layer_name: Optional[int] = None) -> Iterator[tuple[str, Stored, torch.Tensor]]:
+    def convert(self, table: Table, tp: int, rank: int, layer_name: Optional[int] = None,
+                only: Optional[Container[str]] = None) -> Iterator[tuple[str, Stored, torch.Tensor]]:
         """``(key, stored, piece)`` of rank ``rank``'s file in ``table``, in its order; the layer is
-        numbered ``layer_name`` there (default: its global index)."""
+        numbered ``layer_name`` there (default: its global index). With ``only``, just those keys (the
+        source tensors only the others need are not read)."""
         for key, stored in table.keys(self.model, self.unit, layer_name):
+            if only is not None and key not in only:
+                continue
             piece = self.piece(stored, tp, rank)
             if piece is not None:
                 yield key, stored, piece

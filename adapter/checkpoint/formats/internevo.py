@@ -75,12 +75,25 @@ def unit_pieces(source: Unit, model: ModelConfig, layout: ParallelLayout, local:
 
 def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
                      tp_rank: int, pp_rank: int) -> "OrderedDict[str, torch.Tensor]":
-    """The content of ``model_tp{tp_rank}_pp{pp_rank}.pt`` for the logical weights (each tensor its own copy,
-    so ``torch.save`` stores just it)."""
+    """The content of ``model_tp{tp_rank}_pp{pp_rank}.pt`` for the logical weights (each tensor the whole of
+    its own storage, so ``torch.save`` stores just it: a piece that is a view, or whose storage another piece
+    shares, is copied; one that already is its whole storage, such as a fresh logical tensor, is not)."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    storages: set[int] = set()
     for unit, local, prefix in stage_units(model, layout, pp_rank):
         source = whole_unit(model, unit, logical_table(model), logical.__getitem__)
-        out.update((k, v.clone()) for k, v in unit_pieces(source, model, layout, local, prefix, tp_rank))
+        pieces = unit_pieces(source, model, layout, local, prefix, tp_rank)
+        out.update((k, _own_storage(v, storages)) for k, v in pieces)
+    return out
+
+
+def _own_storage(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """``t`` if it is the whole of a storage not in ``seen`` (data pointers), else a copy; records it."""
+    storage = t.untyped_storage()
+    whole = (t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+             and storage.data_ptr() not in seen)
+    out = t if whole else t.clone()
+    seen.add(out.untyped_storage().data_ptr())
     return out
 
 
