@@ -237,8 +237,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                 return concat(pieces, 0, out=out)
             return stored.join(pieces, out=out)
         except PieceError as exc:  # a replica that differs, a dtype that differs or is not a float: name the file
-            files = [self.ckpt.files[rank] for rank in self._where(p, stored)]
-            raise CheckpointError(exc.describe(lambda i: str(files[i]) if i == exc.index else files[i].name,
+            files, bad = [self.ckpt.files[rank] for rank in self._where(p, stored)], exc.index
+            raise CheckpointError(exc.describe(lambda i: str(files[i]) if i == bad else files[i].name,
                                                file_key)) from None
 
     def meta(self, key: str) -> torch.Tensor:
