@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,11 @@ def write_source(folder: Path, model, tp: int, pp: int) -> None:
     for p in range(pp):
         for t in range(tp):
             shard = shard_state_dict(meta, model, layout, t, p)
-            torch.save({k: torch.randn(v.shape, dtype=torch.bfloat16) for k, v in shard.items()},
-                       folder / f"model_tp{t}_pp{p}.pt")
+            # seeded by stage and key: the replicas of a replicated tensor (norms) are equal, as every reader
+            # checks (a random copy per file would be refused as a differing replica)
+            torch.save({k: torch.randn(v.shape, dtype=torch.bfloat16,
+                                       generator=torch.Generator().manual_seed(zlib.crc32(f"{p}/{k}".encode())))
+                        for k, v in shard.items()}, folder / f"model_tp{t}_pp{p}.pt")
     torch.save(model_config_dict(model), folder / "model_config.pt")
 
 
