@@ -82,10 +82,6 @@ def open_training(weights: Checkpoint) -> TrainingSource:
     if state.problems:
         more = f" (and {len(state.problems) - 1} more problems)" if len(state.problems) > 1 else ""
         raise CheckpointError(f"{state.problems[0]}{more}")
-    if state.kind == "internevo" and model.family == "internlm1":
-        raise CheckpointError(f"{folder}: InternLM1's optimizer files cannot be read yet (its Wqkv state-dict hook "
-                              "reorders the keys against the parameter order the partition plan follows); pass "
-                              "--weights-only to convert the weights")
     source = TrainingSource(weights, state)
     if state.kind == "adapter" and (folder / FOLDER).is_dir():
         for kind in STATES:
