@@ -11,11 +11,12 @@ and renamed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -95,16 +96,26 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
     planned = sum(t.numel() * t.element_size() for t in meta_tensors(src.tensors, src.model, dtype).values())
     with atomic_directory(dst, overwrite=overwrite, inputs=[src.path]) as tmp:
         require_space(dst, planned + planned // 100 + 2**20)  # + headers, pickles, small files
-        try:
+        with disk_errors(tmp, dst):
             write_streaming(src.tensors, src.model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes,
                             where=str(src.path))
-        except RuntimeError as exc:  # torch's zip writer reports a full disk as an iostream error
-            if shutil.disk_usage(tmp).free < 2**20:
-                raise NoSpaceError(f"no space left on {dst}") from exc
-            raise CheckpointError(f"writing {dst} failed: {exc}") from exc
         for path in extra_files:
             shutil.copyfile(path, tmp / path.name)
     return Path(dst)
+
+
+@contextlib.contextmanager
+def disk_errors(tmp: Path, dst: str | Path) -> Iterator[None]:
+    """Writing into ``tmp`` (the temporary folder of ``dst``): torch's zip writer reports a full disk as an
+    iostream ``RuntimeError``; say "no space left on ``dst``" instead, and name ``dst`` for any other."""
+    import shutil
+
+    try:
+        yield
+    except RuntimeError as exc:
+        if shutil.disk_usage(tmp).free < 2**20:
+            raise NoSpaceError(f"no space left on {dst}") from exc
+        raise CheckpointError(f"writing {dst} failed: {exc}") from exc
 
 
 def write_streaming(source: Mapping[str, torch.Tensor], model: ModelConfig, fmt: str,

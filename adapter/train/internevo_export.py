@@ -209,11 +209,6 @@ def context_file(context: Mapping[str, Any], sampler: Mapping[str, Any], step: i
 # ---- the whole folder
 
 
-def holds_training_state(folder: Path) -> bool:
-    """Whether ``folder`` is an adapter training checkpoint with optimizer state (``optimizer/state.pt``)."""
-    return (folder / FOLDER / STEPS_FILE).is_file()
-
-
 def _read(path: Path, metadata: bool = True) -> Any:
     """A small file of the checkpoint: plain data through the metadata allow-list, or (``metadata=False``)
     tensors too with ``weights_only``."""
@@ -287,7 +282,7 @@ class HandBack:
     def write(self, dst: Path, overwrite: bool = False) -> Path:
         """Write the whole folder atomically (it appears complete or not at all)."""
         from adapter.atomic import atomic_directory, require_space
-        from adapter.checkpoint.convert import open_checkpoint
+        from adapter.checkpoint.convert import disk_errors, open_checkpoint
         from adapter.checkpoint.stream_convert import meta_tensors
 
         source = open_checkpoint(self.src)
@@ -296,10 +291,8 @@ class HandBack:
         states = 3 * 4 * sum(t.numel() for t in meta.values())
         with atomic_directory(dst, overwrite=overwrite, inputs=[self.src]) as tmp:
             require_space(dst, weights + states + (weights + states) // 100 + 2**20)
-            try:
+            with disk_errors(tmp, dst):
                 self.write_into(tmp, source)
-            except RuntimeError as exc:  # torch's zip writer reports a full disk as an iostream error
-                raise CheckpointError(f"writing {dst} failed: {exc}") from exc
         return dst
 
     def write_into(self, folder: Path, source: Any) -> None:

@@ -25,17 +25,15 @@ for one layout) is refused with one line naming the file, before anything is wri
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from adapter.atomic import NoSpaceError, atomic_directory, require_space
+from adapter.atomic import atomic_directory, require_space
 from adapter.checkpoint import formats
-from adapter.checkpoint.convert import Checkpoint, open_checkpoint, write_streaming
+from adapter.checkpoint.convert import Checkpoint, disk_errors, open_checkpoint, write_streaming
 from adapter.checkpoint.errors import CheckpointError
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import ModelConfig
@@ -118,17 +116,6 @@ def skipped_files(source: TrainingSource) -> list[str]:
                                                  or MARKER.match(p.name)))
 
 
-@contextlib.contextmanager
-def _disk_errors(tmp: Path, dst: str | Path) -> Iterator[None]:
-    """torch's zip writer reports a full disk as an iostream ``RuntimeError``: name the target instead."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if shutil.disk_usage(tmp).free < 2**20:
-            raise NoSpaceError(f"no space left on {dst}") from exc
-        raise CheckpointError(f"writing {dst} failed: {exc}") from exc
-
-
 def write_training(source: TrainingSource, layout: ParallelLayout, dst: str | Path, *,
                    overwrite: bool = False, settings: dict | None = None) -> Path:
     """Write ``source`` at ``layout`` into ``dst`` in the adapter's form (module docstring), atomically;
@@ -142,7 +129,7 @@ def write_training(source: TrainingSource, layout: ParallelLayout, dst: str | Pa
         planned += 3 * 4 * sum(t.numel() for t in meta.values()) * (2 if source.state.kind == "internevo" else 1)
     with atomic_directory(dst, overwrite=overwrite, inputs=[weights.path]) as tmp:
         require_space(dst, planned + planned // 100 + 2**20)
-        with _disk_errors(tmp, dst):
+        with disk_errors(tmp, dst):
             write_streaming(weights.tensors, model, "internevo", layout, tmp, where=str(weights.path))
             if source.state.kind == "internevo":
                 _import_internevo(source, layout, tmp, settings)
