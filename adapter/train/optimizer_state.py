@@ -2,8 +2,8 @@
 
 DeepSpeed's own ZeRO-1 checkpoint holds each data-parallel rank's flat fp32 partition: it can only be read
 back at the layout that wrote it. Here every parameter's fp32 master weight and Adam moments are gathered
-the way the model is (whole per tensor rank from ZeRO's partitions, then tensor ranks merged into InternEvo's
-logical tensors) and written as three InternEvo-layout model folders beside the weights:
+whole per tensor rank from ZeRO's partitions, cut into InternEvo's pieces the way the model is
+(``stage_file``) and written as three InternEvo-layout model folders beside the weights:
 
     <checkpoint>/optimizer/fp32/model_tp{t}_pp{p}.pt        fp32 master weights
     <checkpoint>/optimizer/exp_avg/model_tp{t}_pp{p}.pt     Adam's first moment
@@ -18,49 +18,61 @@ data-parallel size may change too.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from adapter.checkpoint.formats.internevo import model_config_dict, shard_state_dict
+from adapter.checkpoint.formats.internevo import model_config_dict
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
+from adapter.weights.table import Unit
 
 FOLDER = "optimizer"
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 STEPS_FILE = "state.pt"
 
 
-def gather_logical(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
-                   value: Callable[[str, torch.nn.Parameter], Optional[torch.Tensor]],
-                   keep: bool = True) -> dict[str, torch.Tensor]:
-    """This pipeline stage's logical tensors of ``value(name, parameter)`` (collective over the tensor
-    group, and over whatever group ``value`` itself talks to). With ``keep`` False (every rank of this
+def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
+               value: Callable[[str, torch.nn.Parameter], Optional[torch.Tensor]],
+               keep: bool = True) -> "OrderedDict[str, torch.Tensor]":
+    """This rank's ``model_tp{t}_pp{p}.pt`` content of ``value(name, parameter)`` (collective over the
+    tensor group, and over whatever group ``value`` itself talks to). With ``keep`` False (every rank of this
     tensor group passes the same: the data-parallel ranks that do not write this file) ``value`` is still
-    called for every parameter, for its own collectives, and may return None; nothing is gathered and the
-    result is empty. Parameters are gathered one at a time, so a device holds one parameter's pieces at
-    most (one all-gather per parameter also measured faster over gloo than fewer, larger ones)."""
+    called for every parameter, for its own collectives, and may return None; the result is empty.
+
+    Each tensor rank cuts its file's pieces from its own parameters wherever InternEvo's split of a tensor
+    is megatron-core's (every linear layer and fused qkv/MLP: the same rows or columns of each atom on the
+    same rank), so only the rest is gathered over tensor ranks, one tensor at a time: the embedding (split
+    on the vocabulary here, on the hidden size in InternEvo) and the replicated norms of nobody else."""
     from megatron.core import parallel_state as ps
 
-    from adapter.model.mapping import logical_from_chunk
+    from adapter.checkpoint.formats.internevo import chunk_prefix, own_storage, unit_pieces
+    from adapter.model.mapping import chunk_units, mcore_table
 
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    logical: dict[str, torch.Tensor] = {}
+    model, tp_rank, pp_rank = cfg.model, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    storages: set[int] = set()
     for vp, chunk in enumerate(chunks):
         if keep and layout.tp > 1:
             _check_tensor_ranks(chunk)
-        shards: list[dict[str, torch.Tensor]] = [{} for _ in range(layout.tp)]
+        mine: dict[str, torch.Tensor] = {}
         for name, p in chunk.named_parameters():
             v = value(name, p)
             if keep:
-                for rank, piece in enumerate(_gather_tensor_ranks(v.detach(), layout.tp)):
-                    shards[rank][name] = piece
-        if keep:
-            logical.update(logical_from_chunk(shards, cfg.model, layout, pp_rank, vp))
-    return logical
+                mine[name] = v.detach()
+        if not keep:
+            continue
+        for unit, local in chunk_units(model, layout, pp_rank, vp):
+            source = Unit(model, unit, mcore_table(model), layout.tp,
+                          lambda stored, key: _gather_tensor_ranks(mine[key], layout.tp), local,
+                          rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank)
+            pieces = unit_pieces(source, model, layout, local, chunk_prefix(layout, vp), tp_rank)
+            out.update((k, own_storage(v.cpu(), storages)) for k, v in pieces)
+    return out
 
 
 def _check_tensor_ranks(chunk: torch.nn.Module) -> None:
@@ -78,18 +90,18 @@ def _check_tensor_ranks(chunk: torch.nn.Module) -> None:
 
 
 def _gather_tensor_ranks(t: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """Every tensor rank's ``t`` on the CPU, in rank order (one all-gather of tensors).
+    """Every tensor rank's ``t``, in rank order (one all-gather of tensors).
 
     Not ``all_gather_object``: pickling a tensor writes its whole storage, and DeepSpeed keeps the parameters
     as views of one flat buffer, so each parameter would carry the whole buffer (a model of 40 parameters
     pickled 40 times its size)."""
     if tp == 1:
-        return [t.cpu()]
+        return [t]
     from megatron.core import parallel_state as ps
 
     pieces = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(tp)]
     dist.all_gather(pieces, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return [piece.cpu() for piece in pieces]
+    return pieces
 
 
 class ZeroStates:
@@ -183,14 +195,14 @@ def save_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
                 return zero.value(p, key, writer(i, dp))
             return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
 
-        logical = gather_logical(cfg, layout, trainer.chunks, value, keep=mine)
+        content = stage_file(cfg, layout, trainer.chunks, value, keep=mine)
         if mine:
             target = folder / FOLDER / key
             target.mkdir(parents=True, exist_ok=True)
-            save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank), target / f"model_tp{tp_rank}_pp{pp_rank}.pt")
+            save(content, target / f"model_tp{tp_rank}_pp{pp_rank}.pt")
             if tp_rank == 0 and pp_rank == 0:
                 save(model_config_dict(cfg.model), target / "model_config.pt")
-        del logical
+        del content
     if dist.get_rank() == 0:
         adam = trainer.optimizer.optimizer
         steps = [int(adam.state[group["params"][0]]["step"]) for group in adam.param_groups]

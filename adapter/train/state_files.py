@@ -33,12 +33,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from adapter.checkpoint.formats.internevo import model_config_dict, shard_state_dict
+from adapter.checkpoint.formats.internevo import model_config_dict
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
-from adapter.train.optimizer_state import gather_logical, save_optimizer_state, writer
+from adapter.train.optimizer_state import save_optimizer_state, stage_file, writer
 
 MARKER = re.compile(r"^(\d+)\.step$")
 DEEPSPEED_TAG = "deepspeed"
@@ -72,10 +72,7 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     deferred: list[tuple[object, Path]] = []
     save = atomic_save if dp == 1 else (lambda obj, path: deferred.append((obj, path)))
     if ps.get_data_parallel_rank() == writer(0, dp):  # the weights need no collective over data parallel
-        logical = gather_logical(cfg, layout, trainer.chunks, lambda name, p: p)
-        save(shard_state_dict(logical, cfg.model, layout, tp_rank, pp_rank),
-             folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-        del logical
+        save(stage_file(cfg, layout, trainer.chunks, lambda name, p: p), folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
     save_optimizer_state(folder, cfg, layout, trainer, save)
     while deferred:
         atomic_save(*deferred.pop(0))

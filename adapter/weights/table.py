@@ -15,7 +15,7 @@ import torch
 
 from adapter.config.schema import ModelConfig
 from adapter.weights import atoms as A
-from adapter.weights.stored import Stored
+from adapter.weights.stored import Stored, check_pieces, concat, split_sizes
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,30 @@ class Table:
         return None
 
 
+def _split_dim(stored: Stored) -> Optional[int]:
+    """The dimension a stored tensor's atoms are split on over tensor ranks (None: whole on a rank)."""
+    if stored.fused or stored.split in ("rows", "uneven_rows"):
+        return 0
+    return 1 if stored.split == "columns" else None
+
+
+def _bounds(stored: Stored, n: int, tp: int) -> Optional[list[int]]:
+    """Where each tensor rank's slice of an atom of size ``n`` along the split dimension starts, then ``n``;
+    None when ``n`` does not split evenly as it must (the whole-tensor path says so)."""
+    sizes = split_sizes(n, tp) if stored.split == "uneven_rows" else [n // tp] * tp
+    return [sum(sizes[:r]) for r in range(tp + 1)] if sum(sizes) == n else None
+
+
+def _aligned(source: Stored, source_tp: int, target: Stored, tp: int, model: ModelConfig) -> bool:
+    """Whether rank ``r``'s piece of ``source`` is rank ``r``'s piece of ``target`` (same atoms, fusion, split
+    dimension and slice sizes)."""
+    dim = _split_dim(target)
+    if source.atoms != target.atoms or source.blocks != target.blocks or _split_dim(source) != dim:
+        return False
+    n = A.shape(model, target.atoms[0])[dim]
+    return source_tp == tp and _bounds(source, n, tp) == _bounds(target, n, tp) is not None
+
+
 def whole_shape(model: ModelConfig, stored: Stored) -> tuple[int, ...]:
     """The shape of a stored tensor at tensor-parallel size 1."""
     first = A.shape(model, stored.atoms[0])
@@ -80,18 +104,32 @@ class Unit:
     """One unit of a model as some table stores it at some tensor-parallel size, read on demand.
 
     ``pieces(stored, key)`` returns the pieces of the ranks that hold the tensor (``stored.holders``).
-    Whole tensors and atoms are computed once each and kept for the unit."""
+    Whole tensors and atoms are computed once each and kept for the unit.
+
+    ``rank_piece(stored, key, rank)``, when given, returns one rank's piece without touching the others' (a
+    file read lazily, or this process's own piece). A target piece split along an atom dimension is then cut
+    from just the source rows it needs (``_sliced``): at the same tensor-parallel size and split, from the
+    same rank's piece alone. With ``local_rank``, ``rank_piece`` answers for that rank only, and the other
+    ranks' pieces come from ``pieces`` (a collective: which tensors need it depends on the tables and sizes
+    alone, so every rank calls it for the same tensors in the same order)."""
 
     def __init__(self, model: ModelConfig, unit: int, table: Table, tp: int,
-                 pieces: Callable[[Stored, str], list[torch.Tensor]], layer_name: Optional[int] = None):
+                 pieces: Callable[[Stored, str], list[torch.Tensor]], layer_name: Optional[int] = None,
+                 rank_piece: Optional[Callable[[Stored, str, int], torch.Tensor]] = None,
+                 local_rank: Optional[int] = None):
         self.model, self.unit, self.tp, self.pieces = model, unit, tp, pieces
+        self.rank_piece, self.local_rank = rank_piece, local_rank
         self.rows = table.keys(model, unit, layer_name)
         self._whole: dict[str, torch.Tensor] = {}
         self._atoms: dict[str, torch.Tensor] = {}
 
     def whole(self, key: str, stored: Stored) -> torch.Tensor:
         if key not in self._whole:
-            self._whole[key] = stored.join(self.pieces(stored, key))
+            if self.local_rank is not None and stored.split == "replicated":
+                # a process's own live replica (megatron-core keeps them equal): nothing to gather or compare
+                self._whole[key] = self.rank_piece(stored, key, self.local_rank)
+            else:
+                self._whole[key] = stored.join(self.pieces(stored, key))
         return self._whole[key]
 
     def atom(self, name: str) -> torch.Tensor:
@@ -110,10 +148,56 @@ class Unit:
 
     def piece(self, target: Stored, tp: int, rank: int) -> Optional[torch.Tensor]:
         """``target``'s piece for tensor rank ``rank`` of ``tp`` (None when that rank's file has none)."""
+        if self.rank_piece is not None:
+            sliced = self._sliced(target, tp, rank)
+            if sliced is not None:
+                return sliced
         same = self.same(target)
         if same is not None:
             return target.cut(self.whole(*same), tp, rank)
         return target.shard([self.atom(a) for a in target.atoms], tp, rank)
+
+    def _sliced(self, target: Stored, tp: int, rank: int) -> Optional[torch.Tensor]:
+        """``target``'s piece from only the source rows it needs (through ``rank_piece``), or None where that
+        does not apply: a target or source atom that is whole on a rank (the whole-tensor path reads and
+        checks every replica), or, with ``local_rank``, a piece that needs other ranks' rows."""
+        dim = _split_dim(target)
+        if dim is None:
+            return None
+        same = self.same(target)
+        if same is not None and _aligned(same[1], self.tp, target, tp, self.model):
+            if self.local_rank is not None and rank != self.local_rank:
+                return None
+            return self.rank_piece(same[1], same[0], rank)  # the very same piece: no copy
+        parts = []
+        for atom in target.atoms:
+            key, source = next((k, s) for k, s in self.rows if atom in s.atoms)
+            source_dim = _split_dim(source)
+            if source_dim is None:
+                return None
+            bounds = _bounds(target, A.shape(self.model, atom)[dim], tp)
+            starts = _bounds(source, A.shape(self.model, atom)[source_dim], self.tp)
+            if bounds is None or starts is None:
+                return None
+            if self.local_rank is not None and (source_dim, starts, self.tp, rank) != (dim, bounds, tp, self.local_rank):
+                return None  # needs other ranks' rows: on every rank alike, since it depends on sizes only
+            lo, hi = bounds[rank:rank + 2]
+            if source_dim == dim:  # the source ranks whose slices overlap [lo, hi)
+                ranks = [j for j in range(self.tp) if starts[j] < hi and starts[j + 1] > lo]
+            else:  # split across: every source rank holds a part of these rows
+                ranks = list(range(self.tp))
+            cut = []
+            for j in ranks:
+                held = self.rank_piece(source, key, j)
+                held = source.unfuse(held, self.tp)[source.atoms.index(atom)] if source.fused else held
+                if source_dim == dim:
+                    start = max(lo, starts[j])
+                    cut.append(held.narrow(dim, start - starts[j], min(hi, starts[j + 1]) - start))
+                else:
+                    cut.append(held.narrow(dim, lo, hi - lo))
+            check_pieces(cut, replicated=False)
+            parts.append(cut[0] if len(cut) == 1 else concat(cut, source_dim))
+        return target.fuse(parts, target.rank_blocks(tp)) if target.fused else parts[0]
 
     def convert(self, table: Table, tp: int, rank: int, layer_name: Optional[int] = None,
                 only: Optional[Container[str]] = None) -> Iterator[tuple[str, Stored, torch.Tensor]]:

@@ -58,12 +58,16 @@ def file_name(tp_rank: int, pp_rank: int) -> str:
     return f"model_tp{tp_rank}_pp{pp_rank}.pt"
 
 
+def chunk_prefix(layout: ParallelLayout, chunk: int) -> str:
+    """The key prefix of virtual chunk ``chunk`` in a file (none without virtual pipeline stages)."""
+    return f"{chunk}.model." if layout.vpp > 1 else ""
+
+
 def stage_units(model: ModelConfig, layout: ParallelLayout, pp_rank: int) -> Iterator[tuple[int, int, str]]:
     """``(unit, local layer number, key prefix)`` of every unit stage ``pp_rank``'s files hold, in file order."""
     for chunk in range(layout.vpp):
-        prefix = f"{chunk}.model." if layout.vpp > 1 else ""
         for unit, local in chunk_units(model, layout, pp_rank, chunk):
-            yield unit, local, prefix
+            yield unit, local, chunk_prefix(layout, chunk)
 
 
 def unit_pieces(source: Unit, model: ModelConfig, layout: ParallelLayout, local: int, prefix: str,
@@ -83,11 +87,11 @@ def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
     for unit, local, prefix in stage_units(model, layout, pp_rank):
         source = whole_unit(model, unit, logical_table(model), logical.__getitem__)
         pieces = unit_pieces(source, model, layout, local, prefix, tp_rank)
-        out.update((k, _own_storage(v, storages)) for k, v in pieces)
+        out.update((k, own_storage(v, storages)) for k, v in pieces)
     return out
 
 
-def _own_storage(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+def own_storage(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     """``t`` if it is the whole of a storage not in ``seen`` (data pointers), else a copy; records it."""
     storage = t.untyped_storage()
     whole = (t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
@@ -240,6 +244,27 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             files, bad = [self.ckpt.files[rank] for rank in self._where(p, stored)], exc.index
             raise CheckpointError(exc.describe(lambda i: str(files[i]) if i == bad else files[i].name,
                                                file_key)) from None
+
+    def unit(self, unit: int) -> Optional[Unit]:
+        """Unit ``unit`` (layers numbered globally) read piece by piece: a reader that needs a few rows of a
+        tensor (a tensor rank's slice) maps only the files and pages that hold them (``Unit._sliced``).
+        None for ISP folders, whose pieces are not tensor ranks' (read those through the logical tensors)."""
+        if self.ckpt.isp:
+            return None
+
+        def pieces(stored: Stored, key: str) -> list[torch.Tensor]:
+            p, file_key, own = self.index[key]
+            self.meta(key)  # every piece's dtype and shape checked, files named
+            pieces = self._pieces(p, file_key, own)
+            if own.split == "replicated":  # replicas compared byte for byte, files named
+                self._join(p, file_key, own, pieces)
+            return pieces
+
+        def rank_piece(stored: Stored, key: str, rank: int) -> torch.Tensor:
+            return pieces(stored, key)[rank]
+
+        model = self.ckpt.model
+        return Unit(model, unit, logical_table(model), self.ckpt.tp, pieces, rank_piece=rank_piece)
 
     def meta(self, key: str) -> torch.Tensor:
         """A ``meta`` tensor with ``key``'s logical shape and dtype (no data is read)."""
