@@ -32,7 +32,7 @@ and the checkpoint pages a process maps (the lazy reader maps files), which is w
 ``tracemalloc`` sees neither. Bytes: what each save left on disk.
 
     .venv/bin/python bench/ckpt_state.py [--layouts dp2,tp2_pp2] [--hidden 512] [--layers 4] [--vocab 8192]
-                                         [--repeats 3] [--out runs/bench_ckpt_state]
+                                         [--repeats 3] [--out runs/bench_ckpt_state] [--profile]
 """
 
 from __future__ import annotations
@@ -245,15 +245,20 @@ def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in _files(folder))
 
 
-def _worker(jobs: list[tuple[str, bool, str | None]], sizes: dict, root: str, repeats: int) -> list[dict] | None:
+def _worker(jobs: list[tuple[str, bool, str | None]], sizes: dict, root: str, repeats: int,
+            profile: str | None = None) -> list[dict] | None:
     """Each job ``(layout, same, reshard_from)`` in turn in these processes (``_layout_run``); rank 0's results."""
-    results = [_layout_run(name, sizes, root, repeats, same, reshard_from) for name, same, reshard_from in jobs]
+    results = [_layout_run(name, sizes, root, repeats, same, reshard_from, profile)
+               for name, same, reshard_from in jobs]
     return results if dist.get_rank() == 0 else None
 
 
 def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bool,
-                reshard_from: str | None) -> dict | None:
-    """``same``: phases (a)-(d) at this layout; ``reshard_from``: (e), (f) from that layout's checkpoint."""
+                reshard_from: str | None, profile: str | None = None) -> dict | None:
+    """``same``: phases (a)-(d) at this layout; ``reshard_from``: (e), (f) from that layout's checkpoint.
+    With ``profile`` (a folder), every rank's runs of ours are profiled into
+    ``<profile>/<layout>_<phase>_r<rank>.pstats`` (which slows them: time with the table, not these)."""
+    import cProfile
 
     from adapter.config.to_mcore import model_options, transformer_config
     from adapter.model.build import build_model_chunks
@@ -301,9 +306,15 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
         drop(folder)
         return cached_fraction(folder) if rank0 else 0.0
 
+    profiles: dict[str, cProfile.Profile] = {}
+
     def timed(phase: str, repeat: int, fn, **extra) -> None:
+        profiler = profiles.setdefault(phase, cProfile.Profile()) if profile and phase.startswith("ours") else None
         with Phase() as ph:
-            fn()
+            if profiler is not None:
+                profiler.runcall(fn)
+            else:
+                fn()
         record(phase, repeat, ph, **extra)
 
     def load_ds(folder: Path) -> None:
@@ -346,6 +357,9 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
                     timed("ours_reshard", repeat, lambda: load_ours(source), cached=left)
                 else:
                     timed("read_once", repeat, lambda: _read_once(source), cached=left, bytes=_share(source))
+    for phase, profiler in profiles.items():
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(Path(profile) / f"{layout_name}_{phase}_r{dist.get_rank()}.pstats")
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, records)
     if not rank0:
@@ -433,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=None, help="where checkpoints are written (default: a folder in --out)")
     parser.add_argument("--out", default="runs/bench_ckpt_state")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile ours on every rank into <out>/profile/*.pstats (read with python -m pstats)")
     args = parser.parse_args(argv)
     from tests.spawn import CPU_ONLY, spawn
 
@@ -453,7 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
         batch = [jobs.pop(0)]
         while jobs and _world(jobs[0][0]) == world:
             batch.append(jobs.pop(0))
-        runs += spawn(_worker, world, batch, sizes, str(work), args.repeats, env=CPU_ONLY, timeout=3600)[0]
+        runs += spawn(_worker, world, batch, sizes, str(work), args.repeats,
+                      str(out.resolve() / "profile") if args.profile else None, env=CPU_ONLY, timeout=3600)[0]
     text = table(runs)
     after = machine()
     result = {"sizes": sizes, "repeats": args.repeats, "machine_before": before, "machine_after": after,

@@ -54,10 +54,10 @@ def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
                      keys: Optional[Container[str]] = None) -> dict[str, torch.Tensor]:
     """The megatron-core state dict of chunk ``vp_stage`` on pipeline rank ``pp_rank``, tensor rank ``tp_rank``
     (with ``keys``, only those entries). Only the logical tensors those entries need are read; pieces that
-    are plain slices stay views of them. A source that reads its files piece by piece (``unit(i)``, the
+    are plain slices stay views of them. A source that reads its files piece by piece (``sliced_unit(i)``, the
     InternEvo reader's) is read only where this rank's rows lie."""
     out: dict[str, torch.Tensor] = {}
-    by_piece = getattr(logical, "unit", None)
+    by_piece = getattr(logical, "sliced_unit", None)
     for unit, local in chunk_units(model, layout, pp_rank, vp_stage):
         source = (by_piece and by_piece(unit)) or whole_unit(model, unit, logical_table(model), logical.__getitem__)
         out.update((key, piece) for key, _, piece in source.convert(mcore_table(model), layout.tp, tp_rank, local,

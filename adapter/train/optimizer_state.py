@@ -46,8 +46,8 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
 
     Each tensor rank cuts its file's pieces from its own parameters wherever InternEvo's split of a tensor
     is megatron-core's (every linear layer and fused qkv/MLP: the same rows or columns of each atom on the
-    same rank), so only the rest is gathered over tensor ranks, one tensor at a time: the embedding (split
-    on the vocabulary here, on the hidden size in InternEvo) and the replicated norms of nobody else."""
+    same rank; replicated tensors from its own replica), so only the embedding is gathered over tensor
+    ranks: megatron-core splits it on the vocabulary, InternEvo on the hidden size."""
     from megatron.core import parallel_state as ps
 
     from adapter.checkpoint.formats.internevo import chunk_prefix, own_storage, unit_pieces
@@ -57,8 +57,6 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     storages: set[int] = set()
     for vp, chunk in enumerate(chunks):
-        if keep and layout.tp > 1:
-            _check_tensor_ranks(chunk)
         mine: dict[str, torch.Tensor] = {}
         for name, p in chunk.named_parameters():
             v = value(name, p)
@@ -68,29 +66,16 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
             continue
         for unit, local in chunk_units(model, layout, pp_rank, vp):
             source = Unit(model, unit, mcore_table(model), layout.tp,
-                          lambda stored, key: _gather_tensor_ranks(mine[key], layout.tp), local,
+                          lambda stored, key: _gather_tensor_ranks(key, mine[key], layout.tp), local,
                           rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank)
             pieces = unit_pieces(source, model, layout, local, chunk_prefix(layout, vp), tp_rank)
             out.update((k, own_storage(v.cpu(), storages)) for k, v in pieces)
     return out
 
 
-def _check_tensor_ranks(chunk: torch.nn.Module) -> None:
-    """Every tensor rank holds parameters of the same names, shapes and dtypes (megatron-core splits every
-    tensor-parallel parameter evenly), so pieces can be gathered as tensors; one small collective."""
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
-    shapes = [(name, tuple(p.shape), str(p.dtype)) for name, p in chunk.named_parameters()]
-    every: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, shapes, group=group)
-    if any(other != shapes for other in every):
-        raise RuntimeError("tensor-parallel ranks hold parameters of different names or shapes: "
-                           f"{[other[:3] for other in every]}")
-
-
-def _gather_tensor_ranks(t: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """Every tensor rank's ``t``, in rank order (one all-gather of tensors).
+def _gather_tensor_ranks(name: str, t: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    """Every tensor rank's ``t`` (parameter ``name``), in rank order: one all-gather of the shapes, checked
+    equal (megatron-core splits every tensor-parallel parameter evenly), then one of the tensors.
 
     Not ``all_gather_object``: pickling a tensor writes its whole storage, and DeepSpeed keeps the parameters
     as views of one flat buffer, so each parameter would carry the whole buffer (a model of 40 parameters
@@ -99,8 +84,15 @@ def _gather_tensor_ranks(t: torch.Tensor, tp: int) -> list[torch.Tensor]:
         return [t]
     from megatron.core import parallel_state as ps
 
+    group = ps.get_tensor_model_parallel_group()
+    shape = torch.tensor([t.dim(), *t.shape] + [0] * (4 - t.dim()), dtype=torch.int64, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(tp)]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(other, shape) for other in shapes):
+        raise RuntimeError(f"{name}: tensor-parallel ranks hold it in different shapes "
+                           f"{[tuple(s[1:1 + s[0]].tolist()) for s in shapes]}")
     pieces = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(tp)]
-    dist.all_gather(pieces, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dist.all_gather(pieces, t.contiguous(), group=group)
     return pieces
 
 
@@ -215,9 +207,9 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
     from megatron.core import parallel_state as ps
 
-    from adapter.checkpoint.convert import open_checkpoint
     from adapter.checkpoint.errors import CheckpointError
     from adapter.model.mapping import chunk_state_dict
+    from adapter.train.open_shared import open_folders
 
     root = folder / FOLDER
     zero = trainer.optimizer
@@ -234,11 +226,11 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
                             "exp_avg_sq": torch.zeros_like(flat)}
         lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], adam.state)
     pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-    for key in STATES:
-        source = open_checkpoint(root / key, cfg.model)
+    sources = open_folders([root / key for key in STATES], cfg.model, one_writer=True)
+    for key, source in zip(STATES, sources):
         for vp, chunk in enumerate(trainer.chunks):
             held = {name for name, p in chunk.named_parameters() if _in_partition(p)}
-            values = chunk_state_dict(source.tensors, cfg.model, layout, pp_rank, vp, tp_rank, keys=held)
+            values = chunk_state_dict(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held)
             for name, p in chunk.named_parameters():
                 if name not in held:
                     continue

@@ -123,16 +123,20 @@ def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout
     """
     from megatron.core import parallel_state as ps
 
-    from adapter.checkpoint.convert import open_checkpoint
+    from adapter.checkpoint.convert import detect_format, open_checkpoint
     from adapter.checkpoint.errors import CheckpointError
     from adapter.model.mapping import chunk_state_dict
+    from adapter.train.open_shared import open_folders
 
     try:
-        source = open_checkpoint(folder, cfg.model)
+        if detect_format(folder) == "internevo":  # checked by the last rank (the optimizer's by the first ones)
+            tensors = open_folders([folder], cfg.model, one_writer=False, first=dist.get_world_size() - 1)[0]
+        else:
+            tensors = open_checkpoint(folder, cfg.model).tensors
         pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
         for vp, chunk in enumerate(chunks):
             # only this chunk's tensors are read: the source is lazy
-            state = chunk_state_dict(source.tensors, cfg.model, layout, pp_rank, vp, tp_rank)
+            state = chunk_state_dict(tensors, cfg.model, layout, pp_rank, vp, tp_rank)
             missing, unexpected = chunk.load_state_dict(state, strict=False)
             if unexpected or any(not k.endswith("_extra_state") for k in missing):
                 raise CheckpointError(f"{folder}: weights do not fit the model (missing {missing[:3]}, "

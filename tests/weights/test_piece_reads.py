@@ -1,7 +1,7 @@
 """Reading and writing one tensor rank's pieces without the whole tensors (``Unit._sliced``), against the
 whole-tensor path (join every piece, then cut), which the InternEvo fixtures and transformers' Llama pin.
 
-* Loading: a rank's megatron-core chunk from an InternEvo folder read piece by piece (``LazyTensors.unit``)
+* Loading: a rank's megatron-core chunk from an InternEvo folder read piece by piece (``LazyTensors.sliced_unit``)
   equals the chunk cut from the logical tensors, for sources and targets at different tensor, pipeline and
   virtual sizes, an uneven head (vocabulary 7 over 2 ranks) included.
 * Saving: a rank's InternEvo file cut from its own megatron-core pieces equals the file cut from the logical

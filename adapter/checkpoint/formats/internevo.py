@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -187,6 +187,16 @@ class InternEvoCheckpoint:
         sd = self.opened[rank]
         return _modernise(sd) if self.legacy else sd
 
+    def sibling(self, path: Path) -> "InternEvoCheckpoint":
+        """This layout in another folder written alongside this one (the optimizer states of a training
+        checkpoint: one writer, one layout), its files listed but not opened; ``read_internevo`` of that
+        folder must agree (a reader that skips it has it checked elsewhere: ``train.open_shared``)."""
+        files = {rank: path / f.name for rank, f in self.files.items()}
+        missing = next((f for f in files.values() if not f.is_file()), None)
+        if missing is not None:
+            raise CheckpointError(f"{missing}: missing (its folder should hold the files of {self.path})")
+        return replace(self, path=path, files=files, opened={})
+
     def lazy(self) -> "LazyTensors":
         """The logical tensors as a mapping that reads each one from the files only when asked."""
         if self.model is None:
@@ -245,7 +255,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             raise CheckpointError(exc.describe(lambda i: str(files[i]) if i == bad else files[i].name,
                                                file_key)) from None
 
-    def unit(self, unit: int) -> Optional[Unit]:
+    def sliced_unit(self, unit: int) -> Optional[Unit]:
         """Unit ``unit`` (layers numbered globally) read piece by piece: a reader that needs a few rows of a
         tensor (a tensor rank's slice) maps only the files and pages that hold them (``Unit._sliced``).
         None for ISP folders, whose pieces are not tensor ranks' (read those through the logical tensors)."""

@@ -1,0 +1,56 @@
+"""Open a resume's InternEvo-layout folders on every rank, each folder checked by one rank.
+
+A resume reads up to four such folders (the model and the three optimizer states), each on every rank. The
+thorough check of a folder (``LazyTensors.validate``: every file's structure, every key, shape and dtype)
+opens all of its files, and opening a file is most of what reading a small one costs (its pickled structure,
+one record lookup per tensor). Done on every rank, a tp=2 × pp=2 resume opened all 16 files four times over.
+Here folder ``i`` is checked by rank ``i`` (mod the world size) and the verdict shared, so a broken folder
+still stops every rank with the same one line before anything is loaded; the other ranks open only the
+files they read. Folders of one writer (the optimizer states) share its layout, found once
+(``InternEvoCheckpoint.sibling``); their checking rank reads the layout afresh and compares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.formats.internevo import InternEvoCheckpoint, LazyTensors, read_internevo
+from adapter.config.schema import ModelConfig
+
+
+def open_folders(paths: list[Path], model: ModelConfig, one_writer: bool, first: int = 0) -> list[LazyTensors]:
+    """The folders' tensors, read lazily; collective over all ranks. ``one_writer``: the folders hold one
+    layout (the first folder's). Folder ``i`` is checked on rank ``(first + i) % world``. A failure stops
+    every rank: the rank that found it raises its own error, the others a CheckpointError quoting it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    opened: list[LazyTensors] = []
+    failure: Optional[Exception] = None
+    base: Optional[InternEvoCheckpoint] = None
+    for i, path in enumerate(paths):
+        checks = (first + i) % world == rank
+        try:
+            if base is None or checks or not one_writer:
+                ckpt = read_internevo(path, model)
+                if base is not None and one_writer and (ckpt.layout(), ckpt.family) != (base.layout(), base.family):
+                    raise CheckpointError(f"{path}: saved at another layout than {base.path}")
+            else:
+                ckpt = base.sibling(path)
+            base = base or ckpt
+            lazy = ckpt.lazy()
+            if checks:
+                lazy.validate()
+            opened.append(lazy)
+        except Exception as exc:  # every rank must reach the verdict below, whatever went wrong here
+            failure = failure or exc
+    verdicts: list = [None] * world
+    dist.all_gather_object(verdicts, None if failure is None else f"{failure}")
+    if failure is not None:
+        raise failure
+    found = next((v for v in verdicts if v), None)
+    if found is not None:
+        raise CheckpointError(found)
+    return opened
