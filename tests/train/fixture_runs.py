@@ -12,24 +12,25 @@ import os
 import torch
 
 
-def train_runs(runs: list[tuple[str, str, int | None]], failing: tuple[str, str] | None = None) -> str | None:
-    """Train each ``(config file, run folder, max_steps)`` in turn in this process group, then the
-    ``failing`` ``(config file, run folder)`` if given: its ``ConfigError`` message on this rank is returned
-    (it must fail on every rank, none waiting for another)."""
+def train_runs(runs: list[tuple[str, str, int | None]], failing: list[tuple[str, str]] = ()) -> list[str]:
+    """Train each ``(config file, run folder, max_steps)`` in turn in this process group, then each
+    ``failing`` ``(config file, run folder)``: their ``ConfigError`` messages on this rank are returned
+    (each must fail on every rank, none waiting for another)."""
     from adapter.config import ConfigError, read_config
     from adapter.train.loop import RunOptions, train
 
     for config_path, run_dir, max_steps in runs:
         cfg, layout = read_config(config_path, world_size=int(os.environ["WORLD_SIZE"]))
         train(cfg, layout, RunOptions(run_dir=run_dir, max_steps=max_steps))
-    if failing is None:
-        return None
-    cfg, layout = read_config(failing[0], world_size=int(os.environ["WORLD_SIZE"]))
-    try:
-        train(cfg, layout, RunOptions(run_dir=failing[1]))
-    except ConfigError as exc:
-        return str(exc)
-    return "no error"
+    messages = []
+    for config_path, run_dir in failing:
+        cfg, layout = read_config(config_path, world_size=int(os.environ["WORLD_SIZE"]))
+        try:
+            train(cfg, layout, RunOptions(run_dir=run_dir))
+            messages.append("no error")
+        except ConfigError as exc:
+            messages.append(str(exc))
+    return messages
 
 
 def adamw_step(config_path: str, weights: dict[str, torch.Tensor] | str, batch: dict,

@@ -183,6 +183,8 @@ def one_process(tmp_path_factory, random_weights):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, random_weights):
+    from adapter.cli.ckpt import main as ckpt_main
+
     root = tmp_path_factory.mktemp("two")
     folder, _ = random_weights
     c = {
@@ -206,8 +208,18 @@ def two_processes(tmp_path_factory, random_weights):
     cut.write_bytes(cut.read_bytes()[:1000])
     c["damaged"] = write_config(ZERO2, root / "damaged.py", root / "damaged",
                                 f'load_ckpt_info=dict(path="local:{damaged}", content=("all",), ckpt_type="internevo"),')
-    errors = spawn(fixture_runs.train_runs, 2, runs, (str(c["damaged"]), str(root / "damaged")))
-    return {"root": root, "configs": c, "damaged_errors": errors}
+    # and an adapter checkpoint (InternEvo's ckpt/4 converted) whose second optimizer folder holds a stray
+    # tensor: that folder is checked by rank 1 alone (train.open_shared), and rank 0 must stop too, quoting it
+    stray = root / "stray_ckpt"
+    assert ckpt_main(["convert", str(ZERO2 / "ckpt" / "4"), str(stray), "--to", "internevo", "--state", "adapter"]) == 0
+    exp_avg = stray / "optimizer" / "exp_avg" / "model_tp0_pp0.pt"
+    torch.save({**torch.load(exp_avg, weights_only=True), "layers.0.attention.stray.weight": torch.zeros(2)}, exp_avg)
+    c["stray"] = write_config(ZERO2, root / "stray.py", root / "stray",
+                              f'load_ckpt_info=dict(path="local:{stray}", content=("all",)),')
+    failing = [(str(c["damaged"]), str(root / "damaged")), (str(c["stray"]), str(root / "stray"))]
+    errors = spawn(fixture_runs.train_runs, 2, runs, failing)
+    return {"root": root, "configs": c, "damaged_errors": [e[0] for e in errors],
+            "stray_errors": [e[1] for e in errors]}
 
 
 # ---- InternEvo's own trajectories
@@ -226,6 +238,14 @@ def test_damaged_internevo_optimizer_file_stops_every_rank_naming_it(two_process
     rank0, rank1 = two_processes["damaged_errors"]
     assert "optimizer_tp0_pp0_zo1.pt" in rank0 and "cannot resume" in rank0
     assert "rank 0 could not convert it" in rank1 and "optimizer_tp0_pp0_zo1.pt" in rank1
+
+
+@pytest.mark.multiproc
+def test_broken_optimizer_folder_stops_every_rank_naming_it(two_processes):
+    """Each optimizer folder is checked by one rank; the other stops with the same line, before loading."""
+    for error in two_processes["stray_errors"]:
+        assert "cannot resume" in error and "exp_avg/model_tp0_pp0.pt" in error, error
+        assert "unexpected tensor layers.0.attention.stray.weight" in error, error
 
 
 @pytest.mark.multiproc
