@@ -227,18 +227,19 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
         lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], adam.state)
     pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     sources = open_folders([root / key for key in STATES], cfg.model, one_writer=True)
-    for key, source in zip(STATES, sources):
+    for key in STATES:
+        source = sources.pop(0)  # dropped after its state is set: its files are unmapped, one state mapped at a time
         for vp, chunk in enumerate(trainer.chunks):
             held = {name for name, p in chunk.named_parameters() if _in_partition(p)}
             values = chunk_state_dict(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held)
             for name, p in chunk.named_parameters():
-                if name not in held:
-                    continue
-                value = values[name].to(device=p.device, dtype=torch.float32)
-                if key == "fp32":
-                    safe_set_full_fp32_param(p, value)
-                else:
-                    safe_set_full_optimizer_state(p, value, key)
+                if name in held:
+                    value = values.pop(name).to(device=p.device, dtype=torch.float32)
+                    if key == "fp32":
+                        safe_set_full_fp32_param(p, value)
+                    else:
+                        safe_set_full_optimizer_state(p, value, key)
+                    del value
 
 
 def _in_partition(p: torch.nn.Parameter) -> bool:

@@ -152,7 +152,7 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
     ``context.pt`` (with ``sampler`` holding the sampler state). ``folder`` is this adapter's checkpoint, at
     any layout, or one InternEvo wrote (``train.internevo_state``)."""
     from adapter.checkpoint.errors import CheckpointError
-    from adapter.train.internevo_state import holds_optimizer, import_optimizer, sampler_state
+    from adapter.train.internevo_state import holds_optimizer, sampler_state
     from adapter.train.optimizer_state import FOLDER, STEPS_FILE, load_optimizer_state
 
     internevo = holds_optimizer(folder)
@@ -167,7 +167,7 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
         elif internevo:
             with _node_shared_folder() as (converted, converts):
                 context["grad_scaler"] = _once_per_node(
-                    converts, lambda: import_optimizer(folder, cfg.model, converted))
+                    converts, lambda: _import_internevo(folder, cfg.model, converted))
                 load_optimizer_state(converted, cfg, layout, trainer)
         elif (folder / FOLDER / STEPS_FILE).exists():
             load_optimizer_state(folder, cfg, layout, trainer)
@@ -184,6 +184,23 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
         if trainer.scaler.enabled:
             trainer.optimizer.loss_scaler.cur_scale = trainer.scaler.scale
     return context
+
+
+def _import_internevo(folder: Path, model, target: Path) -> dict:
+    """``internevo_state.import_optimizer`` into the node's temporary folder, once its disk is known to have
+    room: the converted states are the same fp32 elements as InternEvo's optimizer files, so about their size
+    (12 bytes per parameter: 84 GB for a 7B model)."""
+    from adapter.atomic import NoSpaceError, require_space
+    from adapter.checkpoint.errors import CheckpointError
+    from adapter.train.internevo_state import OPTIMIZER_FILE, import_optimizer
+
+    planned = sum(p.stat().st_size for p in folder.iterdir() if OPTIMIZER_FILE.match(p.name))
+    try:
+        require_space(target, planned + planned // 100 + 2**20)
+    except NoSpaceError as exc:
+        raise CheckpointError(f"{exc}: InternEvo's optimizer state is converted there once per node before the "
+                              "run starts; set TMPDIR to a folder on a larger disk") from None
+    return import_optimizer(folder, model, target)
 
 
 @contextlib.contextmanager
