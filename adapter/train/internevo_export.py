@@ -38,7 +38,7 @@ import torch
 from adapter.checkpoint.errors import CheckpointError
 from adapter.config.schema import AdamConfig, Beta2SchedulerConfig, InternLMConfig, LRSchedulerConfig, ModelConfig
 from adapter.runtime.layout import ParallelLayout
-from adapter.train.internevo_state import _PARALLEL_MODE, _ParallelMode, by_size, parameter_order
+from adapter.train.internevo_state import PARALLEL_MODE, ParallelMode, by_size, parameter_order
 from adapter.train.optimizer_state import FOLDER, STATES, STEPS_FILE
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,15 +82,15 @@ class RunSettings:
 
 class _Pickler(pickle._Pickler):
     """The pure-Python pickler (``torch.save`` accepts any ``pickle_module``), writing the stand-in
-    ``_ParallelMode`` class as InternEvo's global ``PARALLEL_MODE``: an instance then pickles exactly as the
+    ``ParallelMode`` class as InternEvo's global ``PARALLEL_MODE``: an instance then pickles exactly as the
     enum member does (``GLOBAL 'internlm.core.context.process_group_initializer ParallelMode'``, its value,
     ``REDUCE``), so InternEvo unpickles its own ``ParallelMode.ZERO1`` and the adapter's reader its stand-in.
     (The C pickler would look the name up and fail: InternEvo is not installed here.)"""
 
     def save_global(self, obj: Any, name: Optional[str] = None) -> None:
-        if obj is not _ParallelMode:
+        if obj is not ParallelMode:
             return super().save_global(obj, name)
-        module, qualname = _PARALLEL_MODE.rsplit(".", 1)
+        module, qualname = PARALLEL_MODE.rsplit(".", 1)
         if self.proto >= 4:
             self.save(module)
             self.save(qualname)
@@ -102,7 +102,7 @@ class _Pickler(pickle._Pickler):
 
 _PICKLE_MODULE = types.ModuleType("internevo_pickle")  # torch.save reads its __name__ and its Pickler
 _PICKLE_MODULE.Pickler = _Pickler
-ZERO1 = _ParallelMode("zero1")
+ZERO1 = ParallelMode("zero1")
 """``ParallelMode.ZERO1``: the ``optimizer_mode`` of both groups InternEvo makes (``train/utils.py``)."""
 
 

@@ -33,10 +33,10 @@ from adapter.config.schema import InternLMConfig, ModelConfig
 from adapter.train.optimizer_state import FOLDER, STEPS_FILE
 
 OPTIMIZER_FILE = re.compile(r"^optimizer_tp(\d+)_pp(\d+)_zo(\d+)\.pt$")
-_PARALLEL_MODE = "internlm.core.context.process_group_initializer.ParallelMode"
+PARALLEL_MODE = "internlm.core.context.process_group_initializer.ParallelMode"
 
 
-class _ParallelMode:
+class ParallelMode:
     """What InternEvo's ``ParallelMode`` enum members in a param group are read as: their value only.
 
     ``train.internevo_export`` writes instances back under InternEvo's name (``PARALLEL_MODE``), the way
@@ -46,10 +46,10 @@ class _ParallelMode:
         self.value = value
 
     def __reduce__(self) -> tuple:
-        return _ParallelMode, (self.value,)
+        return ParallelMode, (self.value,)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ParallelMode) and other.value == self.value
+        return isinstance(other, ParallelMode) and other.value == self.value
 
     def __hash__(self) -> int:
         return hash(self.value)
@@ -112,7 +112,7 @@ def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) ->
     steps, scaler = set(), {}
     for z in range(zero):
         path = folder / f"optimizer_tp{t}_pp{p}_zo{z}.pt"
-        sd = _load(path, [(_ParallelMode, _PARALLEL_MODE)])
+        sd = _load(path, [(ParallelMode, PARALLEL_MODE)])
         plan = sd["zero_devide_optim_plan"]
         for i, group in enumerate(plan[1:], 1):
             if group[z]:

@@ -191,7 +191,7 @@ def _adapter(state: TrainingState) -> None:
 
 def _internevo(state: TrainingState) -> None:
     """InternEvo's own training checkpoint: its ZeRO partitions' layout, Adam's step and the grad scaler."""
-    from adapter.train.internevo_state import _PARALLEL_MODE, _ParallelMode, sampler_state
+    from adapter.train.internevo_state import PARALLEL_MODE, ParallelMode, sampler_state
 
     folder = state.folder
     ranks = sorted((int(m[1]), int(m[2]), int(m[3])) for p in folder.iterdir() if (m := OPTIMIZER_FILE.match(p.name)))
@@ -204,7 +204,7 @@ def _internevo(state: TrainingState) -> None:
                               f"tp={tp}, pp={pp}, zero1={zero})")
 
     def header(path: Path) -> Any:
-        with torch.serialization.safe_globals([(_ParallelMode, _PARALLEL_MODE)]):
+        with torch.serialization.safe_globals([(ParallelMode, PARALLEL_MODE)]):
             return _load_tensors_file(path)
 
     first = _read(state, folder / "optimizer_tp0_pp0_zo0.pt", header)

@@ -28,7 +28,7 @@ from adapter.checkpoint.convert import open_checkpoint, target_layout
 from adapter.checkpoint.errors import CheckpointError
 from adapter.config import read_config
 from adapter.train.internevo_export import ZERO1, HandBack, RunSettings, save
-from adapter.train.internevo_state import (_PARALLEL_MODE, _ParallelMode, _load, import_checkpoint,
+from adapter.train.internevo_state import (PARALLEL_MODE, ParallelMode, _load, import_checkpoint,
                                            import_optimizer, parameter_order, sampler_state)
 from tests.conftest import FIXTURES
 
@@ -45,7 +45,7 @@ def load_internevo(path: Path):
     """Any InternEvo training-state file through the reader's allow-lists (``ParallelMode`` as a stand-in)."""
     from adapter.checkpoint.io.safe_load import megatron_globals
 
-    return _load(path, [(_ParallelMode, _PARALLEL_MODE), *megatron_globals()])
+    return _load(path, [(ParallelMode, PARALLEL_MODE), *megatron_globals()])
 
 
 def assert_same(a, b, where: str) -> None:
@@ -147,7 +147,7 @@ def test_parallel_mode_is_pickled_as_internevos_enum(tmp_path, monkeypatch):
     assert ("GLOBAL", "internlm.core.context.process_group_initializer ParallelMode") in ops
     assert torch.load(tmp_path / "ours.pt", weights_only=False)["optimizer_mode"] is mode.ZERO1
     monkeypatch.delitem(sys.modules, names[-1])
-    assert load_internevo(tmp_path / "ours.pt") == {"optimizer_mode": _ParallelMode("zero1")}
+    assert load_internevo(tmp_path / "ours.pt") == {"optimizer_mode": ParallelMode("zero1")}
 
 
 @pytest.mark.parametrize("fixture, zero, other", [(ZERO2, 1, DP1), (DP1, 2, ZERO2)], ids=["zero2-at-1", "dp1-at-2"])
