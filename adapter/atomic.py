@@ -164,10 +164,12 @@ def _swap(tmp: Path, path: Path) -> None:
 
 
 def require_space(target: str | os.PathLike, nbytes: int) -> None:
-    """Raise ``NoSpaceError`` unless the file system that will hold ``target`` has ``nbytes`` free."""
+    """Raise ``NoSpaceError`` unless the file system that will hold ``target`` has room for ``nbytes`` of
+    tensor data, plus 1% and 1 MiB for the files' headers, pickles and small files."""
     where = real(target)
     while not where.exists():
         where = where.parent
+    nbytes += nbytes // 100 + 2**20
     free = shutil.disk_usage(where).free
     if free < nbytes:
         raise NoSpaceError(f"no space left on {target}: the output needs {_size(nbytes)}, {_size(free)} is free")

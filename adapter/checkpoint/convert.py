@@ -95,7 +95,7 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
 
     planned = sum(t.numel() * t.element_size() for t in meta_tensors(src.tensors, src.model, dtype).values())
     with atomic_directory(dst, overwrite=overwrite, inputs=[src.path]) as tmp:
-        require_space(dst, planned + planned // 100 + 2**20)  # + headers, pickles, small files
+        require_space(dst, planned)
         with disk_errors(tmp, dst):
             write_streaming(src.tensors, src.model, fmt, layout, tmp, dtype=dtype, shard_bytes=shard_bytes,
                             where=str(src.path))

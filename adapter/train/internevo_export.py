@@ -290,7 +290,7 @@ class HandBack:
         weights = sum(t.numel() * t.element_size() for t in meta.values())
         states = 3 * 4 * sum(t.numel() for t in meta.values())
         with atomic_directory(dst, overwrite=overwrite, inputs=[self.src]) as tmp:
-            require_space(dst, weights + states + (weights + states) // 100 + 2**20)
+            require_space(dst, weights + states)
             with disk_errors(tmp, dst):
                 self.write_into(tmp, source)
         return dst

@@ -128,7 +128,7 @@ def write_training(source: TrainingSource, layout: ParallelLayout, dst: str | Pa
     if source.has_optimizer:  # three fp32 states, staged once more when InternEvo's are cut into parameters
         planned += 3 * 4 * sum(t.numel() for t in meta.values()) * (2 if source.state.kind == "internevo" else 1)
     with atomic_directory(dst, overwrite=overwrite, inputs=[weights.path]) as tmp:
-        require_space(dst, planned + planned // 100 + 2**20)
+        require_space(dst, planned)
         with disk_errors(tmp, dst):
             write_streaming(weights.tensors, model, "internevo", layout, tmp, where=str(weights.path))
             if source.state.kind == "internevo":

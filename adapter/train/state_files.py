@@ -196,7 +196,7 @@ def _import_internevo(folder: Path, model, target: Path) -> dict:
 
     planned = sum(p.stat().st_size for p in folder.iterdir() if OPTIMIZER_FILE.match(p.name))
     try:
-        require_space(target, planned + planned // 100 + 2**20)
+        require_space(target, planned)
     except NoSpaceError as exc:
         raise CheckpointError(f"{exc}: InternEvo's optimizer state is converted there once per node before the "
                               "run starts; set TMPDIR to a folder on a larger disk") from None
