@@ -31,6 +31,7 @@ examples:
   internlm-ckpt convert llm_ckpts/5000 hf/internlm-7b --to hf --dtype bf16 --tokenizer internlm/internlm-7b
   internlm-ckpt convert llm_ckpts/5000 resharded --to internevo --tp 2 --pp 4 --vpp 2
   internlm-ckpt convert runs/7b/ckpt/5000 back --to internevo --tp 2 --zero1 4   # hand a run back to InternEvo
+  internlm-ckpt convert runs/7b/ckpt/5000 back16 --to internevo --tp 2 --dp 16   # ... for 16 data-parallel ranks
   internlm-ckpt convert runs/7b/ckpt/5000 pp1 --to internevo --pp 1 --state adapter   # reshard for this trainer
   internlm-ckpt convert llm_ckpts/5000 weights --to internevo --weights-only
   internlm-ckpt convert hf/internlm2-7b mcore/ --to mcore
@@ -43,7 +44,8 @@ InternEvo folder without model_config.pt); --tp/--pp/--vpp default to the config
 explicit --pp, --vpp defaults to 1, not to the config's model.num_chunks).
 A training checkpoint of this adapter (one with optimizer/) converted --to internevo (--state internevo, the
 default) becomes InternEvo's whole training state at that layout: model files, HybridZeroOptimizer partitions
-for --zero1 ranks (default: the run's parallel.zero1, or its data-parallel size), zero plans, sampler,
+for --zero1 ranks (default: the run's parallel.zero1, or its data-parallel size), zero plans, sampler
+(for --dp data-parallel ranks, default the saved run's: another size keeps the global batch),
 scheduler, context and step marker, which InternEvo 0.5.2 resumes with load_ckpt_info content=("all",); its
 optimizer settings come from the checkpoint, or from --config for checkpoints written before this.
 A torch_dist (--to mcore) folder has no layout: megatron-core loads it at any TP/PP/VPP; --tp/--pp/--vpp,
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights")
     convert.add_argument("--zero1", type=positive_int,
                          help="with --to internevo from a training checkpoint: the InternEvo run's ZeRO-1 size")
+    convert.add_argument("--dp", type=positive_int,
+                         help="with --to internevo from a training checkpoint: the InternEvo run's data-parallel "
+                              "size (default: the saved run's; another one keeps the global batch, so set "
+                              "data.micro_num to global batch / dp there)")
     convert.add_argument("--config", help="InternEvo config: model sizes, and the default target layout")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace a target folder this tool wrote (never one it did not write)")
@@ -159,13 +165,14 @@ def _tokenizer(args: argparse.Namespace) -> list[Path]:
 def _hand_back(args: argparse.Namespace, layout, cfg) -> int:
     """``convert --to internevo`` of a training checkpoint with optimizer state: InternEvo's whole training
     state (``train.internevo_export``)."""
-    from adapter.train.internevo_export import HandBack, RunSettings, ZeroSizeError
+    from adapter.train.internevo_export import HandBack, RunSettings, SizeError
 
     if args.dtype:
         raise _BadArguments("--dtype casts weights; a training checkpoint is handed back in its own dtype")
     try:
-        back = HandBack.prepare(Path(args.src), layout, args.zero1, RunSettings.from_config(cfg) if cfg else None)
-    except ZeroSizeError as exc:
+        back = HandBack.prepare(Path(args.src), layout, args.zero1, RunSettings.from_config(cfg) if cfg else None,
+                                args.dp)
+    except SizeError as exc:
         raise _BadArguments(str(exc)) from None
     if args.dry_run:
         print(f"read  {back.src} (training checkpoint, step {back.step}, data-parallel size {back.dp})")
@@ -187,9 +194,9 @@ def _convert_training(args: argparse.Namespace, src: Checkpoint, layout: Paralle
     if args.dtype:
         raise _BadArguments("--dtype casts the weights of a training checkpoint away from the optimizer's; pass "
                             "--weights-only to write cast weights alone")
-    if args.zero1:
-        raise _BadArguments("--zero1 sizes InternEvo's optimizer files; the adapter's form (--state adapter) "
-                            "has no ZeRO partitions")
+    if args.zero1 or args.dp:
+        raise _BadArguments("--zero1 and --dp size InternEvo's optimizer and sampler files; the adapter's form "
+                            "(--state adapter) has no ZeRO partitions and resumes at any data-parallel size")
     try:
         check_resumable_layout(src.model, layout)
     except CheckpointError as exc:
@@ -256,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "converts it to the adapter's form, which can then be handed back at another "
                                     "layout or ZeRO size")
             return _hand_back(args, layout, cfg)
-        if args.zero1:
-            raise _BadArguments("--zero1 goes with --to internevo from a training checkpoint (one with optimizer/)")
+        if args.zero1 or args.dp:
+            raise _BadArguments("--zero1 and --dp go with --to internevo from a training checkpoint (one with "
+                                "optimizer/)")
         if args.dry_run:
             print(f"read  {src.path} ({src.format}, {src.generation}, {len(src.tensors)} tensors)")
             for name in planned_files(args.to, layout) + [p.name for p in tokenizer]:

@@ -13,7 +13,8 @@ cut for any layout. InternEvo resumes only from its own files, at the layout the
   the empty ``fp32`` group InternEvo always adds (``use_fp32_norm`` is off in runs the adapter trains);
   ``optimizer_mode`` is InternEvo's ``ParallelMode.ZERO1``, pickled by name (``save``);
 * ``gpus-{W}_wp-0_tp-{t}_dp-{d}_pp-{p}_zo-{z}.pt``: the plan again, one file per global rank;
-* ``sampler.pt`` (numpy arrays, as InternEvo's sampler holds them), ``schedulder.pt`` (InternEvo's
+* ``sampler.pt`` (numpy arrays, as InternEvo's sampler holds them; for another data-parallel size than the
+  saved run's, regrouped with the global batch kept: ``regroup_sampler``), ``schedulder.pt`` (InternEvo's
   ``FineTuneCosineAnnealingWarmupLR`` state at this step), ``context.pt`` (``TrainState``),
   ``model_config.pt`` and ``{step}.step`` last.
 
@@ -44,8 +45,8 @@ from adapter.train.optimizer_state import FOLDER, STATES, STEPS_FILE
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ZeroSizeError(CheckpointError):
-    """The ZeRO-1 size asked for does not divide the run's data-parallel size."""
+class SizeError(CheckpointError):
+    """A ZeRO-1 or data-parallel size the run cannot be handed back at."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +199,24 @@ def sampler_file(state: Mapping[str, Any], rampup: Optional[str]) -> dict:
             "indices": indices[:int(state["epoch_size"])]}
 
 
+def regroup_sampler(state: Mapping[str, Any], dp: int, rampup: Optional[str]) -> dict:
+    """The adapter's sampler state for ``dp`` data-parallel ranks instead of the saved run's, the global
+    batch kept: InternEvo's rank ``r`` reads ``indices[r::dp]`` of each global batch (``INTERNEVO_FORMAT.md``
+    §6.6), so the same global batch reads the same rows in the same steps at any size, and the epoch (whole
+    global batches) is as long. Per rank: ``batch_size`` and the rows consumed scale by ``saved / dp``.
+    With a ramp-up the batch grows per rank in whole micro-batches and would not regroup: refused."""
+    saved, batch = int(state["data_world_size"]), int(state["batch_size"])
+    rows = saved * batch
+    if rampup:
+        raise SizeError(f"data-parallel size {dp}: the run ramps its batch up (data.rampup_batch_size={rampup!r}), "
+                        f"so InternEvo resumes its sampler only at the saved data-parallel size {saved}")
+    if rows % dp:
+        raise SizeError(f"data-parallel size {dp}: the run's global batch of {rows} rows ({batch} per rank × {saved} "
+                        f"ranks) does not split over {dp} ranks (InternEvo's data.micro_num × data-parallel size "
+                        "must stay the global batch for the run to read the same rows)")
+    return {**state, "data_world_size": dp, "batch_size": rows // dp, "consumed": int(state["consumed"]) * saved // dp}
+
+
 def context_file(context: Mapping[str, Any], sampler: Mapping[str, Any], step: int) -> dict:
     """InternEvo's ``TrainState.state_dict()``; its ``num_consumed_samples_in_epoch`` counts one rank's rows."""
     return {"batch_count": int(context["batch_count"]), "num_consumed_samples_in_epoch": int(sampler["consumed"]),
@@ -225,7 +244,7 @@ def _read(path: Path, metadata: bool = True) -> Any:
 @dataclasses.dataclass
 class HandBack:
     """An adapter training checkpoint read and checked, ready to be written as InternEvo's at ``layout``
-    with ``zero`` ZeRO-1 ranks over the run's ``dp`` data-parallel ranks (the sampler's)."""
+    with ``zero`` ZeRO-1 ranks over ``dp`` data-parallel ranks (the sampler regrouped for them)."""
 
     src: Path
     layout: ParallelLayout
@@ -239,9 +258,11 @@ class HandBack:
 
     @classmethod
     def prepare(cls, src: Path, layout: ParallelLayout, zero1: Optional[int] = None,
-                settings: Optional[RunSettings] = None) -> HandBack:
+                settings: Optional[RunSettings] = None, dp: Optional[int] = None) -> HandBack:
         """``zero1``: the InternEvo run's ZeRO-1 size (default: the run config's ``parallel.zero1``, the whole
-        data-parallel group when that is ``<= 0``). ``settings``: from ``--config``, else the checkpoint's."""
+        data-parallel group when that is ``<= 0``). ``settings``: from ``--config``, else the checkpoint's.
+        ``dp``: the InternEvo run's data-parallel size (default: the saved run's; another one keeps the
+        global batch, ``regroup_sampler``)."""
         from adapter.train.state_files import completed_step
 
         step = completed_step(src)
@@ -263,11 +284,13 @@ class HandBack:
         for name, state, keys in (("sampler.pt", sampler, _SAMPLER_KEYS), ("context.pt", context, _CONTEXT_KEYS)):
             if missing := [k for k in keys if k not in state]:
                 raise CheckpointError(f"{src / name}: no {missing[0]!r} (an earlier version's, or not the adapter's)")
+        if dp is not None and dp != int(sampler["data_world_size"]):
+            sampler = regroup_sampler(sampler, dp, settings.rampup)
         dp = int(sampler["data_world_size"])
         zero = zero1 if zero1 is not None else settings.zero1 if settings.zero1 > 0 else dp
         if zero < 1 or dp % zero:
-            raise ZeroSizeError(f"ZeRO-1 size {zero} does not divide the run's data-parallel size {dp} (InternEvo "
-                                  "needs it to; its sampler state is for that data-parallel size)")
+            raise SizeError(f"ZeRO-1 size {zero} does not divide the run's data-parallel size {dp} (InternEvo "
+                            "needs it to; its sampler state is for that data-parallel size)")
         return cls(src, layout, zero, dp, step, int(steps[0]), settings, context, sampler)
 
     def files(self) -> list[str]:

@@ -351,6 +351,37 @@ def test_convert_hands_a_training_checkpoint_back(round_trips, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "one").glob("optimizer_*")) == ["optimizer_tp0_pp0_zo0.pt"]
 
 
+def test_hand_back_at_another_data_parallel_size_regroups_the_sampler(round_trips, tmp_path, capsys):
+    """ZERO2's ``ckpt/4`` (2 data-parallel ranks × micro_num 2) handed back for one rank: InternEvo's own
+    sampler and counters at that step as that run would hold them on one rank with the global batch kept
+    (rank r reads ``indices[r::dp]`` of each global batch, ``INTERNEVO_FORMAT.md`` §6.6; its sampler and
+    ``TrainState`` count one rank's rows): ``batch_size`` 4, ``data_world_size`` 1, twice the rows consumed,
+    everything else InternEvo's bytes. (That it resumes InternEvo's run exactly: the trajectory tests.)"""
+    cfg, ours, _ = round_trips[(ZERO2, 4)]
+    assert _cli("convert", ours, tmp_path / "back", "--to", "internevo", "--dp", "1", "--zero1", "1") == 0
+    theirs = load_internevo(ZERO2 / "ckpt" / "4" / "sampler.pt")
+    assert (theirs["data_world_size"], theirs["batch_size"]) == (2, 2)
+    expected = {**theirs, "data_world_size": 1, "batch_size": 4,
+                "num_consumed_samples_in_epoch": 2 * theirs["num_consumed_samples_in_epoch"]}
+    assert_same(load_internevo(tmp_path / "back" / "sampler.pt"), expected, "sampler")
+    context = load_internevo(ZERO2 / "ckpt" / "4" / "context.pt")
+    expected = {**context, "num_consumed_samples_in_epoch": 2 * context["num_consumed_samples_in_epoch"]}
+    assert_same(load_internevo(tmp_path / "back" / "context.pt"), expected, "context")
+    assert [p.name for p in (tmp_path / "back").glob("gpus-*")] == ["gpus-1_wp-0_tp-0_dp-0_pp-0_zo-0.pt"]
+    capsys.readouterr()
+    # a global batch of 4 rows does not split over 3 ranks; the old ZeRO size 2 does not divide 1 rank
+    for flags, message in ((("--dp", "3"), "global batch of 4 rows (2 per rank × 2 ranks) does not split over 3"),
+                           (("--dp", "1"), "ZeRO-1 size 2 does not divide the run's data-parallel size 1"),
+                           (("--dp", "1", "--state", "adapter"), "resumes at any data-parallel size")):
+        assert _cli("convert", ours, tmp_path / "no", "--to", "internevo", *flags) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "no").exists()
+    ramping = dataclasses.replace(RunSettings.from_dict(torch.load(ours / "schedulder.pt")["internevo"]),
+                                  rampup="1 1 2")
+    with pytest.raises(CheckpointError, match="ramps its batch up"):
+        HandBack.prepare(ours, target_layout(cfg.model, 1, 1, 1), zero1=1, settings=ramping, dp=1)
+
+
 def test_convert_refuses_bad_zero_sizes_and_missing_settings_writing_nothing(round_trips, tmp_path, capsys):
     cfg, ours, _ = round_trips[(ZERO2, 4)]
     assert _cli("convert", ours, tmp_path / "a", "--to", "internevo", "--zero1", "3") == 2

@@ -166,10 +166,19 @@ def one_process(tmp_path_factory, random_weights):
         ZERO2, root / "cz1.py", root / "converted_zero2_dp1",
         f'load_ckpt_info=dict(path="local:{converted}", content=("all",)),',
         **on_one)
+    # ... and that conversion handed back to InternEvo's own form for one data-parallel rank (``--dp 1``: the
+    # sampler regrouped, the global batch kept), which this run resumes as InternEvo's checkpoint
+    handed = root / "zero2_handed_back_dp1"
+    assert ckpt_main(["convert", str(converted), str(handed), "--to", "internevo", "--tp", "1", "--pp", "1",
+                      "--dp", "1", "--zero1", "1", "--config", str(ZERO2 / "config.py")]) == 0
+    c["handed_back_zero2_dp1"] = write_config(
+        ZERO2, root / "hb1.py", root / "handed_back_zero2_dp1",
+        f'load_ckpt_info=dict(path="local:{handed}", content=("all",), ckpt_type="internevo"),', **on_one)
     runs = [(str(c["dp1"]), str(root / "dp1"), None), (str(c["dp1_hf"]), str(root / "dp1_hf"), None),
             (str(c["resume_dp1"]), str(root / "resume_dp1"), None),
             (str(c["resume_zero2_dp1"]), str(root / "resume_zero2_dp1"), None),
-            (str(c["converted_zero2_dp1"]), str(root / "converted_zero2_dp1"), None)]
+            (str(c["converted_zero2_dp1"]), str(root / "converted_zero2_dp1"), None),
+            (str(c["handed_back_zero2_dp1"]), str(root / "handed_back_zero2_dp1"), None)]
     runs += [(str(c[n]), str(root / n), 1) for n in ("model_only", "info_model", "bf16")]
     runs.append((str(c["fresh_optimizer"]), str(root / "fresh_optimizer"), 5))
     batches, steps = torch.load(DP1 / "batches.pt", weights_only=True), trajectory(DP1)
@@ -266,12 +275,13 @@ def test_zero2_at_data_parallel_2_reproduces_internevo_trajectory(two_processes)
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("run", ["resume_dp1", "resume_zero2", "resume_dp1_pp2", "resume_zero2_dp1",
-                                 "converted_zero2_dp1"])
+                                 "converted_zero2_dp1", "handed_back_zero2_dp1"])
 def test_resuming_internevo_checkpoint_continues_its_run(one_process, two_processes, run):
     """InternEvo's full ``ckpt/4`` (``load_ckpt_info`` with ``content=("all",)``): at its own layout (one
     process; ZeRO over 2 data-parallel ranks), at pipeline 2, and the 2-rank run on one process with its global
     batch kept: the next four steps are InternEvo's. So are they from that ``ckpt/4`` converted by
-    ``internlm-ckpt`` into the adapter's form at tp2 × pp2 (optimizer, sampler, grad scaler, counters)."""
+    ``internlm-ckpt`` into the adapter's form at tp2 × pp2 (optimizer, sampler, grad scaler, counters), and
+    from that handed back to InternEvo's form for one data-parallel rank (``--dp 1``)."""
     fixture = ZERO2 if "zero2" in run else DP1
     where = two_processes if run in two_processes["configs"] else one_process
     assert_continues_internevo(where["root"] / run, fixture, where["configs"][run])
