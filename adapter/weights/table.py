@@ -86,7 +86,8 @@ def _aligned(source: Stored, source_tp: int, target: Stored, tp: int, model: Mod
     if source.atoms != target.atoms or source.blocks != target.blocks or _split_dim(source) != dim:
         return False
     n = A.shape(model, target.atoms[0])[dim]
-    return source_tp == tp and _bounds(source, n, tp) == _bounds(target, n, tp) is not None
+    bounds = _bounds(target, n, tp)
+    return source_tp == tp and bounds is not None and _bounds(source, n, tp) == bounds
 
 
 def whole_shape(model: ModelConfig, stored: Stored) -> tuple[int, ...]:
