@@ -252,32 +252,51 @@ def _dcp_summary(folder: Path) -> dict:
             for k, v in load_dcp_metadata(folder / ".metadata").state_dict_metadata.items()}
 
 
-@pytest.mark.multiproc
-@pytest.mark.parametrize("family", ["internlm1", "internlm2"])
-def test_torch_dist_and_megatron_read_each_other(tmp_path, family):
+def _megatron_jobs(jobs: list[tuple]) -> list[list]:
+    """``_megatron_load_and_save`` for each job in turn, in one set of spawned ranks."""
+    return [_megatron_load_and_save(*job) for job in jobs]
+
+
+MEGATRON_FAMILIES = ("internlm1", "internlm2")
+
+
+@pytest.fixture(scope="module")
+def megatron_round_trips(tmp_path_factory) -> dict:
+    """Each family's ``--to mcore`` export, read by megatron-core's own loader at tp2 × pp2 × 2 virtual stages
+    (an uneven split of 6 layers) and written back by its own saver from those ranks: one spawn for both."""
     from tests.spawn import spawn
 
-    model = tiny_model(family)
-    logical = random_logical(model, 7)
-    src = write_internevo(tmp_path / "src", logical, model, 2, 1, 1)
-    done = _cli("convert", src, tmp_path / "dist", "--to", "mcore")
-    assert done.returncode == 0, done.stderr
-    # megatron-core's loader, at tp2 × pp2 × 2 virtual stages (an uneven split of 6 layers), reads ours;
-    # megatron-core's saver writes the same model back from those ranks
-    (tmp_path / "megatron").mkdir()
-    assert spawn(_megatron_load_and_save, 4, str(tmp_path / "dist"), str(tmp_path / "megatron"), family,
-                 2, 2, 2) == [[], [], [], []]
-    ours, theirs = _dcp_summary(tmp_path / "dist"), _dcp_summary(tmp_path / "megatron")
+    runs, jobs = {}, []
+    for family in MEGATRON_FAMILIES:
+        root = tmp_path_factory.mktemp(family)
+        model = tiny_model(family)
+        logical = random_logical(model, 7)
+        src = write_internevo(root / "src", logical, model, 2, 1, 1)
+        done = _cli("convert", src, root / "dist", "--to", "mcore")
+        assert done.returncode == 0, done.stderr
+        (root / "megatron").mkdir()
+        jobs.append((str(root / "dist"), str(root / "megatron"), family, 2, 2, 2))
+        runs[family] = (root, model, logical, src)
+    wrong = spawn(_megatron_jobs, 4, jobs)
+    return {family: (*runs[family], [rank[i] for rank in wrong]) for i, family in enumerate(MEGATRON_FAMILIES)}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", MEGATRON_FAMILIES)
+def test_torch_dist_and_megatron_read_each_other(megatron_round_trips, family):
+    root, model, logical, src, wrong = megatron_round_trips[family]
+    assert wrong == [[], [], [], []]  # megatron-core's loader, at tp2 × pp2 × vpp2, reads ours bit for bit
+    ours, theirs = _dcp_summary(root / "dist"), _dcp_summary(root / "megatron")
     assert ours == theirs  # the same keys, global shapes, dtypes and extra-state objects
-    assert len({f.name for f in (tmp_path / "megatron").glob("*.distcp")}) > 1
+    assert len({f.name for f in (root / "megatron").glob("*.distcp")}) > 1
     # our reader assembles megatron's tensor-parallel chunks, bit-exact
-    back = open_checkpoint(tmp_path / "megatron", model)
+    back = open_checkpoint(root / "megatron", model)
     assert all(torch.equal(back.tensors[k], logical[k]) for k in logical)
-    config = tmp_path / "tiny.py"  # megatron's own folder does not record InternLM's sizes
+    config = root / "tiny.py"  # megatron's own folder does not record InternLM's sizes
     config.write_text(render_sections(tiny_sections(family)))
-    assert _cli("convert", tmp_path / "megatron", tmp_path / "back", "--to", "internevo", "--tp", "2",
+    assert _cli("convert", root / "megatron", root / "back", "--to", "internevo", "--tp", "2",
                 "--config", config).returncode == 0
-    assert _cli("verify", src, tmp_path / "back").returncode == 0
+    assert _cli("verify", src, root / "back").returncode == 0
 
 
 def test_deepspeed_files_load_through_the_allow_list(tmp_path):
