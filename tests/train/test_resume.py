@@ -47,14 +47,21 @@ def _run(save: str, max_steps: int | None, ckpt: dict, total_steps: int = 6, lay
     return [(r["step"], r["loss"], r["batch_count"]) for r in records] if dist.get_rank() == 0 else None
 
 
+def _runs(jobs: list[tuple]) -> list:
+    """Several ``_run`` in turn in one set of processes (separate runs; a restart is a new spawn)."""
+    return [_run(*job) for job in jobs]
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_resume_after_restart_is_exact(tmp_path):
     """dp=2 × pp=2 × 2 virtual stages: 6 steps in one go equal 3 steps, a restart, and 3 more."""
-    whole = spawn(_run, 4, str(tmp_path / "a"), None, {})[0]
-    first = spawn(_run, 4, str(tmp_path / "b"), 3, {})[0]
+    whole, first = spawn(_runs, 4, [(str(tmp_path / "a"), None, {}), (str(tmp_path / "b"), 3, {})])[0]
     assert [r[0] for r in first] == [1, 2, 3] and (tmp_path / "b" / "3" / "3.step").exists()
-    second = spawn(_run, 4, str(tmp_path / "b"), None, {})[0]  # new processes: auto-resume from b/3
+    # new processes: auto-resume from b/3; then, from a/6, the weights alone (a fresh optimizer and step 0)
+    second, fresh = spawn(_runs, 4, [(str(tmp_path / "b"), None, {}),
+                                     (str(tmp_path / "c"), 1, {"load_model_only_folder": f"local:{tmp_path}/a/6",
+                                                               "auto_resume": False})])[0]
     assert [r[0] for r in second] == [4, 5, 6]
     assert [r[2] for r in second] == [r[2] for r in whole[3:]]  # the data continues where it stopped
     assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
@@ -71,10 +78,7 @@ def test_resume_after_restart_is_exact(tmp_path):
     shutil.copytree(tmp_path / "b" / "6", partial)
     (partial / "6.step").unlink()
     assert latest_checkpoint(tmp_path / "b", None) == tmp_path / "b" / "6"
-    # weights only: a fresh optimizer and step 0, the saved model
-    fresh = spawn(_run, 4, str(tmp_path / "c"), 1, {"load_model_only_folder": f"local:{tmp_path}/a/6",
-                                                      "auto_resume": False})[0]
-    assert fresh[0][0] == 1 and fresh[0][1] < whole[0][1]  # starts from the trained model's lower loss
+    assert fresh[0][0] == 1 and fresh[0][1] < whole[0][1]  # weights only: starts from the trained model's lower loss
 
 
 PP_VPP = {"pp": 2, "vpp": 2}
@@ -85,8 +89,7 @@ def pp_vpp_runs(tmp_path_factory) -> tuple[Path, list, list]:
     """pp=2 × 2 virtual stages on 2 processes: 6 steps in one go (``a``), and 3 steps saved (``b``), which
     the tests below copy and resume in other ways."""
     root = tmp_path_factory.mktemp("pp_vpp")
-    whole = spawn(_run, 2, str(root / "a"), None, {}, 6, PP_VPP)[0]
-    first = spawn(_run, 2, str(root / "b"), 3, {}, 6, PP_VPP)[0]
+    whole, first = spawn(_runs, 2, [(str(root / "a"), None, {}, 6, PP_VPP), (str(root / "b"), 3, {}, 6, PP_VPP)])[0]
     return root, whole, first
 
 
@@ -112,10 +115,11 @@ def test_resume_at_another_layout(tmp_path, pp_vpp_runs, capsys):
     _assert_cut_like_the_weights(saved, tmp_path / "b" / "3")
     shutil.copytree(root / "b", tmp_path / "c")
     pp1 = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, {"pp": 1, "vpp": 1})[0]
-    tp2 = spawn(_run, 2, str(tmp_path / "c"), 5, {"checkpoint_every": 1}, 6,
-                {"tp": 2, "pp": 1, "vpp": 1, "sp": True})[0]
+    # two steps at tp2 with sequence parallelism, a save, then (a new run in the same processes) pp2 from it
+    tp2, then_pp2 = spawn(_runs, 2, [(str(tmp_path / "c"), 5, {"checkpoint_every": 1}, 6,
+                                      {"tp": 2, "pp": 1, "vpp": 1, "sp": True}),
+                                     (str(tmp_path / "c"), None, {}, 6, {"pp": 2, "vpp": 1})])[0]
     assert [r[0] for r in tp2] == [4, 5] and (tmp_path / "c" / "5" / "5.step").exists()
-    then_pp2 = spawn(_run, 2, str(tmp_path / "c"), None, {}, 6, {"pp": 2, "vpp": 1})[0]
     for second in (pp1, tp2 + then_pp2):
         assert [r[0] for r in second] == [4, 5, 6]
         assert [r[2] for r in second] == [r[2] for r in whole[3:]]
@@ -189,8 +193,7 @@ def test_resume_at_another_data_parallel_size(tmp_path):
     """Data parallel 2 → 1 with the global batch kept (micro_num 4 → 8): the same rows in the same steps, so
     the run continues as it would have; a changed global batch is refused."""
     dp2, dp1 = {"pp": 1, "vpp": 1}, {"pp": 1, "vpp": 1, "micro_num": 8}
-    whole = spawn(_run, 2, str(tmp_path / "a"), None, {}, 6, dp2)[0]
-    first = spawn(_run, 2, str(tmp_path / "b"), 3, {}, 6, dp2)[0]
+    whole, first = spawn(_runs, 2, [(str(tmp_path / "a"), None, {}, 6, dp2), (str(tmp_path / "b"), 3, {}, 6, dp2)])[0]
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     second = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, dp1)[0]
     assert [r[0] for r in second] == [4, 5, 6]
