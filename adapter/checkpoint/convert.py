@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
@@ -89,8 +90,6 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
                      shard_bytes: int = 2 * 1024**3, extra_files: Sequence[Path] = ()) -> Path:
     """Write ``src`` as ``fmt`` into ``dst`` atomically, one model unit at a time (``stream_convert``).
     ``shard_bytes`` bounds each HF safetensors file; ``extra_files`` (a tokenizer) are copied in beside."""
-    import shutil
-
     from adapter.checkpoint.stream_convert import meta_tensors
 
     planned = sum(t.numel() * t.element_size() for t in meta_tensors(src.tensors, src.model, dtype).values())
@@ -108,7 +107,6 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
 def disk_errors(tmp: Path, dst: str | Path) -> Iterator[None]:
     """Writing into ``tmp`` (the temporary folder of ``dst``): torch's zip writer reports a full disk as an
     iostream ``RuntimeError``; say "no space left on ``dst``" instead, and name ``dst`` for any other."""
-    import shutil
 
     try:
         yield

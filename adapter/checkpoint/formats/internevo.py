@@ -262,12 +262,16 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         if self.ckpt.isp:
             return None
 
+        checked: set[str] = set()
+
         def pieces(stored: Stored, key: str) -> list[torch.Tensor]:
             p, file_key, own = self.index[key]
-            self.meta(key)  # every piece's dtype and shape checked, files named
             pieces = self._pieces(p, file_key, own)
-            if own.split == "replicated":  # replicas compared byte for byte, files named
-                self._join(p, file_key, own, pieces)
+            if key not in checked:
+                self.meta(key)  # every piece's dtype and shape checked, files named
+                if own.split == "replicated":  # replicas compared byte for byte, files named
+                    self._join(p, file_key, own, pieces)
+                checked.add(key)
             return pieces
 
         def rank_piece(stored: Stored, key: str, rank: int) -> torch.Tensor:
