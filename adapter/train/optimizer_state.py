@@ -47,15 +47,16 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
     Each tensor rank cuts its file's pieces from its own parameters wherever InternEvo's split of a tensor
     is megatron-core's (every linear layer and fused qkv/MLP: the same rows or columns of each atom on the
     same rank; replicated tensors from its own replica), so only the embedding is gathered over tensor
-    ranks: megatron-core splits it on the vocabulary, InternEvo on the hidden size."""
+    ranks: megatron-core splits it on the vocabulary, InternEvo on the hidden size. The pieces are views
+    (of the parameters, of DeepSpeed's flat buffers) wherever the cut allows: write them with
+    ``stream_write.save_tensors``, which writes each one's own bytes and copies nothing first."""
     from megatron.core import parallel_state as ps
 
-    from adapter.checkpoint.formats.internevo import chunk_prefix, own_storage, unit_pieces
+    from adapter.checkpoint.formats.internevo import chunk_prefix, unit_pieces
     from adapter.model.mapping import chunk_units, mcore_table
 
     model, tp_rank, pp_rank = cfg.model, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    storages: set[int] = set()
     for vp, chunk in enumerate(chunks):
         mine: dict[str, torch.Tensor] = {}
         for name, p in chunk.named_parameters():
@@ -69,7 +70,7 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
                           lambda stored, key: _gather_tensor_ranks(key, mine[key], layout.tp), local,
                           rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank)
             pieces = unit_pieces(source, model, layout, local, chunk_prefix(layout, vp), tp_rank)
-            out.update((k, own_storage(v.cpu(), storages)) for k, v in pieces)
+            out.update(pieces)
     return out
 
 
@@ -97,30 +98,38 @@ def _gather_tensor_ranks(name: str, t: torch.Tensor, tp: int) -> list[torch.Tens
 
 
 class ZeroStates:
-    """Whole fp32 masters and Adam moments of parameters, assembled at one data-parallel rank from ZeRO-1's
-    partitions.
+    """Whole fp32 masters and Adam moments of parameters, assembled at the data-parallel rank that writes
+    them from ZeRO-1's partitions.
 
     DeepSpeed links each parameter to the part of it this rank's partition holds (``_hp_mapping``: where it
     starts in the parameter, ``lp_fragment_address``, and its fp32 and optimizer-state values,
     ``get_hp_fragment``), the links its own ``safe_get_full_*`` read. Those all-reduce a zero-filled copy of
     the whole parameter over every data-parallel rank; here each rank sends its parts to the one rank that
     writes, point to point, so every element crosses once and nobody else receives or sums anything.
-    Collective over data parallel: every rank asks for the same parameters in the same order."""
+
+    ``start`` posts every transfer of a state without waiting (the sends read ZeRO's buffers in place), so
+    the parts move while the rank writes other files; ``value`` waits for the state's receives. A parameter
+    that the writer's own partition holds whole is a view of it, not a copy. ``finish`` must run before the
+    optimizer steps again. Collective over data parallel: every rank constructs it, and starts the same
+    states with the same writers in the same order."""
 
     def __init__(self, chunks: list):
-        params = [p for chunk in chunks for _, p in chunk.named_parameters()]
-        self.group = params[0]._dp_group
+        self.params = [p for chunk in chunks for _, p in chunk.named_parameters()]
+        self.group = self.params[0]._dp_group
         self.ranks = dist.get_process_group_ranks(self.group)
         self.rank = dist.get_rank(self.group)
         mine = [None if p._hp_mapping is None else
-                (p._hp_mapping.lp_fragment_address.start, p._hp_mapping.lp_fragment_address.numel) for p in params]
+                (p._hp_mapping.lp_fragment_address.start, p._hp_mapping.lp_fragment_address.numel)
+                for p in self.params]
         self.parts: list = [None] * len(self.ranks)
         dist.all_gather_object(self.parts, mine, group=self.group)  # where every rank's parts are: small
-        self.index = {id(p): i for i, p in enumerate(params)}
-        for i, p in enumerate(params):
+        for i, p in enumerate(self.params):
             held = sum(parts[i][1] for parts in self.parts if parts[i] is not None)
             if held != p.numel():
                 raise RuntimeError(f"ZeRO's partitions hold {held} of a parameter's {p.numel()} elements")
+        self.wholes: dict[str, dict[int, torch.Tensor]] = {}
+        self.receives: dict[str, list] = {}
+        self.sends: list = []
 
     @staticmethod
     def available(chunks: list) -> bool:
@@ -129,28 +138,45 @@ class ZeroStates:
         return bool(params) and all(hasattr(p, "_hp_mapping") and getattr(p, "_dp_group", None) is params[0]._dp_group
                                     for p in params)
 
-    def value(self, p: torch.nn.Parameter, key: str, writer: int) -> Optional[torch.Tensor]:
-        """``p``'s whole ``key`` (``fp32`` or an Adam state) at data-parallel rank ``writer``; None elsewhere."""
-        i = self.index[id(p)]
-        mapping = p._hp_mapping
-        part = None if mapping is None else mapping.get_hp_fragment(None if key == "fp32" else key)
-        if self.rank != writer:
-            if part is not None:
-                dist.send(part.contiguous(), dst=self.ranks[writer], group=self.group)
-            return None
-        whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
-        pending = []
-        for r, parts in enumerate(self.parts):
-            if parts[i] is None:
+    def start(self, key: str, writer: int) -> None:
+        """Start moving every parameter's ``key`` (``fp32`` or an Adam state) to data-parallel rank ``writer``."""
+        tag = len(self.receives)  # one tag per state: its messages cannot be taken for another state's
+        wholes, receives = {}, []
+        for i, p in enumerate(self.params):
+            mapping = p._hp_mapping
+            part = None if mapping is None else mapping.get_hp_fragment(None if key == "fp32" else key)
+            if self.rank != writer:
+                if part is not None:
+                    self.sends.append(dist.isend(part.contiguous(), dst=self.ranks[writer], group=self.group,
+                                                 tag=tag))
                 continue
-            place = whole.narrow(0, parts[i][0], parts[i][1])
-            if r == self.rank:
-                place.copy_(part.reshape(-1))
-            else:
-                pending.append(dist.irecv(place, src=self.ranks[r], group=self.group))
-        for request in pending:
+            if part is not None and part.numel() == p.numel():
+                wholes[id(p)] = part.view(p.shape)
+                continue
+            whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+            for r, parts in enumerate(self.parts):
+                if parts[i] is None:
+                    continue
+                place = whole.narrow(0, parts[i][0], parts[i][1])
+                if r == self.rank:
+                    place.copy_(part.reshape(-1))
+                else:
+                    receives.append(dist.irecv(place, src=self.ranks[r], group=self.group, tag=tag))
+            wholes[id(p)] = whole.view(p.shape)
+        self.wholes[key], self.receives[key] = wholes, receives
+
+    def value(self, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
+        """``p``'s whole ``key`` where it is written (after ``start``); None elsewhere."""
+        for request in self.receives[key]:
             request.wait()
-        return whole.view(p.shape)
+        self.receives[key] = []
+        return self.wholes[key].get(id(p))
+
+    def finish(self) -> None:
+        """Wait until every part this rank sent has left (the optimizer may then change them again)."""
+        for request in self.sends:
+            request.wait()
+        self.sends = []
 
 
 def has_state(trainer) -> bool:
@@ -165,40 +191,55 @@ def writer(index: int, dp: int) -> int:
     return index % dp
 
 
-def save_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer,
-                         save: Callable[[object, Path], None]) -> None:
-    """Write ``folder/optimizer`` through ``save(obj, path)``; collective over all ranks (ZeRO gathers each
-    state over data parallel). Each state's files are written by data-parallel rank ``writer(1 + i, dp)``."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    from megatron.core import parallel_state as ps
+class OptimizerSave:
+    """Writing ``<checkpoint>/optimizer``, in two calls so that ZeRO's parts travel while the caller writes
+    the weights: the constructor starts moving each state to the data-parallel rank that writes it
+    (``writer(1 + i, dp)``), ``write`` writes them. Both are collective over all ranks."""
 
-    if not has_state(trainer):
-        return
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    zero = ZeroStates(trainer.chunks) if ZeroStates.available(trainer.chunks) else None
-    if zero is not None:
-        dp_rank = zero.rank
-    for i, key in enumerate(STATES, start=1):
-        mine = dp_rank == writer(i, dp)
+    def __init__(self, trainer):
+        from megatron.core import parallel_state as ps
 
-        def value(name: str, p: torch.nn.Parameter, key: str = key, i: int = i) -> Optional[torch.Tensor]:
-            if zero is not None:
-                return zero.value(p, key, writer(i, dp))
-            return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
+        self.trainer = trainer
+        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.zero = ZeroStates(trainer.chunks) if has_state(trainer) and ZeroStates.available(trainer.chunks) else None
+        if self.zero is not None:
+            self.dp_rank = self.zero.rank
+            for i, key in enumerate(STATES, start=1):
+                self.zero.start(key, writer(i, self.dp))
 
-        content = stage_file(cfg, layout, trainer.chunks, value, keep=mine)
-        if mine:
-            target = folder / FOLDER / key
-            target.mkdir(parents=True, exist_ok=True)
-            save(content, target / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-            if tp_rank == 0 and pp_rank == 0:
-                save(model_config_dict(cfg.model), target / "model_config.pt")
-        del content
-    if dist.get_rank() == 0:
-        adam = trainer.optimizer.optimizer
-        steps = [int(adam.state[group["params"][0]]["step"]) for group in adam.param_groups]
-        save({"steps": steps}, folder / FOLDER / STEPS_FILE)
+    def write(self, folder: Path, cfg: InternLMConfig, layout: ParallelLayout,
+              save: Callable[[object, Path], None]) -> None:
+        """Write the states through ``save(obj, path)``, which must write views as their own bytes
+        (``stream_write.save_tensors``): the values are views of ZeRO's buffers where they can be."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from megatron.core import parallel_state as ps
+
+        if not has_state(self.trainer):
+            return
+        tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        zero = self.zero
+        for i, key in enumerate(STATES, start=1):
+            mine = self.dp_rank == writer(i, self.dp)
+
+            def value(name: str, p: torch.nn.Parameter, key: str = key) -> Optional[torch.Tensor]:
+                if zero is not None:
+                    return zero.value(p, key)
+                return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
+
+            content = stage_file(cfg, layout, self.trainer.chunks, value, keep=mine)
+            if mine:
+                target = folder / FOLDER / key
+                target.mkdir(parents=True, exist_ok=True)
+                save(content, target / f"model_tp{tp_rank}_pp{pp_rank}.pt")
+                if tp_rank == 0 and pp_rank == 0:
+                    save(model_config_dict(cfg.model), target / "model_config.pt")
+            del content
+        if zero is not None:
+            zero.finish()
+        if dist.get_rank() == 0:
+            adam = self.trainer.optimizer.optimizer
+            steps = [int(adam.state[group["params"][0]]["step"]) for group in adam.param_groups]
+            save({"steps": steps}, folder / FOLDER / STEPS_FILE)
 
 
 def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer) -> None:

@@ -35,18 +35,20 @@ import torch.distributed as dist
 
 from adapter.checkpoint.formats.internevo import model_config_dict
 from adapter.checkpoint.io.safe_load import load_metadata
+from adapter.checkpoint.io.stream_write import save_tensors
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
-from adapter.train.optimizer_state import save_optimizer_state, stage_file, writer
+from adapter.train.optimizer_state import OptimizerSave, stage_file, writer
 
 MARKER = re.compile(r"^(\d+)\.step$")
 DEEPSPEED_TAG = "deepspeed"
 
 
-def atomic_save(obj: object, path: Path) -> None:
+def atomic_save(obj: object, path: Path, write: Callable[[object, Path], None] = torch.save) -> None:
+    """``write(obj, path)`` under a temporary name, then renamed: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
+    write(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -65,17 +67,14 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
                 old.unlink()
     dist.barrier()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    dp = ps.get_data_parallel_world_size()
-    # With data parallelism a (tensor, pipeline) rank's four files are written by different data-parallel
-    # ranks (``optimizer_state.writer``), all after the last collective so that they are written side by
-    # side; without it, each file is written as soon as it is gathered (one state in memory at a time).
-    deferred: list[tuple[object, Path]] = []
-    save = atomic_save if dp == 1 else (lambda obj, path: deferred.append((obj, path)))
-    if ps.get_data_parallel_rank() == writer(0, dp):  # the weights need no collective over data parallel
-        save(stage_file(cfg, layout, trainer.chunks, lambda name, p: p), folder / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-    save_optimizer_state(folder, cfg, layout, trainer, save)
-    while deferred:
-        atomic_save(*deferred.pop(0))
+    # A (tensor, pipeline) rank's four files are written by different data-parallel ranks
+    # (``optimizer_state.writer``); ZeRO's parts start moving to the writers first, and travel while the
+    # weights are written. The tensors are views of the parameters and of ZeRO's buffers: written as they are.
+    optimizer = OptimizerSave(trainer)
+    if ps.get_data_parallel_rank() == writer(0, ps.get_data_parallel_world_size()):
+        atomic_save(stage_file(cfg, layout, trainer.chunks, lambda name, p: p),
+                    folder / f"model_tp{tp_rank}_pp{pp_rank}.pt", save_tensors)
+    optimizer.write(folder, cfg, layout, lambda obj, path: atomic_save(obj, path, save_tensors))
     if dist.get_rank() == 0:
         atomic_save(model_config_dict(cfg.model), folder / "model_config.pt")
         atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},

@@ -163,6 +163,23 @@ class TorchFileWriter(Ordered):
             pass
 
 
+def save_tensors(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` of nested dicts/lists of tensors that may be views of larger buffers.
+
+    ``torch.save`` stores a view's whole storage, so a caller holding views of a flat buffer (DeepSpeed keeps
+    parameters and optimizer state that way) would first have to copy each one; here each tensor becomes a
+    record of its own bytes, as if it had been copied, and ``torch.load`` gives the same tensors back.
+    """
+    writer = TorchFileWriter(path, obj)
+    try:
+        for _, tensor in leaves(obj):
+            writer.write(tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 class SafetensorsWriter(Ordered):
     """A safetensors file of ``tensors`` (name → meta placeholder, in file order), filled with ``write``."""
 
