@@ -46,8 +46,9 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
 
     Each tensor rank cuts its file's pieces from its own parameters wherever InternEvo's split of a tensor
     is megatron-core's (every linear layer and fused qkv/MLP: the same rows or columns of each atom on the
-    same rank; replicated tensors from its own replica), so only the embedding is gathered over tensor
-    ranks: megatron-core splits it on the vocabulary, InternEvo on the hidden size. The pieces are views
+    same rank; replicated tensors from its own replica), so only the embedding crosses between tensor ranks
+    (megatron-core splits it on the vocabulary, InternEvo on the hidden size), each rank receiving just the
+    hidden columns it keeps of the others' rows (``_exchange_tensor_ranks``). The pieces are views
     (of the parameters, of DeepSpeed's flat buffers) wherever the cut allows: write them with
     ``stream_write.save_tensors``, which writes each one's own bytes and copies nothing first."""
     from megatron.core import parallel_state as ps
@@ -68,15 +69,16 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
         for unit, local in chunk_units(model, layout, pp_rank, vp):
             source = Unit(model, unit, mcore_table(model), layout.tp,
                           lambda stored, key: _gather_tensor_ranks(key, mine[key], layout.tp), local,
-                          rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank)
+                          rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank,
+                          exchange=lambda stored, key, dim, bounds, join: _exchange_tensor_ranks(
+                              key, mine[key], dim, bounds, join))
             pieces = unit_pieces(source, model, layout, local, chunk_prefix(layout, vp), tp_rank)
             out.update(pieces)
     return out
 
 
 def _gather_tensor_ranks(name: str, t: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """Every tensor rank's ``t`` (parameter ``name``), in rank order: one all-gather of the shapes, checked
-    equal (megatron-core splits every tensor-parallel parameter evenly), then one of the tensors.
+    """Every tensor rank's ``t`` (parameter ``name``), in rank order (its shape checked the same on every rank).
 
     Not ``all_gather_object``: pickling a tensor writes its whole storage, and DeepSpeed keeps the parameters
     as views of one flat buffer, so each parameter would carry the whole buffer (a model of 40 parameters
@@ -86,15 +88,54 @@ def _gather_tensor_ranks(name: str, t: torch.Tensor, tp: int) -> list[torch.Tens
     from megatron.core import parallel_state as ps
 
     group = ps.get_tensor_model_parallel_group()
+    _check_same_shape(name, t, group, tp)
+    pieces = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(tp)]
+    dist.all_gather(pieces, t.contiguous(), group=group)
+    return pieces
+
+
+def _exchange_tensor_ranks(name: str, t: torch.Tensor, dim: int, bounds: list[int], join: int) -> torch.Tensor:
+    """This rank's slice ``bounds[r]:bounds[r + 1]`` along ``dim`` of every tensor rank's ``t`` (parameter
+    ``name``, split over the ranks along ``join``), joined along ``join``: each rank sends every other one
+    just the slice it keeps (``Unit``'s ``exchange``). Collective over the tensor group."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    ranks = dist.get_process_group_ranks(group)
+    _check_same_shape(name, t, group, tp)
+    n = t.shape[join]
+    shape = list(t.shape)
+    shape[dim], shape[join] = bounds[rank + 1] - bounds[rank], n * tp
+    out = torch.empty(shape, dtype=t.dtype, device=t.device)
+    requests, landed, sent = [], [], []
+    for j in range(tp):
+        if j == rank:
+            continue
+        place = out.narrow(join, j * n, n)
+        buffer = place if place.is_contiguous() else torch.empty_like(place, memory_format=torch.contiguous_format)
+        requests.append(dist.irecv(buffer, src=ranks[j], group=group))
+        landed.append((place, buffer))
+        sent.append(t.narrow(dim, bounds[j], bounds[j + 1] - bounds[j]).contiguous())  # alive until sent
+        requests.append(dist.isend(sent[-1], dst=ranks[j], group=group))
+    out.narrow(join, rank * n, n).copy_(t.narrow(dim, bounds[rank], bounds[rank + 1] - bounds[rank]))
+    for request in requests:
+        request.wait()
+    for place, buffer in landed:
+        if buffer is not place:
+            place.copy_(buffer)
+    return out
+
+
+def _check_same_shape(name: str, t: torch.Tensor, group, tp: int) -> None:
+    """One all-gather of ``t``'s shape over the tensor group: megatron-core splits every tensor-parallel
+    parameter evenly, so a rank holding another shape is a bug to stop at, not data to join."""
     shape = torch.tensor([t.dim(), *t.shape] + [0] * (4 - t.dim()), dtype=torch.int64, device=t.device)
     shapes = [torch.empty_like(shape) for _ in range(tp)]
     dist.all_gather(shapes, shape, group=group)
     if any(not torch.equal(other, shape) for other in shapes):
         raise RuntimeError(f"{name}: tensor-parallel ranks hold it in different shapes "
                            f"{[tuple(s[1:1 + s[0]].tolist()) for s in shapes]}")
-    pieces = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(tp)]
-    dist.all_gather(pieces, t.contiguous(), group=group)
-    return pieces
 
 
 class ZeroStates:

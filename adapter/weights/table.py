@@ -112,14 +112,22 @@ class Unit:
     from just the source rows it needs (``_sliced``): at the same tensor-parallel size and split, from the
     same rank's piece alone. With ``local_rank``, ``rank_piece`` answers for that rank only, and the other
     ranks' pieces come from ``pieces`` (a collective: which tensors need it depends on the tables and sizes
-    alone, so every rank calls it for the same tensors in the same order)."""
+    alone, so every rank calls it for the same tensors in the same order).
+
+    ``exchange(stored, key, dim, bounds, join)``, with ``local_rank``, serves a target split on another
+    dimension than its source at the same tensor-parallel size (the embedding: megatron-core splits the
+    vocabulary, InternEvo the hidden size): a collective in which each rank gives every other rank the
+    slice ``bounds[r]:bounds[r + 1]`` along ``dim`` of its piece, and gets back its own slice of every
+    rank's piece, joined along ``join``. Each rank then receives just the part it keeps, instead of every
+    rank's whole piece through ``pieces``."""
 
     def __init__(self, model: ModelConfig, unit: int, table: Table, tp: int,
                  pieces: Callable[[Stored, str], list[torch.Tensor]], layer_name: Optional[int] = None,
                  rank_piece: Optional[Callable[[Stored, str, int], torch.Tensor]] = None,
-                 local_rank: Optional[int] = None):
+                 local_rank: Optional[int] = None,
+                 exchange: Optional[Callable[[Stored, str, int, list[int], int], torch.Tensor]] = None):
         self.model, self.unit, self.tp, self.pieces = model, unit, tp, pieces
-        self.rank_piece, self.local_rank = rank_piece, local_rank
+        self.rank_piece, self.local_rank, self.exchange = rank_piece, local_rank, exchange
         self.rows = table.keys(model, unit, layer_name)
         self._whole: dict[str, torch.Tensor] = {}
         self._atoms: dict[str, torch.Tensor] = {}
@@ -181,7 +189,12 @@ class Unit:
             if bounds is None or starts is None:
                 return None
             if self.local_rank is not None and (source_dim, starts, self.tp, rank) != (dim, bounds, tp, self.local_rank):
-                return None  # needs other ranks' rows: on every rank alike, since it depends on sizes only
+                # needs other ranks' rows: on every rank alike, since it depends on sizes only
+                if (self.exchange is None or source_dim == dim or source.fused or tp != self.tp
+                        or rank != self.local_rank):
+                    return None
+                parts.append(self.exchange(source, key, dim, bounds, source_dim))
+                continue
             lo, hi = bounds[rank:rank + 2]
             if source_dim == dim:  # the source ranks whose slices overlap [lo, hi)
                 ranks = [j for j in range(self.tp) if starts[j] < hi and starts[j + 1] > lo]
