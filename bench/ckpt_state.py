@@ -8,7 +8,8 @@ state) and then, ``--repeats`` times, measures on that same trained state:
   state under ``optimizer/``, context, sampler, marker);
 * (b) ``DeepSpeed save``: the engine's own ``save_checkpoint`` (module states plus each rank's ZeRO partition),
   what earlier versions wrote under ``deepspeed/``;
-* (c) ``ours load``: ``load_model_weights`` + ``load_training_state`` of (a), as a resume does;
+* (c) ``ours load``: what a resume does: ``load_training_state`` of (a), whose fp32 master weights give the
+  model's (``load_model_weights`` only where a checkpoint holds no optimizer state);
 * (d) ``DeepSpeed load``: the engine's ``load_checkpoint`` of (b), as resuming an old checkpoint does;
 
 A repeat runs (a) (b) (b) (a), then (c) (d) (d) (c), so that neither side profits from its place in the order
@@ -265,7 +266,8 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
     from adapter.model.mapping import logical_shapes
     from adapter.runtime.dist import init_distributed
     from adapter.train.engine import Trainer
-    from adapter.train.state_files import load_model_weights, load_training_state, save_checkpoint
+    from adapter.train.state_files import (load_model_weights, load_training_state, save_checkpoint,
+                                           weights_from_optimizer)
     from tests.model.workers import random_batches
 
     root_path = Path(root)
@@ -298,8 +300,9 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
         dist.barrier()
         return time.perf_counter() - start
 
-    def load_ours(folder: Path) -> None:  # what a resume does: the weights, then the rest
-        load_model_weights(folder, cfg, layout, chunks, "bench")
+    def load_ours(folder: Path) -> None:  # what a resume does (checkpointing.Checkpointer.load_weights, load_state)
+        if not weights_from_optimizer(folder, True):  # else the weights come from the fp32 masters
+            load_model_weights(folder, cfg, layout, chunks, "bench")
         load_training_state(folder, cfg, layout, trainer, True, "bench")
 
     def cold(folder: Path) -> float:

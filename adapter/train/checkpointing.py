@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from adapter.train.state_files import (MARKER, atomic_save, completed_step, latest_checkpoint, load_model_weights,
-                                     load_training_state, save_checkpoint)
+                                     load_training_state, save_checkpoint, weights_from_optimizer)
 from adapter.checkpoint.storage import Location, ObjectStore, StorageError, parse_location
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
@@ -187,11 +187,13 @@ class Checkpointer:
     def load_weights(self, plan: "ResumePlan", chunks: list) -> None:
         """Load ``plan``'s model into the chunks, at this run's layout whatever the saved one. Must run
         before the engine is built (``state_files.load_model_weights`` says why); a full resume's folder must
-        be complete."""
+        be complete. A full resume with the optimizer takes the weights from its fp32 master weights
+        instead (``state_files.weights_from_optimizer``), and reads no model file."""
         folder = self._materialise(plan.where)
         if plan.full and completed_step(folder) is None:
             raise ConfigError(plan.field, f"{plan.where}: not a complete checkpoint (no N.step marker)")
-        load_model_weights(folder, self.cfg, self.layout, chunks, plan.field)
+        if not (plan.full and weights_from_optimizer(folder, self.cfg.ckpt.load_optimizer)):
+            load_model_weights(folder, self.cfg, self.layout, chunks, plan.field)
 
     def load_state(self, plan: "ResumePlan", trainer) -> dict:
         """The rest of a full resume, once the engine exists: optimizer (unless ``load_optimizer=False``) and

@@ -85,6 +85,7 @@ def train(cfg: InternLMConfig, layout: ParallelLayout, options: RunOptions) -> l
     if start.where is not None:
         # before the engine exists: DeepSpeed ZeRO copies its fp32 master weights from the module at
         # initialisation, so weights loaded later would be replaced by random init + update at step 1
+        # (a full resume with the optimizer skips this: its fp32 masters give the weights)
         checkpointer.load_weights(start, chunks)
     trainer = Trainer(cfg, layout, chunks, config)
     context = checkpointer.load_state(start, trainer) if start.full else {}

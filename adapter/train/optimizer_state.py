@@ -284,7 +284,8 @@ class OptimizerSave:
 
 
 def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer) -> None:
-    """Fill ZeRO-1's fp32 partitions and Adam's moments and step from ``folder/optimizer`` (any layout)."""
+    """Fill ZeRO-1's fp32 partitions and Adam's moments and step from ``folder/optimizer`` (any layout), and
+    the model's weights from those fp32 master weights."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
     from megatron.core import parallel_state as ps
@@ -322,6 +323,9 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
                     else:
                         safe_set_full_optimizer_state(p, value, key)
                     del value
+    # the model's weights from the fp32 masters, as after a step (each rank casts its partition, then they
+    # are gathered over data parallel): a resume reads no model file (``state_files.weights_from_optimizer``)
+    zero.update_lp_params()
 
 
 def _in_partition(p: torch.nn.Parameter) -> bool:

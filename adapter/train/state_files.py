@@ -112,6 +112,19 @@ def latest_checkpoint(save_folder: Path, snapshot_folder: Optional[Path]) -> Opt
     return best[1] if best else None
 
 
+def weights_from_optimizer(folder: Path, load_optimizer: bool) -> bool:
+    """Whether resuming from ``folder`` restores an optimizer whose fp32 master weights then give the
+    model's weights (``optimizer_state.load_optimizer_state``), so that its model files need not be read.
+
+    They are the same numbers: after every step ZeRO (and InternEvo's optimizer) copies each master weight
+    into its model weight, in the model's dtype, and a checkpoint saves both after a step. DeepSpeed's own
+    ZeRO load and universal checkpoints do the same (``load_from_fp32_weights``)."""
+    from adapter.train.internevo_state import holds_optimizer
+    from adapter.train.optimizer_state import FOLDER, STEPS_FILE
+
+    return load_optimizer and ((folder / FOLDER / STEPS_FILE).exists() or holds_optimizer(folder))
+
+
 def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, chunks: list, field: str) -> None:
     """Initialise the chunks from a model checkpoint in any format ``internlm-ckpt`` reads (InternEvo at any
     layout, Hugging Face, megatron-core ``torch_dist`` or legacy), resharded to this rank on the fly.
@@ -146,10 +159,11 @@ def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout
 
 def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer,
                         load_optimizer: bool, field: str) -> dict:
-    """Restore the optimizer (unless ``load_optimizer`` is False) and the counters from ``folder``, whose
-    weights are already in the model (``load_model_weights``, before the engine was built); returns
-    ``context.pt`` (with ``sampler`` holding the sampler state). ``folder`` is this adapter's checkpoint, at
-    any layout, or one InternEvo wrote (``train.internevo_state``)."""
+    """Restore the optimizer (unless ``load_optimizer`` is False) and the counters from ``folder``; returns
+    ``context.pt`` (with ``sampler`` holding the sampler state). The weights come with the optimizer's fp32
+    master weights, or, where no optimizer state is restored, are already in the model
+    (``load_model_weights``, before the engine was built; ``weights_from_optimizer`` decides). ``folder`` is
+    this adapter's checkpoint, at any layout, or one InternEvo wrote (``train.internevo_state``)."""
     from adapter.checkpoint.errors import CheckpointError
     from adapter.train.internevo_state import holds_optimizer, sampler_state
     from adapter.train.optimizer_state import FOLDER, STEPS_FILE, load_optimizer_state
