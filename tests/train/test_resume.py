@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from adapter.checkpoint.convert import compare, open_checkpoint
 from adapter.cli.ckpt import main as ckpt_main
 from adapter.train.state_files import latest_checkpoint
@@ -21,10 +22,10 @@ from tests.spawn import spawn
 
 
 def _config(save: str, total_steps: int = 6, tp: int = 1, pp: int = 2, vpp: int = 2, sp: bool = False,
-            micro_num: int = 4, **ckpt):
+            micro_num: int = 4, dtype: str = "torch.float32", **ckpt):
     """dp × pp × virtual stages (default 2 × 2) on the shipped tiny dataset (dp from the world size)."""
     s = base_sections()
-    s["model"].update(num_layers=4, num_chunks=vpp, vocab_size=264)
+    s["model"].update(num_layers=4, num_chunks=vpp, vocab_size=264, dtype=dtype)
     s["data"].update(seq_len=32, micro_bsz=2, micro_num=micro_num, total_steps=total_steps,
                      train_folder=str(REPO / "launch/data/tiny"))
     s["adam"].update(lr=3e-3)
@@ -55,18 +56,31 @@ def _runs(jobs: list[tuple]) -> list:
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_resume_after_restart_is_exact(tmp_path):
-    """dp=2 × pp=2 × 2 virtual stages: 6 steps in one go equal 3 steps, a restart, and 3 more."""
-    whole, first = spawn(_runs, 4, [(str(tmp_path / "a"), None, {}), (str(tmp_path / "b"), 3, {})])[0]
+    """dp=2 × pp=2 × 2 virtual stages: 6 steps in one go equal 3 steps, a restart, and 3 more; in fp32 and in
+    bf16, where the resumed weights are the bf16 casts of the saved fp32 master weights."""
+    bf16 = {"dtype": "torch.bfloat16"}
+    whole, first, whole16, first16 = spawn(_runs, 4, [(str(tmp_path / "a"), None, {}), (str(tmp_path / "b"), 3, {}),
+                                                      (str(tmp_path / "a16"), None, {}, 6, bf16),
+                                                      (str(tmp_path / "b16"), 3, {}, 6, bf16)])[0]
     assert [r[0] for r in first] == [1, 2, 3] and (tmp_path / "b" / "3" / "3.step").exists()
-    # new processes: auto-resume from b/3; then, from a/6, the weights alone (a fresh optimizer and step 0)
-    second, fresh = spawn(_runs, 4, [(str(tmp_path / "b"), None, {}),
-                                     (str(tmp_path / "c"), 1, {"load_model_only_folder": f"local:{tmp_path}/a/6",
-                                                               "auto_resume": False})])[0]
+    # a bf16 checkpoint's weights are its fp32 masters cast to bf16, bit for bit (what a resume relies on)
+    cfg16, _ = _config(str(tmp_path / "b16"), **bf16)
+    weights16 = open_checkpoint(tmp_path / "b16" / "3")
+    masters16 = open_checkpoint(tmp_path / "b16" / "3" / "optimizer" / "fp32", cfg16.model)
+    assert {weights16.tensors[k].dtype for k in weights16.tensors} == {torch.bfloat16}
+    assert all(torch.equal(masters16.tensors[k].to(torch.bfloat16), weights16.tensors[k]) for k in weights16.tensors)
+    # new processes: auto-resume from b/3 (and b16/3); then, from a/6, the weights alone (a fresh optimizer, step 0)
+    second, fresh, second16 = spawn(_runs, 4, [(str(tmp_path / "b"), None, {}),
+                                               (str(tmp_path / "c"), 1, {"load_model_only_folder": f"local:{tmp_path}/a/6",
+                                                                         "auto_resume": False}),
+                                               (str(tmp_path / "b16"), None, {}, 6, bf16)])[0]
     assert [r[0] for r in second] == [4, 5, 6]
     assert [r[2] for r in second] == [r[2] for r in whole[3:]]  # the data continues where it stopped
     assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)
     a, b = open_checkpoint(tmp_path / "a" / "6"), open_checkpoint(tmp_path / "b" / "6")
     assert compare(a, b, atol=1e-6) == []
+    assert [r[1] for r in first16 + second16] == [r[1] for r in whole16]  # bit for bit
+    assert compare(open_checkpoint(tmp_path / "a16" / "6"), open_checkpoint(tmp_path / "b16" / "6"), atol=0) == []
     # in an fp32 run ZeRO's master weights are the model's: the optimizer's fp32 files equal the weights
     cfg, _ = _config(str(tmp_path / "a"))
     masters = open_checkpoint(tmp_path / "a" / "6" / "optimizer" / "fp32", cfg.model)
