@@ -24,6 +24,7 @@ import torch
 from adapter.atomic import NoSpaceError, atomic_directory, require_space
 from adapter.checkpoint import formats
 from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout, partition_uniform
 from adapter.weights.stored import same_bytes
@@ -183,10 +184,29 @@ def describe(ckpt: Checkpoint, tensors: bool = False) -> dict:
                   "num_kv_attention_heads": ckpt.model.num_kv_attention_heads,
                   "vocab_size": ckpt.model.vocab_size, "ffn_hidden_size": ckpt.model.ffn_hidden_size},
     }
+    info["notes"] = dtype_notes(ckpt)
     if tensors:
         info["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                            for k, v in meta.items()}
     return info
+
+
+def dtype_notes(ckpt: Checkpoint) -> list[str]:
+    """A note when an InternEvo folder's ``model_config.pt`` names a dtype none of its tensors has (from
+    headers only). The tensors are still read as they are, but a reader trusting that file is misled; a mix
+    that holds the named dtype is no contradiction (InternEvo's ``use_fp32_norm`` keeps norms in fp32 beside
+    bf16 weights)."""
+    config = ckpt.path / "model_config.pt"
+    if ckpt.format != "internevo" or not config.is_file():
+        return []
+    named = load_metadata(config).get("dtype")  # InternEvo pickles a torch dtype, this adapter its name
+    if isinstance(named, str):
+        named = getattr(torch, named.removeprefix("torch."), None)
+    held = {ckpt.tensors.meta(key).dtype for key in ckpt.tensors}
+    if not isinstance(named, torch.dtype) or named in held:
+        return []
+    names = ", ".join(sorted(str(d).replace("torch.", "") for d in held))
+    return [f"{config}: says dtype {str(named).replace('torch.', '')}, but the tensors are {names}"]
 
 
 def dumps(info: dict) -> str:

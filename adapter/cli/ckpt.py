@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     from adapter.atomic import OverlapError, TargetExistsError, check_separate, check_target
-    from adapter.checkpoint.convert import (DTYPES, compare, describe, dumps, open_checkpoint, planned_files,
-                                            write_checkpoint)
+    from adapter.checkpoint.convert import (DTYPES, compare, describe, dtype_notes, dumps, open_checkpoint,
+                                            planned_files, write_checkpoint)
     from adapter.checkpoint.errors import CheckpointError
     from adapter.config import ConfigError, read_config
 
@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             print(dumps({**info, "state": read_state(args.path).info}))
             return 0
         if args.command == "verify":
-            problems = compare(open_checkpoint(args.a, model), open_checkpoint(args.b, model), args.atol)
+            a, b = open_checkpoint(args.a, model), open_checkpoint(args.b, model)
+            for note in dtype_notes(a) + dtype_notes(b):  # reported, not a difference: the tensors are compared
+                print(f"note: {note}", file=sys.stderr)
+            problems = compare(a, b, args.atol)
             for line in problems:
                 print(line)
             print("match" if not problems else f"{len(problems)} differences", file=sys.stderr)

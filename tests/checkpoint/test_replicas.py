@@ -3,6 +3,7 @@ the file and the tensor, never joined, cast or dropped silently. Real files, wri
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,21 @@ def test_a_tampered_rank1_file_is_refused(capsys, folders, tmp_path, edit, words
 ], ids=["vocab", "kv-heads"])
 def test_a_model_config_contradicting_the_shards_is_refused(capsys, folders, tmp_path, config, words):
     _both_refuse(capsys, folders, _tampered(folders, tmp_path, lambda s: None, config=config), *words)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "torch.bfloat16"], ids=["internevo", "adapter"])
+def test_a_model_config_naming_another_dtype_is_reported(capsys, folders, tmp_path, dtype):
+    """bf16 in ``model_config.pt`` (InternEvo pickles the dtype, this adapter writes its name) over fp32 shards:
+    the tensors still compare equal, and ``verify`` and ``inspect`` say that the file contradicts them."""
+    folder = _tampered(folders, tmp_path, lambda s: None, config=dict(dtype=dtype))
+    note = f"{folder / 'model_config.pt'}: says dtype bfloat16, but the tensors are float32"
+    assert main(["verify", str(folders / "tp2"), str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"note: {note}", "match"], err
+    assert main(["inspect", str(folder)]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == [note]
+    assert main(["inspect", str(folders / "tp2")]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
 
 
 def test_rule_every_replica_of_every_tensor_is_read(folders, tmp_path):
