@@ -73,7 +73,7 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
                           exchange=lambda stored, key, dim, bounds, join: _exchange_tensor_ranks(
                               key, mine[key], dim, bounds, join))
             pieces = unit_pieces(source, model, layout, local, chunk_prefix(layout, vp), tp_rank)
-            out.update(pieces)
+            out.update((k, v.cpu()) for k, v in pieces)  # host memory for the file (on the CPU: the same views)
     return out
 
 
@@ -148,17 +148,23 @@ class ZeroStates:
     the whole parameter over every data-parallel rank; here each rank sends its parts to the one rank that
     writes, point to point, so every element crosses once and nobody else receives or sums anything.
 
-    ``start`` posts every transfer of a state without waiting (the sends read ZeRO's buffers in place), so
-    the parts move while the rank writes other files; ``value`` waits for the state's receives. A parameter
-    that the writer's own partition holds whole is a view of it, not a copy. ``finish`` must run before the
-    optimizer steps again. Collective over data parallel: every rank constructs it, and starts the same
-    states with the same writers in the same order."""
+    One state moves at a time: ``start`` posts its transfers without waiting (the sends read ZeRO's buffers
+    in place), so they travel while the rank writes the previous file; ``value`` waits for a parameter's
+    receives; ``finish`` waits for the rest, and must come before the next ``start`` and before the
+    optimizer steps again. Within a state every part flows to one rank, in parameter order, so the
+    point-to-point operations of each pair of ranks are posted in the same order on both sides (what NCCL
+    needs, whose operations between two ranks run in posting order on one stream). A parameter that the
+    writer's partition holds whole is a view of it, not a copy. On an accelerator the values come back in
+    host memory, and at most ``window`` bytes of receive buffers are posted at a time. Collective over data
+    parallel: every rank constructs it, and starts the same states with the same writers in the same order."""
 
-    def __init__(self, chunks: list):
+    def __init__(self, chunks: list, window: int = 1 << 30):
         self.params = [p for chunk in chunks for _, p in chunk.named_parameters()]
+        self.index = {id(p): i for i, p in enumerate(self.params)}
         self.group = self.params[0]._dp_group
         self.ranks = dist.get_process_group_ranks(self.group)
         self.rank = dist.get_rank(self.group)
+        self.window = window
         mine = [None if p._hp_mapping is None else
                 (p._hp_mapping.lp_fragment_address.start, p._hp_mapping.lp_fragment_address.numel)
                 for p in self.params]
@@ -168,9 +174,11 @@ class ZeroStates:
             held = sum(parts[i][1] for parts in self.parts if parts[i] is not None)
             if held != p.numel():
                 raise RuntimeError(f"ZeRO's partitions hold {held} of a parameter's {p.numel()} elements")
-        self.wholes: dict[str, dict[int, torch.Tensor]] = {}
-        self.receives: dict[str, list] = {}
+        self.key: Optional[str] = None
+        self.queue: list[int] = []  # parameters whose receives are not posted yet, in order
+        self.receiving: dict[int, tuple[torch.Tensor, list]] = {}
         self.sends: list = []
+        self.tag = 0
 
     @staticmethod
     def available(chunks: list) -> bool:
@@ -179,45 +187,66 @@ class ZeroStates:
         return bool(params) and all(hasattr(p, "_hp_mapping") and getattr(p, "_dp_group", None) is params[0]._dp_group
                                     for p in params)
 
+    def _part(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        mapping = p._hp_mapping
+        return None if mapping is None else mapping.get_hp_fragment(None if self.key == "fp32" else self.key)
+
     def start(self, key: str, writer: int) -> None:
         """Start moving every parameter's ``key`` (``fp32`` or an Adam state) to data-parallel rank ``writer``."""
-        tag = len(self.receives)  # one tag per state: its messages cannot be taken for another state's
-        wholes, receives = {}, []
-        for i, p in enumerate(self.params):
-            mapping = p._hp_mapping
-            part = None if mapping is None else mapping.get_hp_fragment(None if key == "fp32" else key)
-            if self.rank != writer:
+        self.key, self.writer, self.tag = key, writer, self.tag + 1  # one tag per state (gloo matches by tag)
+        if self.rank != writer:
+            for p in self.params:
+                part = self._part(p)
                 if part is not None:
                     self.sends.append(dist.isend(part.contiguous(), dst=self.ranks[writer], group=self.group,
-                                                 tag=tag))
-                continue
-            if part is not None and part.numel() == p.numel():
-                wholes[id(p)] = part.view(p.shape)
-                continue
+                                                 tag=self.tag))
+            return
+        self.queue = [i for i, p in enumerate(self.params) if any(
+            parts[i] is not None for r, parts in enumerate(self.parts) if r != self.rank)]
+        self._post()
+
+    def _post(self) -> None:
+        """Post the receives of the next parameters, while the buffers in flight on an accelerator fit in
+        ``window`` (host memory is what the file needs anyway: no limit there)."""
+        in_flight = sum(whole.numel() * 4 for whole, _ in self.receiving.values())
+        while self.queue:
+            i = self.queue[0]
+            p = self.params[i]
+            if p.device.type != "cpu" and self.receiving and in_flight + p.numel() * 4 > self.window:
+                return
+            self.queue.pop(0)
             whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+            requests = []
             for r, parts in enumerate(self.parts):
-                if parts[i] is None:
-                    continue
-                place = whole.narrow(0, parts[i][0], parts[i][1])
-                if r == self.rank:
-                    place.copy_(part.reshape(-1))
-                else:
-                    receives.append(dist.irecv(place, src=self.ranks[r], group=self.group, tag=tag))
-            wholes[id(p)] = whole.view(p.shape)
-        self.wholes[key], self.receives[key] = wholes, receives
+                if parts[i] is not None and r != self.rank:
+                    place = whole.narrow(0, parts[i][0], parts[i][1])
+                    requests.append(dist.irecv(place, src=self.ranks[r], group=self.group, tag=self.tag))
+            self.receiving[i] = (whole, requests)
+            in_flight += p.numel() * 4
 
     def value(self, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
-        """``p``'s whole ``key`` where it is written (after ``start``); None elsewhere."""
-        for request in self.receives[key]:
+        """``p``'s whole ``key`` at the writer (after ``start(key, ...)``), in host memory; None elsewhere."""
+        if self.rank != self.writer:
+            return None
+        i, part = self.index[id(p)], self._part(p)
+        if i not in self.receiving and part is not None and part.numel() == p.numel():
+            return part.view(p.shape).cpu()  # held whole here: a view (no copy) on the CPU
+        whole, requests = self.receiving.pop(i)
+        if part is not None:
+            whole.narrow(0, self.parts[self.rank][i][0], self.parts[self.rank][i][1]).copy_(part)
+        for request in requests:
             request.wait()
-        self.receives[key] = []
-        return self.wholes[key].get(id(p))
+        self._post()
+        return whole.view(p.shape).cpu()
 
     def finish(self) -> None:
-        """Wait until every part this rank sent has left (the optimizer may then change them again)."""
+        """Wait until this rank's transfers of the current state are done (its parts may then change)."""
+        for i in list(self.receiving):
+            for request in self.receiving.pop(i)[1]:
+                request.wait()
         for request in self.sends:
             request.wait()
-        self.sends = []
+        self.sends, self.queue = [], []
 
 
 def has_state(trainer) -> bool:
@@ -234,8 +263,9 @@ def writer(index: int, dp: int) -> int:
 
 class OptimizerSave:
     """Writing ``<checkpoint>/optimizer``, in two calls so that ZeRO's parts travel while the caller writes
-    the weights: the constructor starts moving each state to the data-parallel rank that writes it
-    (``writer(1 + i, dp)``), ``write`` writes them. Both are collective over all ranks."""
+    the weights: the constructor starts moving the first state to the data-parallel rank that writes it
+    (``writer(1 + i, dp)``), ``write`` writes them, each state's transfer started before the previous
+    state's file is written. Both are collective over all ranks."""
 
     def __init__(self, trainer):
         from megatron.core import parallel_state as ps
@@ -245,8 +275,7 @@ class OptimizerSave:
         self.zero = ZeroStates(trainer.chunks) if has_state(trainer) and ZeroStates.available(trainer.chunks) else None
         if self.zero is not None:
             self.dp_rank = self.zero.rank
-            for i, key in enumerate(STATES, start=1):
-                self.zero.start(key, writer(i, self.dp))
+            self.zero.start(STATES[0], writer(1, self.dp))
 
     def write(self, folder: Path, cfg: InternLMConfig, layout: ParallelLayout,
               save: Callable[[object, Path], None]) -> None:
@@ -268,6 +297,10 @@ class OptimizerSave:
                 return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
 
             content = stage_file(cfg, layout, self.trainer.chunks, value, keep=mine)
+            if zero is not None:
+                zero.finish()
+                if i < len(STATES):
+                    zero.start(STATES[i], writer(i + 1, self.dp))
             if mine:
                 target = folder / FOLDER / key
                 target.mkdir(parents=True, exist_ok=True)
@@ -275,8 +308,6 @@ class OptimizerSave:
                 if tp_rank == 0 and pp_rank == 0:
                     save(model_config_dict(cfg.model), target / "model_config.pt")
             del content
-        if zero is not None:
-            zero.finish()
         if dist.get_rank() == 0:
             adam = self.trainer.optimizer.optimizer
             steps = [int(adam.state[group["params"][0]]["step"]) for group in adam.param_groups]
