@@ -154,17 +154,20 @@ class ZeroStates:
     optimizer steps again. Within a state every part flows to one rank, in parameter order, so the
     point-to-point operations of each pair of ranks are posted in the same order on both sides (what NCCL
     needs, whose operations between two ranks run in posting order on one stream). A parameter that the
-    writer's partition holds whole is a view of it, not a copy. On an accelerator the values come back in
-    host memory, and at most ``window`` bytes of receive buffers are posted at a time. Collective over data
-    parallel: every rank constructs it, and starts the same states with the same writers in the same order."""
+    writer's partition holds whole is a view of it, not a copy. Values come back in host memory (on an
+    accelerator, a copy), and at most ``WINDOW`` bytes of receive buffers are posted ahead of the parameter
+    being read (at least one parameter's). Collective over data parallel: every rank constructs it, and
+    starts the same states with the same writers in the same order."""
 
-    def __init__(self, chunks: list, window: int = 1 << 30):
+    #: bytes of receive buffers posted ahead (on an accelerator they are device memory until read)
+    WINDOW = 1 << 30
+
+    def __init__(self, chunks: list):
         self.params = [p for chunk in chunks for _, p in chunk.named_parameters()]
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.group = self.params[0]._dp_group
         self.ranks = dist.get_process_group_ranks(self.group)
         self.rank = dist.get_rank(self.group)
-        self.window = window
         mine = [None if p._hp_mapping is None else
                 (p._hp_mapping.lp_fragment_address.start, p._hp_mapping.lp_fragment_address.numel)
                 for p in self.params]
@@ -206,13 +209,12 @@ class ZeroStates:
         self._post()
 
     def _post(self) -> None:
-        """Post the receives of the next parameters, while the buffers in flight on an accelerator fit in
-        ``window`` (host memory is what the file needs anyway: no limit there)."""
+        """Post the receives of the next parameters while the buffers in flight fit in ``WINDOW``."""
         in_flight = sum(whole.numel() * 4 for whole, _ in self.receiving.values())
         while self.queue:
             i = self.queue[0]
             p = self.params[i]
-            if p.device.type != "cpu" and self.receiving and in_flight + p.numel() * 4 > self.window:
+            if self.receiving and in_flight + p.numel() * 4 > self.WINDOW:
                 return
             self.queue.pop(0)
             whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)

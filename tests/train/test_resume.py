@@ -38,13 +38,21 @@ def _config(save: str, total_steps: int = 6, tp: int = 1, pp: int = 2, vpp: int 
     return cfg, validate(cfg, int(os.environ.get("WORLD_SIZE", "4")))
 
 
-def _run(save: str, max_steps: int | None, ckpt: dict, total_steps: int = 6, layout: dict | None = None) -> list | None:
+def _run(save: str, max_steps: int | None, ckpt: dict, total_steps: int = 6, layout: dict | None = None,
+         window: int | None = None) -> list | None:
+    """One run; ``window``: the bytes of ZeRO receive buffers its saves post ahead (``ZeroStates.WINDOW``)."""
     import torch.distributed as dist
 
     from adapter.train.loop import RunOptions, train
+    from adapter.train.optimizer_state import ZeroStates
 
     cfg, layout = _config(save, total_steps, **(layout or {}), **ckpt)
-    records = train(cfg, layout, RunOptions(max_steps=max_steps))
+    default = ZeroStates.WINDOW
+    ZeroStates.WINDOW = default if window is None else window
+    try:
+        records = train(cfg, layout, RunOptions(max_steps=max_steps))
+    finally:
+        ZeroStates.WINDOW = default
     return [(r["step"], r["loss"], r["batch_count"]) for r in records] if dist.get_rank() == 0 else None
 
 
@@ -57,11 +65,12 @@ def _runs(jobs: list[tuple]) -> list:
 @pytest.mark.slow
 def test_resume_after_restart_is_exact(tmp_path):
     """dp=2 × pp=2 × 2 virtual stages: 6 steps in one go equal 3 steps, a restart, and 3 more; in fp32 and in
-    bf16, where the resumed weights are the bf16 casts of the saved fp32 master weights."""
+    bf16, where the resumed weights are the bf16 casts of the saved fp32 master weights (and whose save posts
+    one parameter's ZeRO receives at a time, as an accelerator's window does for large models)."""
     bf16 = {"dtype": "torch.bfloat16"}
     whole, first, whole16, first16 = spawn(_runs, 4, [(str(tmp_path / "a"), None, {}), (str(tmp_path / "b"), 3, {}),
                                                       (str(tmp_path / "a16"), None, {}, 6, bf16),
-                                                      (str(tmp_path / "b16"), 3, {}, 6, bf16)])[0]
+                                                      (str(tmp_path / "b16"), 3, {}, 6, bf16, 1)])[0]
     assert [r[0] for r in first] == [1, 2, 3] and (tmp_path / "b" / "3" / "3.step").exists()
     # a bf16 checkpoint's weights are its fp32 masters cast to bf16, bit for bit (what a resume relies on)
     cfg16, _ = _config(str(tmp_path / "b16"), **bf16)
