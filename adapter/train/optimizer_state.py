@@ -108,16 +108,18 @@ def _exchange_tensor_ranks(name: str, t: torch.Tensor, dim: int, bounds: list[in
     shape = list(t.shape)
     shape[dim], shape[join] = bounds[rank + 1] - bounds[rank], n * tp
     out = torch.empty(shape, dtype=t.dtype, device=t.device)
-    requests, landed, sent = [], [], []
+    ops, landed = [], []
     for j in range(tp):
         if j == rank:
             continue
         place = out.narrow(join, j * n, n)
         buffer = place if place.is_contiguous() else torch.empty_like(place, memory_format=torch.contiguous_format)
-        requests.append(dist.irecv(buffer, src=ranks[j], group=group))
         landed.append((place, buffer))
-        sent.append(t.narrow(dim, bounds[j], bounds[j + 1] - bounds[j]).contiguous())  # alive until sent
-        requests.append(dist.isend(sent[-1], dst=ranks[j], group=group))
+        ops.append(dist.P2POp(dist.irecv, buffer, ranks[j], group))
+        ops.append(dist.P2POp(dist.isend, t.narrow(dim, bounds[j], bounds[j + 1] - bounds[j]).contiguous(),
+                              ranks[j], group))
+    # one batch: each pair of ranks both sends and receives, which NCCL runs only when grouped
+    requests = dist.batch_isend_irecv(ops)
     out.narrow(join, rank * n, n).copy_(t.narrow(dim, bounds[rank], bounds[rank + 1] - bounds[rank]))
     for request in requests:
         request.wait()
