@@ -179,11 +179,12 @@ class ZeroStates:
             held = sum(parts[i][1] for parts in self.parts if parts[i] is not None)
             if held != p.numel():
                 raise RuntimeError(f"ZeRO's partitions hold {held} of a parameter's {p.numel()} elements")
-        self.key: Optional[str] = None
+        self.key: Optional[str] = None  # the state in flight, its writer and its message tag
+        self.writer, self.tag = -1, 0
         self.queue: list[int] = []  # parameters whose receives are not posted yet, in order
         self.receiving: dict[int, tuple[torch.Tensor, list]] = {}
+        self.in_flight = 0  # bytes of the buffers in ``receiving``
         self.sends: list = []
-        self.tag = 0
 
     @staticmethod
     def available(chunks: list) -> bool:
@@ -212,11 +213,10 @@ class ZeroStates:
 
     def _post(self) -> None:
         """Post the receives of the next parameters while the buffers in flight fit in ``WINDOW``."""
-        in_flight = sum(whole.numel() * 4 for whole, _ in self.receiving.values())
         while self.queue:
             i = self.queue[0]
             p = self.params[i]
-            if self.receiving and in_flight + p.numel() * 4 > self.WINDOW:
+            if self.receiving and self.in_flight + p.numel() * 4 > self.WINDOW:
                 return
             self.queue.pop(0)
             whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
@@ -226,16 +226,17 @@ class ZeroStates:
                     place = whole.narrow(0, parts[i][0], parts[i][1])
                     requests.append(dist.irecv(place, src=self.ranks[r], group=self.group, tag=self.tag))
             self.receiving[i] = (whole, requests)
-            in_flight += p.numel() * 4
+            self.in_flight += p.numel() * 4
 
-    def value(self, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
-        """``p``'s whole ``key`` at the writer (after ``start(key, ...)``), in host memory; None elsewhere."""
+    def value(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """``p``'s whole value of the state in flight at its writer, in host memory; None elsewhere."""
         if self.rank != self.writer:
             return None
         i, part = self.index[id(p)], self._part(p)
         if i not in self.receiving and part is not None and part.numel() == p.numel():
             return part.view(p.shape).cpu()  # held whole here: a view (no copy) on the CPU
         whole, requests = self.receiving.pop(i)
+        self.in_flight -= whole.numel() * 4
         if part is not None:
             whole.narrow(0, self.parts[self.rank][i][0], self.parts[self.rank][i][1]).copy_(part)
         for request in requests:
@@ -245,12 +246,12 @@ class ZeroStates:
 
     def finish(self) -> None:
         """Wait until this rank's transfers of the current state are done (its parts may then change)."""
-        for i in list(self.receiving):
-            for request in self.receiving.pop(i)[1]:
+        for _, requests in self.receiving.values():
+            for request in requests:
                 request.wait()
         for request in self.sends:
             request.wait()
-        self.sends, self.queue = [], []
+        self.sends, self.queue, self.receiving, self.in_flight = [], [], {}, 0
 
 
 def has_state(trainer) -> bool:
@@ -297,7 +298,7 @@ class OptimizerSave:
 
             def value(name: str, p: torch.nn.Parameter, key: str = key) -> Optional[torch.Tensor]:
                 if zero is not None:
-                    return zero.value(p, key)
+                    return zero.value(p)
                 return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
 
             content = stage_file(cfg, layout, self.trainer.chunks, value, keep=mine)

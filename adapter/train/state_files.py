@@ -68,8 +68,9 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     dist.barrier()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     # A (tensor, pipeline) rank's four files are written by different data-parallel ranks
-    # (``optimizer_state.writer``); ZeRO's parts start moving to the writers first, and travel while the
-    # weights are written. The tensors are views of the parameters and of ZeRO's buffers: written as they are.
+    # (``optimizer_state.writer``); the first state's ZeRO parts start moving to their writer before the
+    # weights are written, and travel meanwhile. The tensors are views of the parameters and of ZeRO's
+    # buffers: written as they are.
     optimizer = OptimizerSave(trainer)
     if ps.get_data_parallel_rank() == writer(0, ps.get_data_parallel_world_size()):
         atomic_save(stage_file(cfg, layout, trainer.chunks, lambda name, p: p),

@@ -190,7 +190,7 @@ class Unit:
                 return None
             if self.local_rank is not None and (source_dim, starts, self.tp, rank) != (dim, bounds, tp, self.local_rank):
                 # needs other ranks' rows: on every rank alike, since it depends on sizes only
-                if (self.exchange is None or source_dim == dim or source.fused or tp != self.tp
+                if (self.exchange is None or self.tp == 1 or source_dim == dim or source.fused or tp != self.tp
                         or rank != self.local_rank):
                     return None
                 parts.append(self.exchange(source, key, dim, bounds, source_dim))
