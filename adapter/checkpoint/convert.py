@@ -108,7 +108,6 @@ def write_checkpoint(src: Checkpoint, fmt: str, dst: str | Path, layout: Optiona
 def disk_errors(tmp: Path, dst: str | Path) -> Iterator[None]:
     """Writing into ``tmp`` (the temporary folder of ``dst``): torch's zip writer reports a full disk as an
     iostream ``RuntimeError``; say "no space left on ``dst``" instead, and name ``dst`` for any other."""
-
     try:
         yield
     except RuntimeError as exc:

@@ -275,9 +275,9 @@ class OptimizerSave:
     def __init__(self, trainer):
         from megatron.core import parallel_state as ps
 
-        self.trainer = trainer
+        self.trainer, self.stateful = trainer, has_state(trainer)
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.zero = ZeroStates(trainer.chunks) if has_state(trainer) and ZeroStates.available(trainer.chunks) else None
+        self.zero = ZeroStates(trainer.chunks) if self.stateful and ZeroStates.available(trainer.chunks) else None
         if self.zero is not None:
             self.dp_rank = self.zero.rank
             self.zero.start(STATES[0], writer(1, self.dp))
@@ -289,7 +289,7 @@ class OptimizerSave:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         from megatron.core import parallel_state as ps
 
-        if not has_state(self.trainer):
+        if not self.stateful:
             return
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         zero = self.zero

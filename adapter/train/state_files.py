@@ -39,7 +39,7 @@ from adapter.checkpoint.io.stream_write import save_tensors
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
-from adapter.train.optimizer_state import OptimizerSave, stage_file, writer
+from adapter.train.optimizer_state import FOLDER, STEPS_FILE, OptimizerSave, stage_file, writer
 
 MARKER = re.compile(r"^(\d+)\.step$")
 DEEPSPEED_TAG = "deepspeed"
@@ -121,7 +121,6 @@ def weights_from_optimizer(folder: Path, load_optimizer: bool) -> bool:
     into its model weight, in the model's dtype, and a checkpoint saves both after a step. DeepSpeed's own
     ZeRO load and universal checkpoints do the same (``load_from_fp32_weights``)."""
     from adapter.train.internevo_state import holds_optimizer
-    from adapter.train.optimizer_state import FOLDER, STEPS_FILE
 
     return load_optimizer and ((folder / FOLDER / STEPS_FILE).exists() or holds_optimizer(folder))
 
@@ -167,7 +166,7 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
     this adapter's checkpoint, at any layout, or one InternEvo wrote (``train.internevo_state``)."""
     from adapter.checkpoint.errors import CheckpointError
     from adapter.train.internevo_state import holds_optimizer, sampler_state
-    from adapter.train.optimizer_state import FOLDER, STEPS_FILE, load_optimizer_state
+    from adapter.train.optimizer_state import load_optimizer_state
 
     internevo = holds_optimizer(folder)
     context = load_metadata(folder / "context.pt")
