@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from adapter.checkpoint.formats.internevo import model_config_dict
+from adapter.checkpoint.io.memory import zeros_like_huge
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
@@ -337,15 +338,17 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
     if len(steps) != len(adam.param_groups):
         raise CheckpointError(f"{root / STEPS_FILE}: {len(steps)} parameter groups, the optimizer has "
                               f"{len(adam.param_groups)}")
-    # Adam's state is created at its first step; create it now (zeros, then filled below) and link ZeRO's
-    # per-parameter views into it, as DeepSpeed does before loading a universal checkpoint
+    # Adam's state is created at its first step; create it now (zeros, then filled below; on huge pages in
+    # host memory, where a page fault per 4 KiB costs more than the zeros) and link ZeRO's per-parameter
+    # views into it, as DeepSpeed does before loading a universal checkpoint
     for i, (group, step) in enumerate(zip(adam.param_groups, steps)):
         flat = group["params"][0]
-        adam.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                            "exp_avg_sq": torch.zeros_like(flat)}
+        adam.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": zeros_like_huge(flat),
+                            "exp_avg_sq": zeros_like_huge(flat)}
         lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], adam.state)
     pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     sources = open_folders([root / key for key in STATES], cfg.model, one_writer=True)
+    weights = None
     for key in STATES:
         source = sources.pop(0)  # dropped after its state is set: its files are unmapped, one state mapped at a time
         for vp, chunk in enumerate(trainer.chunks):
@@ -359,9 +362,32 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
                     else:
                         safe_set_full_optimizer_state(p, value, key)
                     del value
-    # the model's weights from the fp32 masters, as after a step (each rank casts its partition, then they
-    # are gathered over data parallel): a resume reads no model file (``state_files.weights_from_optimizer``)
-    zero.update_lp_params()
+        if key == "fp32":  # the weights travel while the moments are read
+            weights = _start_weights_from_masters(zero)
+    weights()
+
+
+def _start_weights_from_masters(zero) -> Callable[[], None]:
+    """Start setting the model's weights from ZeRO's fp32 masters, as after a step: each rank casts its
+    partition into its part of the flat weights, then they are all-gathered over data parallel, so a resume
+    reads no model file (``state_files.weights_from_optimizer``). This is DeepSpeed's ``update_lp_params``
+    with its all-gather left running (it takes as long as reading a state: the weights cross the network
+    once); the call returned waits for it."""
+    requests = []
+    with torch.no_grad():
+        for parts, fp32, flat, group in zip(zero.parallel_partitioned_bit16_groups,
+                                            zero.single_partition_of_fp32_groups, zero.bit16_groups_flat,
+                                            zero.real_dp_process_group):
+            rank = dist.get_rank(group=group)
+            parts[rank].copy_(fp32)
+            if dist.get_world_size(group=group) > 1:
+                requests.append(dist.all_gather_into_tensor(flat, parts[rank], group=group, async_op=True))
+
+    def wait() -> None:
+        for request in requests:
+            request.wait()
+
+    return wait
 
 
 def _in_partition(p: torch.nn.Parameter) -> bool:

@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from adapter.checkpoint.io.memory import HUGE, empty_huge
+
 SPLITS = ("replicated", "first", "rows", "columns", "uneven_rows")
 
 
@@ -40,13 +42,19 @@ def split_sizes(n: int, parts: int) -> list[int]:
 
 
 def concat(tensors: Sequence[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``torch.cat``; on ``meta`` tensors (shapes only: file skeletons, ``inspect``) the result's shape is
-    computed here, since torch's meta ``cat`` imports ``torch._dynamo`` (seconds of fixed cost per command)."""
-    if not tensors[0].is_meta:
-        return torch.cat(list(tensors), dim, out=out)
-    shape = list(tensors[0].shape)
+    """``torch.cat``; a large result in host memory goes on huge pages (``empty_huge``: joining the pieces
+    of a checkpoint's tensors would otherwise cost a page fault per 4 KiB written, more than the copy). On
+    ``meta`` tensors (shapes only: file skeletons, ``inspect``) the result's shape is computed here, since
+    torch's meta ``cat`` imports ``torch._dynamo`` (seconds of fixed cost per command)."""
+    first = tensors[0]
+    shape = list(first.shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
-    return out if out is not None else torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+    if not first.is_meta:
+        if (out is None and first.device.type == "cpu" and first.numel() * first.element_size() * len(tensors) >= HUGE
+                and all(t.dtype == first.dtype and t.device == first.device and not t.requires_grad for t in tensors)):
+            out = empty_huge(shape, first.dtype)
+        return torch.cat(list(tensors), dim, out=out)
+    return out if out is not None else torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 class PieceError(ValueError):

@@ -41,6 +41,10 @@ def _madvise(t: torch.Tensor, advice: int) -> None:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(advice))
 
 
+#: the size of a huge page: smaller tensors gain nothing from ``empty_huge``
+HUGE = 2 << 20
+
+
 def empty_huge(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty`` whose pages are backed by transparent huge pages where the kernel allows it
     (``MADV_HUGEPAGE`` before the first touch). Filling fresh memory costs a page fault per 4 KiB page
@@ -62,3 +66,10 @@ def trim_heap() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(ctypes.c_size_t(0))
+
+
+def zeros_like_huge(t: torch.Tensor) -> torch.Tensor:
+    """``torch.zeros_like(t)``, in host memory on huge pages (``empty_huge``); elsewhere as it is."""
+    if t.device.type != "cpu":
+        return torch.zeros_like(t)
+    return empty_huge(t.shape, t.dtype).zero_()
