@@ -260,7 +260,7 @@ FIELDS: tuple[Field, ...] = (
               derived("args", "--swiglu", "always"))),
     Field("model.deepnorm", "bool", False, families=_INTERNLM,
           requires=(False, "DeepNorm residual scaling is not supported")),
-    Field("model.mlp_layer_fusion", "bool", False,
+    Field("model.mlp_layer_fusion", "bool", False, "model.mlp_layer_fusion",
           note="megatron-core's linear_fc1 is always fused [w1; w3]; checkpoints keep w1/w3 split either way, as "
                "InternEvo's save hooks do"),
     Field("model.num_experts", "int", 1, minimum=1, families=_INTERNLM,

@@ -64,6 +64,10 @@ class ModelConfig:
     """Dropout on the attention probabilities (megatron-core's ``attention_dropout``)."""
     residual_in_fp32: bool
     """Keep the residual stream in fp32 (megatron-core's ``fp32_residual_connection``)."""
+    mlp_layer_fusion: bool
+    """InternEvo keeps each MLP's ``w1`` and ``w3`` as one parameter ``fused_w1_w3`` = [w1; w3] per tensor
+    rank (its files hold them split either way): the same model, but another parameter list for its
+    optimizer's partitions (``train.internevo_state.parameters``)."""
 
     @property
     def head_dim(self) -> int:

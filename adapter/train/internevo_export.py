@@ -6,7 +6,8 @@ cut for any layout. InternEvo resumes only from its own files, at the layout the
 
 * ``model_tp{t}_pp{p}.pt`` (and ``topo_tp{t}_pp{p}.json``, a pickled ``{}``) as ``internlm-ckpt`` writes them;
 * ``optimizer_tp{t}_pp{p}_zo{z}.pt``: ``HybridZeroOptimizer.state_dict()``. Each (t, p) rank's parameters,
-  in ``model.parameters()`` order (``internevo_state.parameter_order``), are sorted by element count
+  in ``model.parameters()`` order (``internevo_state.parameters``: with ``model.mlp_layer_fusion`` each
+  MLP's ``w1`` and ``w3`` are one parameter ``[w1; w3]``, as InternEvo holds them), are sorted by element count
   (largest first, ties in order) and each goes to the ZeRO rank holding the fewest elements so far (the
   first such); a rank's fp32 master weights and Adam moments are those parameters flattened in that order.
   The plan names them ``"{sorted index}_{dim0}_{dim1}..."``. Groups: ``default`` with every parameter and
@@ -39,7 +40,7 @@ import torch
 from adapter.checkpoint.errors import CheckpointError
 from adapter.config.schema import AdamConfig, Beta2SchedulerConfig, InternLMConfig, LRSchedulerConfig, ModelConfig
 from adapter.runtime.layout import ParallelLayout
-from adapter.train.internevo_state import PARALLEL_MODE, ParallelMode, by_size, parameter_order
+from adapter.train.internevo_state import PARALLEL_MODE, Parameter, ParallelMode, by_size, parameters
 from adapter.train.optimizer_state import FOLDER, STATES, STEPS_FILE
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +66,7 @@ class RunSettings:
     @classmethod
     def from_config(cls, cfg: InternLMConfig) -> RunSettings:
         return cls(cfg.adam, cfg.lr_scheduler, cfg.beta2_scheduler, cfg.given.get("data.rampup_batch_size", ""),
-                   cfg.parallel.zero1_size, bool(cfg.given.get("model.mlp_layer_fusion", False)))
+                   cfg.parallel.zero1_size, cfg.model.mlp_layer_fusion)
 
     def to_dict(self) -> dict:
         """Plain values (``weights_only`` loads them), saved in the adapter's ``schedulder.pt``."""
@@ -115,16 +116,15 @@ def save(obj: Any, path: Path) -> None:
 # ---- the ZeRO partition
 
 
-def zero_plan(keys: list[str], shapes: Mapping[str, tuple[int, ...]], family: str,
-              zero: int) -> list[list[tuple[str, str]]]:
-    """Per ZeRO rank, ``(plan id, file key)`` of its parameters in flat order: ``HybridZeroOptimizer.
+def zero_plan(params: list[Parameter], zero: int) -> list[list[tuple[str, Parameter]]]:
+    """Per ZeRO rank, ``(plan id, parameter)`` of its parameters in flat order: ``HybridZeroOptimizer.
     _partition_param_list`` over one (tensor, pipeline) rank's ``default`` group (no ``overlap_sync_param``)."""
-    ranks: list[list[tuple[str, str]]] = [[] for _ in range(zero)]
+    ranks: list[list[tuple[str, Parameter]]] = [[] for _ in range(zero)]
     totals = [0] * zero
-    for index, key in enumerate(by_size(parameter_order(keys, family), shapes)):
+    for index, param in enumerate(by_size(params)):
         rank = totals.index(min(totals))
-        ranks[rank].append(("_".join(map(str, (index, *shapes[key]))), key))
-        totals[rank] += int(np.prod(shapes[key], dtype=np.int64))
+        ranks[rank].append(("_".join(map(str, (index, *param.shape))), param))
+        totals[rank] += param.numel
     return ranks
 
 
@@ -274,9 +274,6 @@ class HandBack:
                 raise CheckpointError(f"{src / 'schedulder.pt'}: does not record the run's optimizer settings "
                                       "(written before hand-back support); pass the run's config with --config")
             settings = RunSettings.from_dict(saved)
-        if settings.mlp_layer_fusion:
-            raise CheckpointError(f"{src}: InternEvo partitions model.mlp_layer_fusion=True runs over the fused "
-                                  "w1/w3 parameter; only mlp_layer_fusion=False is written")
         steps = _read(src / FOLDER / STEPS_FILE)["steps"]
         if len(set(steps)) != 1:
             raise CheckpointError(f"{src / FOLDER / STEPS_FILE}: parameter groups at different Adam steps {steps}")
@@ -323,7 +320,8 @@ class HandBack:
         from adapter.checkpoint.convert import open_checkpoint, write_streaming
         from adapter.checkpoint.formats.internevo import shard_state_dict
 
-        model, lay = source.model, self.layout
+        # model_config.pt says what the optimizer files hold (the run's settings decide the fused MLP)
+        model, lay = dataclasses.replace(source.model, mlp_layer_fusion=self.settings.mlp_layer_fusion), self.layout
         write_streaming(source.tensors, model, "internevo", lay, folder, where=str(self.src))
         optimizer = {kind: open_checkpoint(self.src / FOLDER / kind, model).tensors for kind in STATES}
         for p in range(lay.pp):
@@ -339,14 +337,15 @@ class HandBack:
     def _write_rank(self, folder: Path, t: int, p: int, tensors: dict[str, dict[str, torch.Tensor]],
                     model: ModelConfig) -> None:
         """``optimizer_tp{t}_pp{p}_zo{z}.pt`` for every ZeRO rank and the plan file of every data-parallel rank."""
-        keys = list(tensors["fp32"])
-        ranks = zero_plan(keys, {k: tuple(v.shape) for k, v in tensors["fp32"].items()}, model.family, self.zero)
+        shapes = {k: tuple(v.shape) for k, v in tensors["fp32"].items()}
+        ranks = zero_plan(parameters(shapes, model.family, self.settings.mlp_layer_fusion), self.zero)
         plan = [[[name for name, _ in entries] for entries in ranks], [[] for _ in ranks]]
         scaler = self.context["grad_scaler"]
         scaler = {"_scale": float(scaler["_scale"]), "_growth_step": int(scaler["_growth_step"]),
                   "_hysteresis_step": int(scaler["_hysteresis_step"])}
         for z, entries in enumerate(ranks):
-            flat = {kind: torch.cat([tensors[kind][key].reshape(-1).float() for _, key in entries])
+            flat = {kind: torch.cat([tensors[kind][key].reshape(-1).float() for _, param in entries
+                                     for key in param.keys])  # a fused [w1; w3] flattens as w1's then w3's
                     for kind in STATES} if entries else {}
             state = {0: {"step": torch.tensor(float(self.adam_step)), "exp_avg": flat["exp_avg"],
                          "exp_avg_sq": flat["exp_avg_sq"]}} if entries else {}

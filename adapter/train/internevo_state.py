@@ -5,12 +5,13 @@ InternEvo's ``HybridZeroOptimizer`` keeps, per (tensor, pipeline) rank, the rank
 ``optimizer_tp{t}_pp{p}_zo{z}.pt`` holds its ZeRO rank's flat fp32 master copy and Adam's moments over it, and
 ``zero_devide_optim_plan`` names the parameters in it as ``"{sorted index}_{dim0}_{dim1}"``
 (``INTERNEVO_FORMAT.md`` §7.5). The sorted index counts in ``model.parameters()`` order, which is the model
-file's key order except in InternLM1, whose ``Wqkv`` save hook moves keys (``parameter_order``). Cutting the
-flat tensors back into parameters gives, per (tensor, pipeline) rank, three dictionaries shaped exactly like
-the model file, which are written as the adapter's layout-free optimizer folders (``train.optimizer_state``)
-and loaded from there at any layout. Only the ``default`` parameter group is read: the only other group
-InternEvo makes for the configs the adapter runs, ``fp32``, is empty unless ``use_fp32_norm=True``
-(``INTERNEVO_FORMAT.md`` §7.1), which the adapter does not train.
+file's key order except in InternLM1, whose ``Wqkv`` save hook moves keys (``parameter_order``), and in runs
+with ``mlp_layer_fusion``, whose MLPs hold ``w1`` and ``w3`` as one parameter (``parameters``; such a run is
+recognised by its plan). Cutting the flat tensors back into parameters gives, per (tensor, pipeline) rank,
+three dictionaries shaped exactly like the model file, which are written as the adapter's layout-free
+optimizer folders (``train.optimizer_state``) and loaded from there at any layout. Only the ``default``
+parameter group is read: the only other group InternEvo makes for the configs the adapter runs, ``fp32``, is
+empty unless ``use_fp32_norm=True`` (``INTERNEVO_FORMAT.md`` §7.1), which the adapter does not train.
 
 The files are read with ``weights_only=True``: InternEvo's ``ParallelMode`` enum (in the optimizer's param
 groups) is read as a stand-in that holds its value, and the sampler's numpy arrays through numpy's
@@ -20,6 +21,7 @@ allow-listed reconstructors; nothing else is let through.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +87,51 @@ def parameter_order(keys: list[str], family: str) -> list[str]:
     return out
 
 
-def by_size(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """``keys`` (in parameter order) as HybridZeroOptimizer sorts them before dealing them to the ZeRO ranks:
-    by element count, largest first, ties in parameter order (``sorted`` is stable)."""
-    return sorted(keys, key=lambda k: -int(np.prod(shapes[k], dtype=np.int64)))
+#: An MLP's weights in InternEvo's files (InternLM1 ``mlp``, the others ``feed_forward``)
+_MLP = re.compile(r"^(.*\b(?:feed_forward|mlp)\.)(w1|w2|w3)\.weight$")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One of InternEvo's parameters of a (tensor, pipeline) rank: the model file's ``keys`` it holds,
+    stacked on dim 0 (``w1`` then ``w3`` for a fused MLP, else one key), and its shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    keys: tuple[str, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def parameters(shapes: dict[str, tuple[int, ...]], family: str, mlp_layer_fusion: bool) -> list[Parameter]:
+    """InternEvo's parameters of one (tensor, pipeline) rank, in ``model.parameters()`` order, from its model
+    file's keys and shapes (``parameter_order``). With ``mlp_layer_fusion``, InternEvo 0.5.2's
+    ``FeedForward`` (``model/modules/mlp.py:80-86``) registers ``fused_w1_w3`` (``[w1; w3]`` of this tensor
+    rank, ``:17-29``) and then ``w2``; its state-dict hook splits it back into ``w1`` and ``w3`` after ``w2``
+    in the file (``:32-38``)."""
+    out: list[Parameter] = []
+    fused: set[str] = set()
+    for key in parameter_order(list(shapes), family):
+        m = _MLP.match(key) if mlp_layer_fusion else None
+        if m is None:
+            out.append(Parameter(key, shapes[key], (key,)))
+        elif m[1] not in fused:
+            fused.add(m[1])
+            w1, w2, w3 = (f"{m[1]}{w}.weight" for w in ("w1", "w2", "w3"))
+            if not all(k in shapes for k in (w1, w2, w3)):
+                raise CheckpointError(f"{m[1]}: an MLP without all of w1, w2 and w3 cannot be fused")
+            out.append(Parameter(f"{m[1]}fused_w1_w3.weight", (shapes[w1][0] + shapes[w3][0], *shapes[w1][1:]),
+                                 (w1, w3)))
+            out.append(Parameter(w2, shapes[w2], (w2,)))
+    return out
+
+
+def by_size(params: list[Parameter]) -> list[Parameter]:
+    """``params`` (in parameter order) as HybridZeroOptimizer sorts them before dealing them to the ZeRO
+    ranks: by element count, largest first, ties in parameter order (``sorted`` is stable)."""
+    return sorted(params, key=lambda p: -p.numel)
 
 
 def holds_optimizer(folder: Path) -> bool:
@@ -104,10 +147,22 @@ def _load(path: Path, allowed: list) -> Any:
                               f"{str(exc).splitlines()[0]})") from None
 
 
+def _planned(path: Path, plan: list, shapes: dict[str, tuple[int, ...]], family: str) -> list[Parameter]:
+    """The parameters a ZeRO plan numbers, sorted as InternEvo did: those of the model file, with each MLP's
+    ``w1`` and ``w3`` fused where the plan counts one parameter fewer per MLP (a ``mlp_layer_fusion`` run;
+    the plan's shapes then say the same)."""
+    count = sum(len(ids) for ids in plan[0])
+    plain, fused = parameters(shapes, family, False), parameters(shapes, family, True)
+    for params in (plain, fused):
+        if count == len(params):
+            return by_size(params)
+    raise CheckpointError(f"{path}: the plan lists {count} parameters; the model file's tensors make "
+                          f"{len(plain)} ({len(fused)} with InternEvo's mlp_layer_fusion)")
+
+
 def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) -> tuple[dict, int, dict]:
     """``({"fp32"|"exp_avg"|"exp_avg_sq": {file key: tensor}}, Adam's step, grad scaler)`` of rank (t, p)."""
     shapes = {k: tuple(v.shape) for k, v in load_tensors(folder / f"model_tp{t}_pp{p}.pt").items()}
-    sorted_keys = by_size(parameter_order(list(shapes), model.family), shapes)
     out: dict[str, dict[str, torch.Tensor]] = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
     steps, scaler = set(), {}
     for z in range(zero):
@@ -119,6 +174,7 @@ def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) ->
                 name = sd["base_optim_states"]["param_groups"][i].get("name", i)
                 raise CheckpointError(f"{path}: optimizer group '{name}' holds parameters (InternEvo's fp32 group "
                                       "with use_fp32_norm=True); only the 'default' group is read")
+        ordered = _planned(path, plan, shapes, model.family)
         ids, scaler = plan[0][z], sd["grad_scaler"]
         if not ids:
             continue
@@ -130,16 +186,19 @@ def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) ->
         offset = 0
         for name in ids:
             index, *dims = (int(x) for x in name.split("_"))
-            if index >= len(sorted_keys):
-                raise CheckpointError(f"{path}: plan entry {name} is past the {len(sorted_keys)} tensors of the "
+            if index >= len(ordered):
+                raise CheckpointError(f"{path}: plan entry {name} is past the {len(ordered)} parameters of the "
                                       "model file")
-            key = sorted_keys[index]
-            if tuple(dims) != shapes[key]:
-                raise CheckpointError(f"{path}: plan entry {name} does not fit {key} {shapes[key]} of the model file")
-            n = int(np.prod(dims, dtype=np.int64))
-            for kind, flat in flats.items():
-                out[kind][key] = flat[offset:offset + n].detach().reshape(dims).clone()  # the fp32 flat requires grad
-            offset += n
+            param = ordered[index]
+            if tuple(dims) != param.shape:
+                raise CheckpointError(f"{path}: plan entry {name} does not fit {param.name} {param.shape} of the "
+                                      "model file")
+            rows = [shapes[k][0] for k in param.keys]
+            for kind, flat in flats.items():  # the fp32 flat requires grad
+                value = flat[offset:offset + param.numel].detach().reshape(dims)
+                for key, piece in zip(param.keys, value.split(rows)):
+                    out[kind][key] = piece.clone()
+            offset += param.numel
         if offset != flats["fp32"].numel():
             raise CheckpointError(f"{path}: the plan covers {offset} of {flats['fp32'].numel()} elements")
     missing = [k for k in shapes if k not in out["fp32"]]

@@ -299,6 +299,65 @@ def test_internlm1_bf16_run_at_tp2_pp2_vpp2_round_trip(tmp_path):
     assert sampler["indices"].dtype == np.int64 and len(sampler["indices"]) == 40
 
 
+# ---- mlp_layer_fusion: InternEvo's MLP holds w1 and w3 as one parameter
+
+
+def fused_parameters(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters of an InternLM2 ``mlp_layer_fusion=True`` model, in ``model.parameters()`` order, from an
+    unfused model file (whose keys are in registration order: the round trip compares them with InternEvo's),
+    written from InternEvo 0.5.2's source independently of the code under test: ``FeedForward`` registers
+    ``fused_w1_w3`` and then ``w2`` (``model/modules/mlp.py:80-84``) where the unfused one registers ``w1``,
+    ``w2``, ``w3`` (``:86-88``), and the fused weight of a tensor rank is ``torch.cat([w1, w3], dim=0)`` of
+    that rank's pieces (its load hook, ``:21-29``)."""
+    out = {}
+    for key, value in model.items():
+        if key.endswith("feed_forward.w1.weight"):
+            w3 = model[key.replace(".w1.", ".w3.")]
+            out[key.replace(".w1.", ".fused_w1_w3.")] = torch.cat([value, w3], dim=0)
+        elif not key.endswith("feed_forward.w3.weight"):
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mlp_layer_fusion_run_goes_back_and_forth_bit_for_bit(round_trips, tmp_path, tp):
+    """An InternLM2 run handed back as an ``mlp_layer_fusion=True`` InternEvo run at tp ``tp`` × ZeRO 2: each
+    plan is the rule over the fused parameters and each fp32 partition those parameters (fp32 run: the
+    masters are the weights); read back, the same state per tensor as the unfused run; and InternEvo's
+    fused files → the adapter's form → InternEvo's files again come back byte for byte."""
+    cfg, ours, _ = round_trips[(ZERO2, 4)]
+    fused_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_layer_fusion=True))
+    back = HandBack.prepare(ours, target_layout(cfg.model, tp, 1, 1), zero1=2)
+    assert not back.settings.mlp_layer_fusion
+    back = dataclasses.replace(back, settings=RunSettings.from_config(fused_cfg))
+    folder = back.write(tmp_path / "fused")
+    for t in range(tp):
+        params = fused_parameters(torch.load(folder / f"model_tp{t}_pp0.pt", weights_only=True))
+        assert sum(".fused_w1_w3." in k for k in params) == 2
+        plan, keys = plan_by_rule({k: v.shape for k, v in params.items()}, 2)
+        for z in range(2):
+            written = load_internevo(folder / f"optimizer_tp{t}_pp0_zo{z}.pt")
+            assert written["zero_devide_optim_plan"] == [plan, [[], []]]
+            assert_flat_is_model(written["flat_fp32_weights"][0], keys[z], params, f"tp{t} zo{z}")
+    assert load_internevo(folder / "model_config.pt")["mlp_layer_fusion"] is True
+    import_optimizer(folder, cfg.model, tmp_path / "again")  # the plan says fused, whatever the config says
+    for kind in ("fp32", "exp_avg", "exp_avg_sq"):
+        a = open_checkpoint(tmp_path / "again" / "optimizer" / kind, cfg.model)
+        b = open_checkpoint(ours / "optimizer" / kind, cfg.model)
+        assert_same(dict(a.tensors), dict(b.tensors), kind)
+    mine = import_checkpoint(folder, fused_cfg, tmp_path / "ours")
+    again = HandBack.prepare(mine, target_layout(cfg.model, tp, 1, 1), zero1=2).write(tmp_path / "again_back")
+    for path in folder.iterdir():
+        if path.name.startswith(("optimizer_", "gpus-")):
+            assert (again / path.name).read_bytes() == path.read_bytes(), path.name
+    state = load_internevo(folder / "optimizer_tp0_pp0_zo0.pt")  # a plan of neither parameter list
+    state["zero_devide_optim_plan"][0][0].pop()
+    save(state, folder / "optimizer_tp0_pp0_zo0.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer_tp0_pp0_zo0\.pt: the plan lists \d+ parameters; the "
+                                              r"model file's tensors make \d+ \(\d+ with InternEvo's mlp_layer_fusion"):
+        import_optimizer(folder, cfg.model, tmp_path / "bad")
+
+
 # ---- what InternEvo's reader refuses, and the sampler's next epoch
 
 

@@ -121,7 +121,7 @@ def model_config_dict(model: ModelConfig) -> dict:
         "num_chunks": model.num_chunks, "use_flash_attn": model.use_flash_attn, "rope_base": model.rope_base,
         "qk_interleaved": model.qk_interleaved, "embed_grad_scale": model.embed_grad_scale,
         "parallel_output": model.parallel_output, "embed_split_hidden": True, "apply_post_layer_norm": False,
-        "max_position_embeddings": model.max_position_embeddings,
+        "max_position_embeddings": model.max_position_embeddings, "mlp_layer_fusion": model.mlp_layer_fusion,
         "dtype": {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}[model.dtype],
     }
     if FAMILIES[model.family].gqa:
