@@ -147,7 +147,7 @@ def _load(path: Path, allowed: list) -> Any:
                               f"{str(exc).splitlines()[0]})") from None
 
 
-def _planned(path: Path, plan: list, shapes: dict[str, tuple[int, ...]], family: str) -> list[Parameter]:
+def plan_parameters(path: Path, plan: list, shapes: dict[str, tuple[int, ...]], family: str) -> list[Parameter]:
     """The parameters a ZeRO plan numbers, sorted as InternEvo did: those of the model file, with each MLP's
     ``w1`` and ``w3`` fused where the plan counts one parameter fewer per MLP (a ``mlp_layer_fusion`` run;
     the plan's shapes then say the same)."""
@@ -174,7 +174,7 @@ def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) ->
                 name = sd["base_optim_states"]["param_groups"][i].get("name", i)
                 raise CheckpointError(f"{path}: optimizer group '{name}' holds parameters (InternEvo's fp32 group "
                                       "with use_fp32_norm=True); only the 'default' group is read")
-        ordered = _planned(path, plan, shapes, model.family)
+        ordered = plan_parameters(path, plan, shapes, model.family)
         ids, scaler = plan[0][z], sd["grad_scaler"]
         if not ids:
             continue

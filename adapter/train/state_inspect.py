@@ -189,6 +189,22 @@ def _adapter(state: TrainingState) -> None:
     state.info["optimizer"] = optimizer
 
 
+def _fused(state: TrainingState, plan: Any) -> Optional[bool]:
+    """Whether InternEvo's plan partitions the MLPs' ``w1``/``w3`` as one parameter (``mlp_layer_fusion``),
+    from the plan of ``(tp 0, pp 0)`` against its model file's keys; None where it cannot tell."""
+    from adapter.checkpoint.formats.internevo import read_internevo
+    from adapter.train.internevo_state import plan_parameters
+
+    path = state.folder / "optimizer_tp0_pp0_zo0.pt"
+    try:
+        ckpt = read_internevo(state.folder)
+        shapes = {k: tuple(v.shape) for k, v in ckpt.load_file(0, 0).items()}
+        return any(len(p.keys) > 1 for p in plan_parameters(path, plan, shapes, ckpt.family))
+    except (CheckpointError, TypeError, IndexError) as exc:
+        state.problems.append(str(exc) if isinstance(exc, CheckpointError) else f"{path}: no ZeRO plan it can read")
+        return None
+
+
 def _internevo(state: TrainingState) -> None:
     """InternEvo's own training checkpoint: its ZeRO partitions' layout, Adam's step and the grad scaler."""
     from adapter.train.internevo_state import PARALLEL_MODE, ParallelMode, sampler_state
@@ -213,6 +229,7 @@ def _internevo(state: TrainingState) -> None:
         group = adam.get(0, {})
         optimizer["states"] = ["fp32"] * ("flat_fp32_weights" in first) + [k for k in STATES[1:] if k in group]
         optimizer["adam_step"] = int(group["step"]) if "step" in group else None
+        optimizer["mlp_layer_fusion"] = _fused(state, first.get("zero_devide_optim_plan"))
         state.info["grad_scaler"] = _json(first.get("grad_scaler"))
     state.info["optimizer"] = optimizer
     context = _read(state, folder / CONTEXT, load_metadata)

@@ -84,7 +84,7 @@ def test_inspect_internevo_training_checkpoints(capsys):
         assert state["kind"] == "internevo" and state["step"] == 4 and state["complete"] and state["problems"] == []
         opt = state["optimizer"]
         assert (opt["tp"], opt["pp"], opt["zero1"], opt["files"]) == (1, 1, ranks, ranks)
-        assert opt["states"] == list(STATES)
+        assert opt["states"] == list(STATES) and opt["mlp_layer_fusion"] is False
         raw = _internevo_file(folder / "optimizer_tp0_pp0_zo0.pt")
         assert opt["adam_step"] == int(raw["base_optim_states"]["state"][0]["step"]) == 4
         assert state["grad_scaler"] == raw["grad_scaler"]

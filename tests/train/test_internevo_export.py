@@ -30,6 +30,7 @@ from adapter.config import read_config
 from adapter.train.internevo_export import ZERO1, HandBack, RunSettings, save
 from adapter.train.internevo_state import (PARALLEL_MODE, ParallelMode, _load, import_checkpoint,
                                            import_optimizer, parameter_order, sampler_state)
+from adapter.train.state_inspect import read_state
 from tests.conftest import FIXTURES
 
 DP1, ZERO2 = FIXTURES / "internlm2_traj_dp1", FIXTURES / "internlm2_traj_zero2"
@@ -340,6 +341,7 @@ def test_mlp_layer_fusion_run_goes_back_and_forth_bit_for_bit(round_trips, tmp_p
             assert written["zero_devide_optim_plan"] == [plan, [[], []]]
             assert_flat_is_model(written["flat_fp32_weights"][0], keys[z], params, f"tp{t} zo{z}")
     assert load_internevo(folder / "model_config.pt")["mlp_layer_fusion"] is True
+    assert read_state(folder).info["optimizer"]["mlp_layer_fusion"] is True  # what inspect reports
     import_optimizer(folder, cfg.model, tmp_path / "again")  # the plan says fused, whatever the config says
     for kind in ("fp32", "exp_avg", "exp_avg_sq"):
         a = open_checkpoint(tmp_path / "again" / "optimizer" / kind, cfg.model)
