@@ -108,9 +108,9 @@ class Parameter:
 def parameters(shapes: dict[str, tuple[int, ...]], family: str, mlp_layer_fusion: bool) -> list[Parameter]:
     """InternEvo's parameters of one (tensor, pipeline) rank, in ``model.parameters()`` order, from its model
     file's keys and shapes (``parameter_order``). With ``mlp_layer_fusion``, InternEvo 0.5.2's
-    ``FeedForward`` (``model/modules/mlp.py:80-86``) registers ``fused_w1_w3`` (``[w1; w3]`` of this tensor
-    rank, ``:17-29``) and then ``w2``; its state-dict hook splits it back into ``w1`` and ``w3`` after ``w2``
-    in the file (``:32-38``)."""
+    ``FeedForward`` (``model/modules/mlp.py:84-85``) registers ``fused_w1_w3`` (``[w1; w3]`` of this tensor
+    rank, ``:28``) and then ``w2``; its state-dict hook splits it back into ``w1`` and ``w3`` after ``w2``
+    in the file (``:34-40``)."""
     out: list[Parameter] = []
     fused: set[str] = set()
     for key in parameter_order(list(shapes), family):

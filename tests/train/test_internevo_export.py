@@ -307,9 +307,9 @@ def fused_parameters(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The parameters of an InternLM2 ``mlp_layer_fusion=True`` model, in ``model.parameters()`` order, from an
     unfused model file (whose keys are in registration order: the round trip compares them with InternEvo's),
     written from InternEvo 0.5.2's source independently of the code under test: ``FeedForward`` registers
-    ``fused_w1_w3`` and then ``w2`` (``model/modules/mlp.py:80-84``) where the unfused one registers ``w1``,
-    ``w2``, ``w3`` (``:86-88``), and the fused weight of a tensor rank is ``torch.cat([w1, w3], dim=0)`` of
-    that rank's pieces (its load hook, ``:21-29``)."""
+    ``fused_w1_w3`` and then ``w2`` (``model/modules/mlp.py:84-85``) where the unfused one registers ``w1``,
+    ``w2``, ``w3`` (``:90-92``), and the fused weight of a tensor rank is ``torch.cat([w1, w3], dim=0)`` of
+    that rank's pieces (its load hook, ``:28``)."""
     out = {}
     for key, value in model.items():
         if key.endswith("feed_forward.w1.weight"):
@@ -358,6 +358,35 @@ def test_mlp_layer_fusion_run_goes_back_and_forth_bit_for_bit(round_trips, tmp_p
     with pytest.raises(CheckpointError, match=r"optimizer_tp0_pp0_zo0\.pt: the plan lists \d+ parameters; the "
                                               r"model file's tensors make \d+ \(\d+ with InternEvo's mlp_layer_fusion"):
         import_optimizer(folder, cfg.model, tmp_path / "bad")
+
+
+def test_internevo_mlp_layer_fusion_checkpoint_is_read_and_written_back(tmp_path):
+    """InternEvo's own ``mlp_layer_fusion`` run (fixture ``internlm2_fused_zero2``: ZeRO over two ranks, two
+    steps, written by InternEvo 0.5.2's model, HybridZeroOptimizer and checkpoint code). Its file holds each
+    MLP as ``w2``, ``w1``, ``w3`` (the save hook); read in, every fp32 master is the model file's tensor (an
+    fp32 run), so ``w1`` and ``w3`` were cut out of the fused parameter the right way round; written back from
+    the adapter's form at ZeRO 2, the plans and every flat tensor are InternEvo's, bit for bit."""
+    fused = FIXTURES / "internlm2_fused_zero2"
+    cfg, _ = read_config(fused / "config.py")
+    assert cfg.model.mlp_layer_fusion
+    model = torch.load(fused / "ckpt" / "model_tp0_pp0.pt", weights_only=True)
+    assert [k.split(".")[-2] for k in model if ".feed_forward." in k][:3] == ["w2", "w1", "w3"]
+    ours = _our_checkpoint(tmp_path / "ours", cfg)  # the small files of a 2-rank run; the state replaced below
+    shutil.copyfile(fused / "ckpt" / "model_tp0_pp0.pt", ours / "model_tp0_pp0.pt")
+    import_optimizer(fused / "ckpt", cfg.model, ours)
+    states = {kind: torch.load(ours / "optimizer" / kind / "model_tp0_pp0.pt", weights_only=True)
+              for kind in ("fp32", "exp_avg", "exp_avg_sq")}
+    assert_same(states["fp32"], dict(model), "fp32 masters")
+    assert all(bool((v > 0).all()) for v in states["exp_avg_sq"].values())  # every element has a moment
+    back = HandBack.prepare(ours, target_layout(cfg.model, 1, 1, 1), zero1=2).write(tmp_path / "back")
+    for z in range(2):
+        name = f"optimizer_tp0_pp0_zo{z}.pt"
+        mine, theirs = load_internevo(back / name), load_internevo(fused / "ckpt" / name)
+        assert mine["zero_devide_optim_plan"] == theirs["zero_devide_optim_plan"], name
+        assert_same(mine["flat_fp32_weights"], theirs["flat_fp32_weights"], name)
+        assert_same(mine["base_optim_states"]["state"], theirs["base_optim_states"]["state"], name)
+    for path in (fused / "ckpt").glob("gpus-*"):
+        assert (back / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 # ---- what InternEvo's reader refuses, and the sampler's next epoch
