@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from adapter.checkpoint.errors import CheckpointError
-from adapter.checkpoint.formats.internevo import MODEL_FILE, model_config_dict
+from adapter.checkpoint.formats.internevo import MLP_KEY, MODEL_FILE, model_config_dict
 from adapter.checkpoint.io.safe_load import load_metadata, load_tensors, megatron_globals
 from adapter.config.schema import InternLMConfig, ModelConfig
 from adapter.train.optimizer_state import FOLDER, STEPS_FILE
@@ -87,10 +87,6 @@ def parameter_order(keys: list[str], family: str) -> list[str]:
     return out
 
 
-#: An MLP's weights in InternEvo's files (InternLM1 ``mlp``, the others ``feed_forward``)
-_MLP = re.compile(r"^(.*\b(?:feed_forward|mlp)\.)(w1|w2|w3)\.weight$")
-
-
 @dataclass(frozen=True)
 class Parameter:
     """One of InternEvo's parameters of a (tensor, pipeline) rank: the model file's ``keys`` it holds,
@@ -114,7 +110,7 @@ def parameters(shapes: dict[str, tuple[int, ...]], family: str, mlp_layer_fusion
     out: list[Parameter] = []
     fused: set[str] = set()
     for key in parameter_order(list(shapes), family):
-        m = _MLP.match(key) if mlp_layer_fusion else None
+        m = MLP_KEY.match(key) if mlp_layer_fusion else None
         if m is None:
             out.append(Parameter(key, shapes[key], (key,)))
         elif m[1] not in fused:

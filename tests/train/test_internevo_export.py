@@ -304,18 +304,20 @@ def test_internlm1_bf16_run_at_tp2_pp2_vpp2_round_trip(tmp_path):
 
 
 def fused_parameters(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The parameters of an InternLM2 ``mlp_layer_fusion=True`` model, in ``model.parameters()`` order, from an
-    unfused model file (whose keys are in registration order: the round trip compares them with InternEvo's),
-    written from InternEvo 0.5.2's source independently of the code under test: ``FeedForward`` registers
-    ``fused_w1_w3`` and then ``w2`` (``model/modules/mlp.py:84-85``) where the unfused one registers ``w1``,
-    ``w2``, ``w3`` (``:90-92``), and the fused weight of a tensor rank is ``torch.cat([w1, w3], dim=0)`` of
-    that rank's pieces (its load hook, ``:28``)."""
+    """The parameters of an InternLM2 ``mlp_layer_fusion=True`` model, in ``model.parameters()`` order, from its
+    model file, written from InternEvo 0.5.2's source independently of the code under test: ``FeedForward``
+    registers ``fused_w1_w3`` and then ``w2`` (``model/modules/mlp.py:84-85``), the fused weight of a tensor
+    rank being ``torch.cat([w1, w3], dim=0)`` of that rank's pieces (its load hook, ``:28``); the file lists
+    ``w2``, ``w1``, ``w3`` (the save hook, ``:34-40``) and every other module in registration order."""
     out = {}
     for key, value in model.items():
-        if key.endswith("feed_forward.w1.weight"):
-            w3 = model[key.replace(".w1.", ".w3.")]
-            out[key.replace(".w1.", ".fused_w1_w3.")] = torch.cat([value, w3], dim=0)
-        elif not key.endswith("feed_forward.w3.weight"):
+        if ".feed_forward." not in key:
+            out[key] = value
+        elif key.endswith(".w2.weight"):
+            assert list(model)[list(model).index(key) + 1:][:2] == [key.replace(".w2.", ".w1."),
+                                                                   key.replace(".w2.", ".w3.")]
+            w1, w3 = model[key.replace(".w2.", ".w1.")], model[key.replace(".w2.", ".w3.")]
+            out[key.replace(".w2.", ".fused_w1_w3.")] = torch.cat([w1, w3], dim=0)
             out[key] = value
     return out
 
@@ -360,33 +362,57 @@ def test_mlp_layer_fusion_run_goes_back_and_forth_bit_for_bit(round_trips, tmp_p
         import_optimizer(folder, cfg.model, tmp_path / "bad")
 
 
+def read_in_and_back(fixture: Path, tmp_path: Path, tp: int, pp: int, vpp: int) -> None:
+    """A model and optimizer checkpoint InternEvo wrote (``ckpt/``, an fp32 run over two ZeRO ranks) read into
+    the adapter's form: every fp32 master is the model file's tensor, so each partition was cut into the right
+    parameters; handed back at its own layout: the model files, the plans and every flat tensor are
+    InternEvo's, bit for bit, and the plan files byte for byte."""
+    cfg, _ = read_config(fixture / "config.py")
+    ckpt = fixture / "ckpt"
+    ours = _our_checkpoint(tmp_path / "ours", cfg)  # the small files of a 2-rank run; the state replaced below
+    (ours / "model_tp0_pp0.pt").unlink()
+    models = sorted(ckpt.glob("model_tp*_pp*.pt"))
+    assert len(models) == tp * pp
+    for path in models:
+        shutil.copyfile(path, ours / path.name)
+    import_optimizer(ckpt, cfg.model, ours)
+    for path in models:
+        model = dict(torch.load(path, weights_only=True))
+        states = {kind: torch.load(ours / "optimizer" / kind / path.name, weights_only=True)
+                  for kind in ("fp32", "exp_avg", "exp_avg_sq")}
+        assert_same(states["fp32"], model, f"fp32 masters of {path.name}")
+        assert all(bool((v > 0).all()) for v in states["exp_avg_sq"].values())  # every element has moments
+    back = HandBack.prepare(ours, target_layout(cfg.model, tp, pp, vpp), zero1=2).write(tmp_path / "back")
+    for path in models:
+        assert_same(dict(torch.load(back / path.name, weights_only=True)), dict(torch.load(path, weights_only=True)),
+                    path.name)
+    optimizer_files = sorted(ckpt.glob("optimizer_*.pt"))
+    assert len(optimizer_files) == 2 * tp * pp
+    for path in optimizer_files:
+        mine, theirs = load_internevo(back / path.name), load_internevo(path)
+        assert mine["zero_devide_optim_plan"] == theirs["zero_devide_optim_plan"], path.name
+        assert_same(mine["flat_fp32_weights"], theirs["flat_fp32_weights"], path.name)
+        assert_same(mine["base_optim_states"]["state"], theirs["base_optim_states"]["state"], path.name)
+    for path in ckpt.glob("gpus-*"):
+        assert (back / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_internevo_mlp_layer_fusion_checkpoint_is_read_and_written_back(tmp_path):
-    """InternEvo's own ``mlp_layer_fusion`` run (fixture ``internlm2_fused_zero2``: ZeRO over two ranks, two
-    steps, written by InternEvo 0.5.2's model, HybridZeroOptimizer and checkpoint code). Its file holds each
-    MLP as ``w2``, ``w1``, ``w3`` (the save hook); read in, every fp32 master is the model file's tensor (an
-    fp32 run), so ``w1`` and ``w3`` were cut out of the fused parameter the right way round; written back from
-    the adapter's form at ZeRO 2, the plans and every flat tensor are InternEvo's, bit for bit."""
+    """InternEvo's own ``mlp_layer_fusion`` run (fixture ``internlm2_fused_zero2``): its file holds each MLP as
+    ``w2``, ``w1``, ``w3`` (the save hook) and its plan numbers the fused ``[w1; w3]`` parameter."""
     fused = FIXTURES / "internlm2_fused_zero2"
-    cfg, _ = read_config(fused / "config.py")
-    assert cfg.model.mlp_layer_fusion
     model = torch.load(fused / "ckpt" / "model_tp0_pp0.pt", weights_only=True)
     assert [k.split(".")[-2] for k in model if ".feed_forward." in k][:3] == ["w2", "w1", "w3"]
-    ours = _our_checkpoint(tmp_path / "ours", cfg)  # the small files of a 2-rank run; the state replaced below
-    shutil.copyfile(fused / "ckpt" / "model_tp0_pp0.pt", ours / "model_tp0_pp0.pt")
-    import_optimizer(fused / "ckpt", cfg.model, ours)
-    states = {kind: torch.load(ours / "optimizer" / kind / "model_tp0_pp0.pt", weights_only=True)
-              for kind in ("fp32", "exp_avg", "exp_avg_sq")}
-    assert_same(states["fp32"], dict(model), "fp32 masters")
-    assert all(bool((v > 0).all()) for v in states["exp_avg_sq"].values())  # every element has a moment
-    back = HandBack.prepare(ours, target_layout(cfg.model, 1, 1, 1), zero1=2).write(tmp_path / "back")
-    for z in range(2):
-        name = f"optimizer_tp0_pp0_zo{z}.pt"
-        mine, theirs = load_internevo(back / name), load_internevo(fused / "ckpt" / name)
-        assert mine["zero_devide_optim_plan"] == theirs["zero_devide_optim_plan"], name
-        assert_same(mine["flat_fp32_weights"], theirs["flat_fp32_weights"], name)
-        assert_same(mine["base_optim_states"]["state"], theirs["base_optim_states"]["state"], name)
-    for path in (fused / "ckpt").glob("gpus-*"):
-        assert (back / path.name).read_bytes() == path.read_bytes(), path.name
+    plan = torch.load(next((fused / "ckpt").glob("gpus-*")), weights_only=True)
+    assert sum(len(ids) for ids in plan[0]) == len(model) - 2  # one parameter per MLP fewer than file tensors
+    read_in_and_back(fused, tmp_path, 1, 1, 1)
+
+
+def test_internevo_tp2_pp2_chunked_checkpoint_is_read_and_written_back(tmp_path):
+    """InternEvo's own InternLM1 run at tensor 2 × pipeline 2 × 2 chunks × ZeRO 2 (fixture
+    ``internlm1_tp2_pp2_zero2``): each (tensor, pipeline) rank partitions its own parameters, chunk by chunk,
+    ``Wqkv`` before ``out_proj``, and the row-parallel bias only on tensor rank 0."""
+    read_in_and_back(FIXTURES / "internlm1_tp2_pp2_zero2", tmp_path, 2, 2, 2)
 
 
 # ---- what InternEvo's reader refuses, and the sampler's next epoch

@@ -70,11 +70,28 @@ def stage_units(model: ModelConfig, layout: ParallelLayout, pp_rank: int) -> Ite
             yield unit, local, chunk_prefix(layout, chunk)
 
 
+#: An MLP's weights in InternEvo's files (InternLM1 ``mlp``, the others ``feed_forward``): prefix, name
+MLP_KEY = re.compile(r"^(.*\b(?:feed_forward|mlp)\.)(w1|w2|w3)\.weight$")
+
+
 def unit_pieces(source: Unit, model: ModelConfig, layout: ParallelLayout, local: int, prefix: str,
                 tp_rank: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """One unit's entries in tensor rank ``tp_rank``'s file, in file order (plain slices stay views)."""
+    """One unit's entries in tensor rank ``tp_rank``'s file, in file order (plain slices stay views). The
+    table lists an MLP as ``w1``, ``w2``, ``w3``; with ``mlp_layer_fusion`` InternEvo's save hook writes
+    ``w2``, ``w1``, ``w3`` (it pops the fused parameter and appends its halves: ``model/modules/mlp.py:34-40``),
+    and so does this."""
+    held = None
     for key, _, piece in source.convert(logical_table(model), layout.tp, tp_rank, local):
+        m = MLP_KEY.match(key) if model.mlp_layer_fusion else None
+        if m is not None and m[2] == "w1":
+            held = (prefix + key, piece)  # after w2
+            continue
+        if m is not None and m[2] == "w3" and held is not None:
+            yield held
+            held = None
         yield prefix + key, piece
+    if held is not None:
+        yield held
 
 
 def shard_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
