@@ -363,10 +363,12 @@ def test_mlp_layer_fusion_run_goes_back_and_forth_bit_for_bit(round_trips, tmp_p
 
 
 def read_in_and_back(fixture: Path, tmp_path: Path, tp: int, pp: int, vpp: int) -> None:
-    """A model and optimizer checkpoint InternEvo wrote (``ckpt/``, an fp32 run over two ZeRO ranks) read into
-    the adapter's form: every fp32 master is the model file's tensor, so each partition was cut into the right
-    parameters; handed back at its own layout: the model files, the plans and every flat tensor are
-    InternEvo's, bit for bit, and the plan files byte for byte."""
+    """A model and optimizer checkpoint InternEvo wrote (``ckpt/``, a run over two ZeRO ranks) read into the
+    adapter's form: every fp32 master cast to the model's dtype is the model file's tensor (InternEvo copies
+    the masters into the weights after each step), so each partition was cut into the right parameters; handed
+    back at its own layout: the model files, the plans, every flat tensor, the loss scale and the groups'
+    settings but the lr (its scheduler was not stepped) are InternEvo's, bit for bit, the plan files byte for
+    byte."""
     cfg, _ = read_config(fixture / "config.py")
     ckpt = fixture / "ckpt"
     ours = _our_checkpoint(tmp_path / "ours", cfg)  # the small files of a 2-rank run; the state replaced below
@@ -375,12 +377,15 @@ def read_in_and_back(fixture: Path, tmp_path: Path, tp: int, pp: int, vpp: int) 
     assert len(models) == tp * pp
     for path in models:
         shutil.copyfile(path, ours / path.name)
-    import_optimizer(ckpt, cfg.model, ours)
+    context = torch.load(ours / "context.pt", weights_only=True)
+    context["grad_scaler"] = import_optimizer(ckpt, cfg.model, ours)
+    torch.save(context, ours / "context.pt")
     for path in models:
         model = dict(torch.load(path, weights_only=True))
         states = {kind: torch.load(ours / "optimizer" / kind / path.name, weights_only=True)
                   for kind in ("fp32", "exp_avg", "exp_avg_sq")}
-        assert_same(states["fp32"], model, f"fp32 masters of {path.name}")
+        assert {v.dtype for v in states["fp32"].values()} == {torch.float32}
+        assert_same({k: v.to(model[k].dtype) for k, v in states["fp32"].items()}, model, f"masters of {path.name}")
         assert all(bool((v > 0).all()) for v in states["exp_avg_sq"].values())  # every element has moments
     back = HandBack.prepare(ours, target_layout(cfg.model, tp, pp, vpp), zero1=2).write(tmp_path / "back")
     for path in models:
@@ -393,6 +398,9 @@ def read_in_and_back(fixture: Path, tmp_path: Path, tp: int, pp: int, vpp: int) 
         assert mine["zero_devide_optim_plan"] == theirs["zero_devide_optim_plan"], path.name
         assert_same(mine["flat_fp32_weights"], theirs["flat_fp32_weights"], path.name)
         assert_same(mine["base_optim_states"]["state"], theirs["base_optim_states"]["state"], path.name)
+        assert mine["grad_scaler"] == theirs["grad_scaler"], path.name
+        for a, b in zip(*(f["base_optim_states"]["param_groups"] for f in (mine, theirs)), strict=True):
+            assert {k: v for k, v in a.items() if k != "lr"} == {k: v for k, v in b.items() if k != "lr"}, path.name
     for path in ckpt.glob("gpus-*"):
         assert (back / path.name).read_bytes() == path.read_bytes(), path.name
 
@@ -413,6 +421,13 @@ def test_internevo_tp2_pp2_chunked_checkpoint_is_read_and_written_back(tmp_path)
     ``internlm1_tp2_pp2_zero2``): each (tensor, pipeline) rank partitions its own parameters, chunk by chunk,
     ``Wqkv`` before ``out_proj``, and the row-parallel bias only on tensor rank 0."""
     read_in_and_back(FIXTURES / "internlm1_tp2_pp2_zero2", tmp_path, 2, 2, 2)
+
+
+def test_internevo_bf16_tp2_checkpoint_is_read_and_written_back(tmp_path):
+    """InternEvo's own bf16 InternLM2 run at tensor 2 × ZeRO 2 (fixture ``internlm2_bf16_tp2_zero2``): bf16
+    weights over fp32 masters, GQA's ``wqkv`` split per tensor rank, the ``default`` group's dtype bf16 and the
+    dynamic loss scale InternEvo keeps in bf16 too."""
+    read_in_and_back(FIXTURES / "internlm2_bf16_tp2_zero2", tmp_path, 2, 1, 1)
 
 
 # ---- what InternEvo's reader refuses, and the sampler's next epoch
