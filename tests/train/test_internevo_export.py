@@ -406,14 +406,16 @@ def read_in_and_back(fixture: Path, tmp_path: Path, tp: int, pp: int, vpp: int) 
 
 
 def test_internevo_mlp_layer_fusion_checkpoint_is_read_and_written_back(tmp_path):
-    """InternEvo's own ``mlp_layer_fusion`` run (fixture ``internlm2_fused_zero2``): its file holds each MLP as
-    ``w2``, ``w1``, ``w3`` (the save hook) and its plan numbers the fused ``[w1; w3]`` parameter."""
-    fused = FIXTURES / "internlm2_fused_zero2"
-    model = torch.load(fused / "ckpt" / "model_tp0_pp0.pt", weights_only=True)
-    assert [k.split(".")[-2] for k in model if ".feed_forward." in k][:3] == ["w2", "w1", "w3"]
-    plan = torch.load(next((fused / "ckpt").glob("gpus-*")), weights_only=True)
-    assert sum(len(ids) for ids in plan[0]) == len(model) - 2  # one parameter per MLP fewer than file tensors
-    read_in_and_back(fused, tmp_path, 1, 1, 1)
+    """InternEvo's own ``mlp_layer_fusion`` run at tensor 2 × ZeRO 2 (fixture ``internlm2_fused_tp2_zero2``): its
+    files hold each MLP as ``w2``, ``w1``, ``w3`` (the save hook) and its plans number each tensor rank's fused
+    ``[w1; w3]`` parameter."""
+    fused = FIXTURES / "internlm2_fused_tp2_zero2"
+    for t in range(2):
+        model = torch.load(fused / "ckpt" / f"model_tp{t}_pp0.pt", weights_only=True)
+        assert [k.split(".")[-2] for k in model if ".feed_forward." in k][:3] == ["w2", "w1", "w3"]
+        plan = torch.load(next((fused / "ckpt").glob(f"gpus-*_tp-{t}_*")), weights_only=True)
+        assert sum(len(ids) for ids in plan[0]) == len(model) - 2  # one parameter per MLP fewer than tensors
+    read_in_and_back(fused, tmp_path, 2, 1, 1)
 
 
 def test_internevo_tp2_pp2_chunked_checkpoint_is_read_and_written_back(tmp_path):
