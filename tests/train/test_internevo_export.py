@@ -326,8 +326,9 @@ def fused_parameters(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_mlp_layer_fusion_run_goes_back_and_forth_bit_for_bit(round_trips, tmp_path, tp):
     """An InternLM2 run handed back as an ``mlp_layer_fusion=True`` InternEvo run at tp ``tp`` × ZeRO 2: each
     plan is the rule over the fused parameters and each fp32 partition those parameters (fp32 run: the
-    masters are the weights); read back, the same state per tensor as the unfused run; and InternEvo's
-    fused files → the adapter's form → InternEvo's files again come back byte for byte."""
+    masters are the weights); read back, the same state per tensor as the unfused run; and those fused files →
+    the adapter's form → InternEvo's form again come back byte for byte. (InternEvo's own fused files:
+    ``test_internevo_mlp_layer_fusion_checkpoint_is_read_and_written_back``.)"""
     cfg, ours, _ = round_trips[(ZERO2, 4)]
     fused_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_layer_fusion=True))
     back = HandBack.prepare(ours, target_layout(cfg.model, tp, 1, 1), zero1=2)
@@ -420,8 +421,10 @@ def test_internevo_mlp_layer_fusion_checkpoint_is_read_and_written_back(tmp_path
 
 def test_internevo_tp2_pp2_chunked_checkpoint_is_read_and_written_back(tmp_path):
     """InternEvo's own InternLM1 run at tensor 2 × pipeline 2 × 2 chunks × ZeRO 2 (fixture
-    ``internlm1_tp2_pp2_zero2``): each (tensor, pipeline) rank partitions its own parameters, chunk by chunk,
-    ``Wqkv`` before ``out_proj``, and the row-parallel bias only on tensor rank 0."""
+    ``internlm1_tp2_pp2_zero2``): each (tensor, pipeline) rank partitions its own parameters, chunk 0's before
+    chunk 1's, the row-parallel ``out_proj.bias`` only on tensor rank 0. (Its sizes leave no tie that the
+    ``Wqkv``-before-``out_proj`` order would decide; ``test_internlm1_parameter_order_follows_internevo_source``
+    holds that order.)"""
     read_in_and_back(FIXTURES / "internlm1_tp2_pp2_zero2", tmp_path, 2, 2, 2)
 
 
