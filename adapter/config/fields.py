@@ -218,7 +218,7 @@ FIELDS: tuple[Field, ...] = (
               derived("mcore", "pipeline_model_parallel_layout", "from InternEvo's partition_uniform"))),
     Field("model.use_flash_attn", "bool", True, "model.use_flash_attn",
           to=(run("flash-attn varlen core attention on CUDA when installed, torch SDPA otherwise (both honour "
-                  "cu_seqlens)"),)),
+                  "cu_seqlens)"),), judge=judges.flash_packing),
     Field("model.rope_base", "float", 10000.0, "model.rope_base", minimum=1.0,
           to=(opt("rotary_base"), arg("--rotary-base"))),
     Field("model.qk_interleaved", "bool", False, "model.qk_interleaved",

@@ -43,6 +43,16 @@ def beta2_c(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
                            f"{b2.init_beta2:g} from step {first} on; DeepSpeed's AdamW keeps beta2 constant")
 
 
+def flash_packing(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
+    if cfg.model.use_flash_attn == cfg.data.use_packed_dataset:
+        return None
+    return "exact", (f"InternEvo 0.5.2 refuses use_flash_attn={cfg.model.use_flash_attn} with "
+                     f"data.use_packed_dataset={cfg.data.use_packed_dataset} on GPU (\"use_packed_dataset should be "
+                     "set same value as use_flash_attn\", initialize/launch.py:385-387); here either kernel runs "
+                     "packed rows, each attending within its cu_seqlens segments, so this config trains here but "
+                     "not in InternEvo")
+
+
 def growth(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
     if cfg.model.dtype != "fp16":
         return "exact", "only used by the fp16 loss scaler (InternEvo also scales bf16 losses, a numerical no-op)"
