@@ -145,6 +145,18 @@ def tensor_mode(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
     return None
 
 
+def legacy_sequence_parallel(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
+    if value is not True or "parallel.tensor.mode" in cfg.given:
+        return None
+    if cfg.parallel.tensor_size == 1:
+        return "exact", "the 2023 flag at tensor size 1: no sequence parallelism either way"
+    return "approximate", (
+        "the 2023 flag without a tensor mode: InternEvo 0.5.2's check sets the mode to 'mtp' "
+        "(initialize/launch.py:358-361), so it runs without sequence parallelism (is_using_sequence_parallel() "
+        "is False) while its schedulers still read the flag; the adapter takes it to mean mode 'msp', Megatron "
+        "sequence parallelism: the same numbers, less activation memory")
+
+
 def fsdp(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
     if cfg.parallel.fsdp:
         return "approximate", ("FSDP shards parameters and gradients too; DeepSpeed ZeRO stage 1 shards only "
