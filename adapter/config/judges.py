@@ -40,7 +40,8 @@ def beta2_c(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:
         return "exact", "beta2 = max(init_beta2, ...) stays at init_beta2"
     first = math.floor((1 - b2.init_beta2) ** (-1 / b2.c)) + 1  # first step where 1 - t**-c > init_beta2
     return "unsupported", (f"InternEvo raises beta2 to max(init_beta2, 1 - t**-c) (c={b2.c:g}), above "
-                           f"{b2.init_beta2:g} from step {first} on; DeepSpeed's AdamW keeps beta2 constant")
+                           f"{b2.init_beta2:g} from step {first} on; DeepSpeed's AdamW keeps beta2 constant (the "
+                           "adapter's training entry point sets it each step as InternEvo's Beta2Scheduler does)")
 
 
 def flash_packing(cfg: "InternLMConfig", value: Any) -> tuple[Status, str] | None:

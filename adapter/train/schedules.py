@@ -25,7 +25,8 @@ def learning_rate(t: int, base_lr: float, cfg: LRSchedulerConfig) -> float:
     This is what InternEvo 0.5.2 gives on the torch it was written for (<= 2.7). InternEvo's WarmupScheduler
     calls the cosine's ``CosineAnnealingLR.get_lr()`` at the hand-over while its ``last_epoch`` is 0; torch
     <= 2.7 returns the current lr there, torch >= 2.8 (``_is_initial``) applies the chained formula, which
-    multiplies every later value above ``eta_min`` by ``2 / (1 + cos(pi / T_max))`` (1.0718 for T_max = 6).
+    multiplies every value of the first cosine period (up to ``total_steps``) above ``eta_min`` by
+    ``2 / (1 + cos(pi / T_max))`` (1.0718 for T_max = 6); the periodic values after it are unscaled.
     ``tests/train/test_internevo_trajectory.py`` pins this form to InternEvo's own runs (their generator
     restored the <= 2.7 branch and checked it against torch 2.7.1's scheduler).
     """
