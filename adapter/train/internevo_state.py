@@ -161,6 +161,7 @@ def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) ->
     shapes = {k: tuple(v.shape) for k, v in load_tensors(folder / f"model_tp{t}_pp{p}.pt").items()}
     out: dict[str, dict[str, torch.Tensor]] = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
     steps, scaler = set(), {}
+    ordered: list[Parameter] = []  # from the first file's plan: every ZeRO rank's file holds the whole plan
     for z in range(zero):
         path = folder / f"optimizer_tp{t}_pp{p}_zo{z}.pt"
         sd = _load(path, [(ParallelMode, PARALLEL_MODE)])
@@ -170,7 +171,7 @@ def _rank_states(folder: Path, t: int, p: int, zero: int, model: ModelConfig) ->
                 name = sd["base_optim_states"]["param_groups"][i].get("name", i)
                 raise CheckpointError(f"{path}: optimizer group '{name}' holds parameters (InternEvo's fp32 group "
                                       "with use_fp32_norm=True); only the 'default' group is read")
-        ordered = plan_parameters(path, plan, shapes, model.family)
+        ordered = ordered or plan_parameters(path, plan, shapes, model.family)
         ids, scaler = plan[0][z], sd["grad_scaler"]
         if not ids:
             continue
