@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class Checkpointer:
         self.pool = ThreadPoolExecutor(max_workers=1) if self.store is not None and cfg.ckpt.async_upload else None
         self.pending: Optional[tuple[Future, Location, int, Path]] = None
         self.downloaded: set[Path] = set()
+        self.nodes: Optional[int] = None  # how many nodes the job runs on, once a staged save asked
 
     # ---- start-up
     def check_storage(self) -> None:
@@ -239,10 +241,12 @@ class Checkpointer:
             return
         self.wait()  # the previous upload, and its marker, first
         staging = self.staging / f"{step}"
-        if dist.get_rank() == 0:
+        if _local_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
         dist.barrier()
-        save_checkpoint(staging, self.cfg, self.layout, trainer, sampler, context, step, marker=False)
+        # each node stages its own files: ranks on several nodes cannot write one file together
+        save_checkpoint(staging, self.cfg, self.layout, trainer, sampler, context, step, marker=False,
+                        shared=self._one_node())
         if _local_rank() == 0:
             for key in self.store.keys(target.key + "/"):  # a reused snapshot slot loses its markers first
                 if MARKER.match(key.rpartition("/")[2]):
@@ -252,6 +256,14 @@ class Checkpointer:
         self.pending = (job, target, step, staging)
         if self.pool is None:
             self.wait()
+
+    def _one_node(self) -> bool:
+        """Whether every rank runs on this node (collective the first time)."""
+        if self.nodes is None:
+            names: list = [None] * dist.get_world_size()
+            dist.all_gather_object(names, socket.gethostname())
+            self.nodes = len(set(names))
+        return self.nodes == 1
 
     def _upload(self, staging: Path, target: Location) -> None:
         """Every staged file but the completion marker, which ``wait`` uploads once every node is done."""

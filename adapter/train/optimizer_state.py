@@ -1,9 +1,10 @@
 """The optimizer state of a training checkpoint, per logical tensor, so that a run resumes at any layout.
 
 DeepSpeed's own ZeRO-1 checkpoint holds each data-parallel rank's flat fp32 partition: it can only be read
-back at the layout that wrote it. Here every parameter's fp32 master weight and Adam moments are gathered
-whole per tensor rank from ZeRO's partitions, cut into InternEvo's pieces the way the model is
-(``stage_file``) and written as three InternEvo-layout model folders beside the weights:
+back at the layout that wrote it. Here every parameter's fp32 master weight and Adam moments are cut into
+InternEvo's pieces the way the model is (``stage_file``), each unit by the data-parallel rank whose ZeRO
+partition holds most of it (``shared_files``; the rest of it comes from the other ranks, ``ZeroStates``),
+and written as three InternEvo-layout model folders beside the weights (``StateSave``):
 
     <checkpoint>/optimizer/fp32/model_tp{t}_pp{p}.pt        fp32 master weights
     <checkpoint>/optimizer/exp_avg/model_tp{t}_pp{p}.pt     Adam's first moment
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Container, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,19 +40,18 @@ STEPS_FILE = "state.pt"
 
 def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
                value: Callable[[str, torch.nn.Parameter], Optional[torch.Tensor]],
-               keep: bool = True) -> "OrderedDict[str, torch.Tensor]":
-    """This rank's ``model_tp{t}_pp{p}.pt`` content of ``value(name, parameter)`` (collective over the
-    tensor group, and over whatever group ``value`` itself talks to). With ``keep`` False (every rank of this
-    tensor group passes the same: the data-parallel ranks that do not write this file) ``value`` is still
-    called for every parameter, for its own collectives, and may return None; the result is empty.
+               units: Optional[Container[tuple[int, int]]] = None) -> "OrderedDict[str, torch.Tensor]":
+    """This rank's ``model_tp{t}_pp{p}.pt`` content of ``value(name, parameter)``, or with ``units`` (``(chunk,
+    unit)`` pairs) just those units' entries, in file order. Collective over the tensor group (every tensor
+    rank passes the same ``units``), and over whatever group ``value`` itself talks to: ``value`` is called
+    for every parameter, and may return None for those outside ``units``.
 
     Each tensor rank cuts its file's pieces from its own parameters wherever InternEvo's split of a tensor
     is megatron-core's (every linear layer and fused qkv/MLP: the same rows or columns of each atom on the
     same rank; replicated tensors from its own replica), so only the embedding crosses between tensor ranks
     (megatron-core splits it on the vocabulary, InternEvo on the hidden size), each rank receiving just the
     hidden columns it keeps of the others' rows (``_exchange_tensor_ranks``). The pieces are views
-    (of the parameters, of DeepSpeed's flat buffers) wherever the cut allows: write them with
-    ``stream_write.save_tensors``, which writes each one's own bytes and copies nothing first."""
+    (of the parameters, of DeepSpeed's flat buffers) wherever the cut allows."""
     from megatron.core import parallel_state as ps
 
     from adapter.checkpoint.formats.internevo import chunk_prefix, unit_pieces
@@ -60,14 +60,14 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
     model, tp_rank, pp_rank = cfg.model, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for vp, chunk in enumerate(chunks):
+        cut = [(unit, local) for unit, local in chunk_units(model, layout, pp_rank, vp)
+               if units is None or (vp, unit) in units]
         mine: dict[str, torch.Tensor] = {}
         for name, p in chunk.named_parameters():
             v = value(name, p)
-            if keep:
+            if v is not None:
                 mine[name] = v.detach()
-        if not keep:
-            continue
-        for unit, local in chunk_units(model, layout, pp_rank, vp):
+        for unit, local in cut:
             source = Unit(model, unit, mcore_table(model), layout.tp,
                           lambda stored, key: _gather_tensor_ranks(key, mine[key], layout.tp), local,
                           rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank,
@@ -142,25 +142,27 @@ def _check_same_shape(name: str, t: torch.Tensor, group, tp: int) -> None:
 
 
 class ZeroStates:
-    """Whole fp32 masters and Adam moments of parameters, assembled at the data-parallel rank that writes
-    them from ZeRO-1's partitions.
+    """Whole fp32 masters and Adam moments of parameters, each assembled from ZeRO-1's partitions at the
+    data-parallel rank that writes it (its owner, ``shared_files.owners``).
 
     DeepSpeed links each parameter to the part of it this rank's partition holds (``_hp_mapping``: where it
     starts in the parameter, ``lp_fragment_address``, and its fp32 and optimizer-state values,
     ``get_hp_fragment``), the links its own ``safe_get_full_*`` read. Those all-reduce a zero-filled copy of
-    the whole parameter over every data-parallel rank; here each rank sends its parts to the one rank that
-    writes, point to point, so every element crosses once and nobody else receives or sums anything.
+    the whole parameter over every data-parallel rank; here each rank sends its parts to the parameter's
+    owner, point to point, so every element that moves crosses once and nobody else receives or sums
+    anything.
 
     One state moves at a time: ``start`` posts its transfers without waiting (the sends read ZeRO's buffers
     in place), so they travel while the rank writes the previous file; ``value`` waits for a parameter's
     receives; ``finish`` waits for the rest, and must come before the next ``start`` and before the
-    optimizer steps again. Within a state every part flows to one rank, in parameter order, so the
-    point-to-point operations of each pair of ranks are posted in the same order on both sides (what NCCL
-    needs, whose operations between two ranks run in posting order on one stream). A parameter that the
-    writer's partition holds whole is a view of it, not a copy. Values come back in host memory (on an
-    accelerator, a copy), and at most ``WINDOW`` bytes of receive buffers are posted ahead of the parameter
-    being read (at least one parameter's). Collective over data parallel: every rank constructs it, and
-    starts the same states with the same writers in the same order."""
+    optimizer steps again. Every rank posts its operations in parameter order, sends and receives alike, so
+    each pair of ranks posts its operations in the same order on both sides (what NCCL needs, whose
+    operations between two ranks run in posting order on one stream). A parameter that its owner's
+    partition holds whole is a view of it, not a copy. Values come back in host memory (on an accelerator, a
+    copy), and at most ``WINDOW`` bytes of receive buffers are posted ahead of the parameter being read (at
+    least one parameter's): posting stops at a receive that does not fit, until ``value`` has taken the
+    ones before it. Collective over data parallel: every rank constructs it, and starts the same states with
+    the same owners in the same order."""
 
     #: bytes of receive buffers posted ahead (on an accelerator they are device memory until read)
     WINDOW = 1 << 30
@@ -180,9 +182,10 @@ class ZeroStates:
             held = sum(parts[i][1] for parts in self.parts if parts[i] is not None)
             if held != p.numel():
                 raise RuntimeError(f"ZeRO's partitions hold {held} of a parameter's {p.numel()} elements")
-        self.key: Optional[str] = None  # the state in flight, its writer and its message tag
-        self.writer, self.tag = -1, 0
-        self.queue: list[int] = []  # parameters whose receives are not posted yet, in order
+        self.key: Optional[str] = None  # the state in flight, its owners and its message tag
+        self.owners: list[int] = []
+        self.tag = 0
+        self.next = 0  # the first parameter whose operations are not posted yet
         self.receiving: dict[int, tuple[torch.Tensor, list]] = {}
         self.in_flight = 0  # bytes of the buffers in ``receiving``
         self.sends: list = []
@@ -194,46 +197,48 @@ class ZeroStates:
         return bool(params) and all(hasattr(p, "_hp_mapping") and getattr(p, "_dp_group", None) is params[0]._dp_group
                                     for p in params)
 
+    def held(self) -> list[list[int]]:
+        """How many elements of each parameter each data-parallel rank's partition holds."""
+        return [[0 if part is None else part[1] for part in parts] for parts in self.parts]
+
     def _part(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
         mapping = p._hp_mapping
         return None if mapping is None else mapping.get_hp_fragment(None if self.key == "fp32" else self.key)
 
-    def start(self, key: str, writer: int) -> None:
-        """Start moving every parameter's ``key`` (``fp32`` or an Adam state) to data-parallel rank ``writer``."""
-        self.key, self.writer, self.tag = key, writer, self.tag + 1  # one tag per state (gloo matches by tag)
-        if self.rank != writer:
-            for p in self.params:
-                part = self._part(p)
-                if part is not None:
-                    self.sends.append(dist.isend(part.contiguous(), dst=self.ranks[writer], group=self.group,
-                                                 tag=self.tag))
-            return
-        self.queue = [i for i, p in enumerate(self.params) if any(
-            parts[i] is not None for r, parts in enumerate(self.parts) if r != self.rank)]
+    def start(self, key: str, owners: list[int]) -> None:
+        """Start moving every parameter's ``key`` (``fp32`` or an Adam state) to its data-parallel rank
+        ``owners[i]``."""
+        self.key, self.owners, self.tag, self.next = key, owners, self.tag + 1, 0  # one tag per state (gloo)
         self._post()
 
     def _post(self) -> None:
-        """Post the receives of the next parameters while the buffers in flight fit in ``WINDOW``."""
-        while self.queue:
-            i = self.queue[0]
-            p = self.params[i]
-            if self.receiving and self.in_flight + p.numel() * 4 > self.WINDOW:
-                return
-            self.queue.pop(0)
-            whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
-            requests = []
-            for r, parts in enumerate(self.parts):
-                if parts[i] is not None and r != self.rank:
-                    place = whole.narrow(0, parts[i][0], parts[i][1])
-                    requests.append(dist.irecv(place, src=self.ranks[r], group=self.group, tag=self.tag))
-            self.receiving[i] = (whole, requests)
-            self.in_flight += p.numel() * 4
+        """Post the next parameters' sends and receives, in parameter order, until a receive does not fit
+        in ``WINDOW``."""
+        while self.next < len(self.params):
+            i, p = self.next, self.params[self.next]
+            if self.owners[i] != self.rank:
+                part = self._part(p)
+                if part is not None:
+                    self.sends.append(dist.isend(part.contiguous(), dst=self.ranks[self.owners[i]],
+                                                 group=self.group, tag=self.tag))
+            elif any(parts[i] is not None for r, parts in enumerate(self.parts) if r != self.rank):
+                if self.receiving and self.in_flight + p.numel() * 4 > self.WINDOW:
+                    return
+                whole = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+                requests = []
+                for r, parts in enumerate(self.parts):
+                    if parts[i] is not None and r != self.rank:
+                        place = whole.narrow(0, parts[i][0], parts[i][1])
+                        requests.append(dist.irecv(place, src=self.ranks[r], group=self.group, tag=self.tag))
+                self.receiving[i] = (whole, requests)
+                self.in_flight += p.numel() * 4
+            self.next += 1
 
     def value(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
-        """``p``'s whole value of the state in flight at its writer, in host memory; None elsewhere."""
-        if self.rank != self.writer:
-            return None
+        """``p``'s whole value of the state in flight at its owner, in host memory; None elsewhere."""
         i, part = self.index[id(p)], self._part(p)
+        if self.owners[i] != self.rank:
+            return None
         if i not in self.receiving and part is not None and part.numel() == p.numel():
             return part.view(p.shape).cpu()  # held whole here: a view (no copy) on the CPU
         whole, requests = self.receiving.pop(i)
@@ -247,12 +252,15 @@ class ZeroStates:
 
     def finish(self) -> None:
         """Wait until this rank's transfers of the current state are done (its parts may then change)."""
+        if self.next != len(self.params):
+            raise RuntimeError(f"{len(self.params) - self.next} parameters' transfers were never posted: "
+                               "every owner must take each of its values")
         for _, requests in self.receiving.values():
             for request in requests:
                 request.wait()
         for request in self.sends:
             request.wait()
-        self.sends, self.queue, self.receiving, self.in_flight = [], [], {}, 0
+        self.sends, self.receiving, self.in_flight = [], {}, 0
 
 
 def has_state(trainer) -> bool:
@@ -261,63 +269,90 @@ def has_state(trainer) -> bool:
 
 
 def writer(index: int, dp: int) -> int:
-    """The data-parallel rank that writes file ``index`` of a (tensor, pipeline) rank's four: the model (0),
-    then the ``STATES`` (1-3). Any data-parallel rank can: the weights are whole on each, and each state is
-    assembled where it is written (``ZeroStates``). Spread like this, the files are written side by side."""
+    """The data-parallel rank that creates file ``index`` of a (tensor, pipeline) rank's four: the model (0),
+    then the ``STATES`` (1-3), and writes all of it where its data-parallel ranks do not share a file system
+    (``shared_files``). Spread like this, the files are created, sealed or written side by side."""
     return index % dp
 
 
-class OptimizerSave:
-    """Writing ``<checkpoint>/optimizer``, in two calls so that ZeRO's parts travel while the caller writes
-    the weights: the constructor starts moving the first state to the data-parallel rank that writes it
-    (``writer(1 + i, dp)``), ``write`` writes them, each state's transfer started before the previous
-    state's file is written. Both are collective over all ranks."""
+class StateSave:
+    """Writing a (tensor, pipeline) rank's files of a checkpoint (the model, then ``<checkpoint>/optimizer``)
+    with its data-parallel ranks, each writing the units it owns (``shared_files``). The constructor decides
+    the owners and starts moving the first state's parts to them, so they travel while the model is cut;
+    each state's transfers start as soon as the previous state is cut. Collective over all ranks.
 
-    def __init__(self, trainer):
+    Where the ranks share a file system (``shared``) all four files are reserved at once, every state is cut
+    (views of ZeRO's buffers, but the parts received), and then each rank writes its parts of the files in
+    its own turn (rank ``r`` starts with file ``r``), so that the ranks write different files at a time: a
+    file system writes into one file one writer at a time (ext4 and XFS lock the file for a buffered write).
+    Otherwise each file is written by its creator as soon as it is cut, so that it holds one state at a time."""
+
+    def __init__(self, trainer, cfg: InternLMConfig, layout: ParallelLayout, shared: bool):
         from megatron.core import parallel_state as ps
 
-        self.trainer, self.stateful = trainer, has_state(trainer)
+        from adapter.train.shared_files import even_shares, owners, unit_params
+
+        self.trainer, self.cfg, self.layout, self.shared = trainer, cfg, layout, shared
+        self.stateful = has_state(trainer)
+        self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.group = ps.get_data_parallel_group_gloo()
         self.zero = ZeroStates(trainer.chunks) if self.stateful and ZeroStates.available(trainer.chunks) else None
+        params = [p for chunk in trainer.chunks for p in chunk.parameters()]
+        held = self.zero.held() if self.zero is not None else even_shares([p.numel() for p in params], self.dp)
+        units = unit_params(cfg.model, layout, self.pp_rank, trainer.chunks)
+        self.owners = [owners(units, held, list(range(self.dp)) if shared else [writer(i, self.dp)])
+                       for i in range(1 + len(STATES))]
+        self.dtype = params[0].dtype
         if self.zero is not None:
-            self.dp_rank = self.zero.rank
-            self.zero.start(STATES[0], writer(1, self.dp))
+            self.zero.start(STATES[0], self.owners[1].params)
 
-    def write(self, folder: Path, cfg: InternLMConfig, layout: ParallelLayout,
-              save: Callable[[object, Path], None]) -> None:
-        """Write the states through ``save(obj, path)``, which must write views as their own bytes
-        (``stream_write.save_tensors``): the values are views of ZeRO's buffers where they can be."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-        from megatron.core import parallel_state as ps
+    def write(self, folder: Path, save: Callable[[object, Path], None]) -> None:
+        """The model file and, once Adam has stepped, ``<folder>/optimizer`` (its folders made; its small
+        files written through ``save(obj, path)``)."""
+        from adapter.train.shared_files import File, Together, file_skeleton
 
-        if not self.stateful:
-            return
-        tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        zero = self.zero
-        for i, key in enumerate(STATES, start=1):
-            mine = self.dp_rank == writer(i, self.dp)
-
-            def value(name: str, p: torch.nn.Parameter, key: str = key) -> Optional[torch.Tensor]:
-                if zero is not None:
-                    return zero.value(p)
-                return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
-
-            content = stage_file(cfg, layout, self.trainer.chunks, value, keep=mine)
-            if zero is not None:
-                zero.finish()
-                if i < len(STATES):
-                    zero.start(STATES[i], writer(i + 1, self.dp))
-            if mine:
-                target = folder / FOLDER / key
-                target.mkdir(parents=True, exist_ok=True)
-                save(content, target / f"model_tp{tp_rank}_pp{pp_rank}.pt")
-                if tp_rank == 0 and pp_rank == 0:
-                    save(model_config_dict(cfg.model), target / "model_config.pt")
-            del content
-        if dist.get_rank() == 0:
+        name = f"model_tp{self.tp_rank}_pp{self.pp_rank}.pt"
+        paths = [folder / name] + [folder / FOLDER / key / name for key in STATES if self.stateful]
+        files = [File(path, file_skeleton(self.cfg.model, self.layout, self.tp_rank, self.pp_rank,
+                                          self.dtype if i == 0 else torch.float32), writer(i, self.dp))
+                 for i, path in enumerate(paths)]
+        for i in range(1, len(files)):
+            if self.dp_rank == files[i].creator and self.tp_rank == 0 and self.pp_rank == 0:
+                save(model_config_dict(self.cfg.model), files[i].path.parent / "model_config.pt")
+        for batch in [list(range(len(files)))] if self.shared else [[i] for i in range(len(files))]:
+            together = Together([files[i] for i in batch], self.group)
+            contents = [self._cut(i) for i in batch]
+            for k in range(len(batch)):
+                turn = (self.dp_rank + k) % len(batch)
+                together.write(turn, contents[turn])
+                contents[turn] = None  # written: its host copies go
+            together.close()
+        if self.stateful and dist.get_rank() == 0:
             adam = self.trainer.optimizer.optimizer
             steps = [int(adam.state[group["params"][0]]["step"]) for group in adam.param_groups]
             save({"steps": steps}, folder / FOLDER / STEPS_FILE)
+
+    def _cut(self, i: int) -> "OrderedDict[str, torch.Tensor]":
+        """This rank's units of file ``i`` (0: the weights; then the ``STATES``)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        mine = self.owners[i].of(self.dp_rank)
+        if i == 0:
+            return stage_file(self.cfg, self.layout, self.trainer.chunks, lambda name, p: p, units=mine)
+        key, zero = STATES[i - 1], self.zero
+
+        def value(name: str, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+            if zero is not None:
+                return zero.value(p)
+            return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
+
+        content = stage_file(self.cfg, self.layout, self.trainer.chunks, value, units=mine)
+        if zero is not None:
+            zero.finish()
+            if i < len(STATES):
+                zero.start(STATES[i], self.owners[i + 1].params)
+        return content
 
 
 def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer) -> None:

@@ -2,8 +2,9 @@
 
 A checkpoint folder (``<save_ckpt_folder>/<step>/`` or a snapshot slot ``<snapshot>/{0,1}/``) holds:
 
-* ``model_tp{t}_pp{p}.pt``: the model in InternEvo's layout (``checkpoint.formats.internevo``), written by every
-  (tensor, pipeline) rank of data-parallel rank 0, so InternEvo and ``internlm-ckpt`` read it;
+* ``model_tp{t}_pp{p}.pt``: the model in InternEvo's layout (``checkpoint.formats.internevo``), written by the
+  data-parallel ranks of each (tensor, pipeline) rank together (``train.shared_files``), so InternEvo and
+  ``internlm-ckpt`` read it;
 * ``optimizer/``: ZeRO-1's fp32 master weights and Adam's moments per logical tensor, in the same layout
   (``train.optimizer_state``), so a run resumes at any tensor/pipeline/virtual/data-parallel layout;
 * ``context.pt`` (InternEvo's ``TrainState`` keys, plus the loss-scaler state), ``sampler.pt`` (the batch
@@ -39,7 +40,7 @@ from adapter.checkpoint.io.stream_write import save_tensors
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
-from adapter.train.optimizer_state import FOLDER, STEPS_FILE, OptimizerSave, stage_file, writer
+from adapter.train.optimizer_state import FOLDER, STATES, STEPS_FILE, StateSave, has_state
 
 MARKER = re.compile(r"^(\d+)\.step$")
 DEEPSPEED_TAG = "deepspeed"
@@ -53,29 +54,25 @@ def atomic_save(obj: object, path: Path, write: Callable[[object, Path], None] =
 
 
 def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer, sampler, context: dict,
-                    step: int, marker: bool = True) -> Path:
+                    step: int, marker: bool = True, shared: bool = True) -> Path:
     """Write the training state into ``folder``; collective over all ranks. ``marker=False`` leaves the
-    completion marker to the caller (object storage uploads it once every file is up)."""
-    from megatron.core import parallel_state as ps
-
+    completion marker to the caller (object storage uploads it once every file is up). ``shared`` says that
+    every rank writes into the same ``folder`` (one file system), so that a file's data-parallel ranks write
+    it together (``train.shared_files``); otherwise each file is written by one of them."""
     from adapter.train.internevo_export import RunSettings
 
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 if shared else int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node's own folder
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.iterdir():  # a reused snapshot slot stops being "complete" before it is rewritten
             if MARKER.match(old.name):
                 old.unlink()
+        if has_state(trainer):
+            for key in STATES:
+                (folder / FOLDER / key).mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    # A (tensor, pipeline) rank's four files are written by different data-parallel ranks
-    # (``optimizer_state.writer``); the first state's ZeRO parts start moving to their writer before the
-    # weights are written, and travel meanwhile. The tensors are views of the parameters and of ZeRO's
-    # buffers: written as they are.
-    optimizer = OptimizerSave(trainer)
-    if ps.get_data_parallel_rank() == writer(0, ps.get_data_parallel_world_size()):
-        atomic_save(stage_file(cfg, layout, trainer.chunks, lambda name, p: p),
-                    folder / f"model_tp{tp_rank}_pp{pp_rank}.pt", save_tensors)
-    optimizer.write(folder, cfg, layout, lambda obj, path: atomic_save(obj, path, save_tensors))
+    # The first state's ZeRO parts start moving to the ranks that write them before the weights are cut, and
+    # travel meanwhile. The tensors are views of the parameters and of ZeRO's buffers: written as they are.
+    StateSave(trainer, cfg, layout, shared).write(folder, lambda obj, path: atomic_save(obj, path, save_tensors))
     if dist.get_rank() == 0:
         atomic_save(model_config_dict(cfg.model), folder / "model_config.pt")
         atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},

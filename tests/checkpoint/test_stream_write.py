@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from adapter.checkpoint.io import shared_write
 from adapter.checkpoint.io.stream_write import SafetensorsWriter, TorchFileWriter, leaves
 
 
@@ -50,6 +51,27 @@ def test_torch_file_matches_torch_save(tmp_path):
             assert isinstance(back[name], OrderedDict) and list(back[name]) == list(obj[name])
             for key, value in obj[name].items():
                 assert back[name][key].dtype == value.dtype and torch.equal(back[name][key], value)
+
+
+def test_file_written_in_parts_is_torch_save_byte_for_byte(tmp_path):
+    """Reserved by one writer, its tensors written by two others in any order (one from a view that is not
+    contiguous), sealed: the very bytes ``torch.save`` writes, CRCs and serialization id included."""
+    g = torch.Generator().manual_seed(1)
+    obj = OrderedDict(w=torch.randn(300, 70, generator=g), b=torch.randn(9, generator=g).bfloat16(),
+                      empty=torch.zeros(0), t=torch.randn(11, 7, generator=g).t().contiguous(),
+                      ids=torch.arange(5))
+    torch.save(obj, tmp_path / "ref.pt")
+    path = tmp_path / "sub" / "ref.pt"  # the archive name inside is the file's stem, as torch.save's
+    path.parent.mkdir()
+    places = shared_write.reserve(path, _skeleton(obj))
+    tensors = [t for _, t in leaves(obj)]
+    first = shared_write.write_records(path, places, {3: obj["t"].t().contiguous().t(), 0: tensors[0]})
+    second = shared_write.write_records(path, places, {4: tensors[4], 1: tensors[1], 2: tensors[2]})
+    assert first[3] != 0 and zipfile.ZipFile(path).getinfo("ref/data/3").CRC == 0  # not sealed yet
+    shared_write.seal(path, {**first, **second})
+    assert path.read_bytes() == (tmp_path / "ref.pt").read_bytes()
+    with pytest.raises(ValueError, match="CRCs of tensors"):
+        shared_write.seal(path, first)
 
 
 def test_views_are_written_as_their_own_bytes(tmp_path):
@@ -101,6 +123,6 @@ def test_private_torch_apis_are_version_checked():
     from adapter.checkpoint.io.torch_private import check_version
 
     check_version()  # the installed torch is in range
-    for version in ("2.2.1", "2.14.0+cu128", "3.0.0"):
+    for version in ("2.5.1", "2.14.0+cu128", "3.0.0"):
         with pytest.raises(RuntimeError, match=re.escape(f"torch {version}: the checkpoint writers")):
             check_version(version)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -173,27 +174,51 @@ def _assert_cut_like_the_weights(original: Path, converted: Path) -> None:
     assert torch.load(converted / "3.step", weights_only=True) == {"step": 3}
 
 
+def _resumed(folder: str, layout: dict):
+    """In spawned ranks: a trainer that resumed ``folder`` (its config, layout and trainer)."""
+    from adapter.config.to_mcore import model_options, transformer_config
+    from adapter.model.build import build_model_chunks
+    from adapter.runtime.dist import init_distributed
+    from adapter.train.engine import Trainer
+    from adapter.train.state_files import load_model_weights, load_training_state
+
+    cfg, layout = _config(folder, **layout)
+    init_distributed(layout)
+    chunks = build_model_chunks(transformer_config(cfg, layout, use_cpu_initialization=True), model_options(cfg))
+    load_model_weights(Path(folder), cfg, layout, chunks, "test")
+    trainer = Trainer(cfg, layout, chunks, transformer_config(cfg, layout, use_cpu_initialization=True))
+    context = load_training_state(Path(folder), cfg, layout, trainer, True, "test")
+    return cfg, layout, trainer, context
+
+
 def _rewrite_as_earlier_version(folder: str) -> None:
     """In spawned ranks: turn a checkpoint into what earlier versions wrote (DeepSpeed's own engine checkpoint
     under ``deepspeed/``, no ``optimizer/``), by resuming it and saving the engine with DeepSpeed's saver."""
     import torch.distributed as dist
 
-    from adapter.config.to_mcore import model_options, transformer_config
-    from adapter.model.build import build_model_chunks
-    from adapter.runtime.dist import destroy_distributed, init_distributed
-    from adapter.train.engine import Trainer
-    from adapter.train.state_files import DEEPSPEED_TAG, load_model_weights, load_training_state
+    from adapter.runtime.dist import destroy_distributed
+    from adapter.train.state_files import DEEPSPEED_TAG
 
-    cfg, layout = _config(folder, **PP_VPP)
-    init_distributed(layout)
-    chunks = build_model_chunks(transformer_config(cfg, layout, use_cpu_initialization=True), model_options(cfg))
-    load_model_weights(Path(folder), cfg, layout, chunks, "test")
-    trainer = Trainer(cfg, layout, chunks, transformer_config(cfg, layout, use_cpu_initialization=True))
-    load_training_state(Path(folder), cfg, layout, trainer, True, "test")
+    _, _, trainer, _ = _resumed(folder, PP_VPP)
     trainer.deepspeed.save_checkpoint(folder, tag=DEEPSPEED_TAG, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(Path(folder) / "optimizer")
+    destroy_distributed()
+
+
+def _save_again(folder: str, layout: dict, targets: list[tuple[str, bool]]) -> None:
+    """In spawned ranks: resume ``folder`` and save it into each ``(target, shared)``."""
+    from types import SimpleNamespace
+
+    from adapter.runtime.dist import destroy_distributed
+    from adapter.train.state_files import save_checkpoint
+
+    cfg, layout, trainer, context = _resumed(folder, layout)
+    state = context.pop("sampler")
+    sampler = SimpleNamespace(state_dict=lambda: state)
+    for target, shared in targets:
+        save_checkpoint(Path(target), cfg, layout, trainer, sampler, context, trainer.step_count, shared=shared)
     destroy_distributed()
 
 
@@ -218,6 +243,16 @@ def test_resume_at_another_data_parallel_size(tmp_path):
     dp2, dp1 = {"pp": 1, "vpp": 1}, {"pp": 1, "vpp": 1, "micro_num": 8}
     whole, first = spawn(_runs, 2, [(str(tmp_path / "a"), None, {}, 6, dp2), (str(tmp_path / "b"), 3, {}, 6, dp2)])[0]
     shutil.copytree(tmp_path / "b", tmp_path / "c")
+    # each file's two data-parallel ranks write it together (each the units its ZeRO partition holds most
+    # of), or, where they share no file system, one of them all of it: the same bytes, and what the run wrote
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    spawn(_save_again, 2, str(tmp_path / "c" / "3"), dp2, [(str(together), True), (str(alone), False)])
+    written = sorted(p.relative_to(together) for p in together.rglob("model_tp*.pt"))
+    assert len(written) == 4 and written == sorted(p.relative_to(alone) for p in alone.rglob("model_tp*.pt"))
+    for name in written:
+        assert zipfile.ZipFile(together / name).testzip() is None, name  # zipfile checks every CRC
+        assert (together / name).read_bytes() == (alone / name).read_bytes(), name
+        assert (together / name).read_bytes() == (tmp_path / "c" / "3" / name).read_bytes(), name
     second = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, dp1)[0]
     assert [r[0] for r in second] == [4, 5, 6]
     assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)

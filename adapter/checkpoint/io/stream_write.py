@@ -150,6 +150,13 @@ class TorchFileWriter(Ordered):
         data = tensor.untyped_storage()[start:start + nbytes]  # a view of just this tensor's bytes
         self.zip.write_record(f"data/{key}", data, nbytes)
 
+    def reserve(self) -> None:
+        """Leave the next tensor's record unwritten, its space reserved (``shared_write`` fills it)."""
+        name, shape, dtype = self.expected[self.next]
+        self.next += 1
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        self.zip.write_record_metadata(f"data/{self.storages[self.next - 1].key}", nbytes)
+
     def close(self) -> None:
         self._check_complete()
         self.zip.write_end_of_file()

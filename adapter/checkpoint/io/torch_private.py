@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-SUPPORTED_TORCH = ((2, 3), (2, 14))  # [lower, upper): setup.cfg's torch>=2.3 up to the newest checked
+SUPPORTED_TORCH = ((2, 6), (2, 14))  # [lower, upper): setup.cfg's torch>=2.6 up to the newest checked
 
 
 def check_version(version: str = torch.__version__) -> None:

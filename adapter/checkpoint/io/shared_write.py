@@ -1,0 +1,153 @@
+"""A ``torch.save`` file whose tensors several processes write side by side, each the ones it holds.
+
+ZeRO spreads a parameter's optimizer state over the data-parallel ranks, and a checkpoint file holds whole
+tensors: sending every part to one rank to write costs as much as writing it (DeepSpeed sidesteps this by
+writing each rank's flat partition, which only that layout can read back). Here the file is written where the
+parts are, in three steps:
+
+1. ``reserve``: one process creates the file with every tensor's record reserved and left unwritten (torch's own
+   zip writer, as ``torch.serialization.skip_data`` uses it: a sparse file whose structure is final) and gets
+   where each record's bytes go;
+2. ``write_records``: each process writes the bytes of its tensors in place (``os.pwrite``) and returns their
+   CRC-32s;
+3. ``seal``: the creator writes those CRCs where the zip format keeps them (each record's data descriptor and
+   central-directory entry) and the serialization id torch derives from every record's CRC.
+
+The result is byte for byte the file ``torch.save`` writes of the same tensors (a test holds it to that), so
+every reader, torch's or InternEvo's, reads it as one. The processes must see one file system (a shared one
+across nodes); the creator renames the file into place once everything is sealed.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from isal.isal_zlib import crc32  # zlib's CRC-32, 4x faster than the zlib module's (Intel ISA-L)
+
+from adapter.checkpoint.io.stream_write import TorchFileWriter
+
+_DESCRIPTOR = b"PK\x07\x08"
+_CENTRAL = b"PK\x01\x02"
+_SERIALIZATION_ID = ".data/serialization_id"
+_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Record:
+    """A zip record: where its bytes start, how many, and where its central-directory entry starts."""
+
+    name: str
+    data: int
+    size: int
+    central: int
+
+
+def reserve(path: Path, skeleton: Any) -> list[int]:
+    """Create ``path``, the ``torch.save`` file of ``skeleton`` (nested dicts/lists of placeholder tensors, e.g.
+    on the ``meta`` device) with no tensor bytes written; returns where each tensor's bytes go, in the order
+    ``stream_write.leaves`` lists the tensors."""
+    writer = TorchFileWriter(path, skeleton)
+    try:
+        for _ in writer.expected:
+            writer.reserve()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    records = {r.name.partition("/")[2]: r for r in _records(path)}
+    return [records[f"data/{storage.key}"].data for storage in writer.storages]
+
+
+def write_records(path: Path, places: Mapping[int, int], tensors: Mapping[int, torch.Tensor]) -> dict[int, int]:
+    """Write each ``tensors[i]`` (host memory; copied first where it is not contiguous) at byte ``places[i]``
+    of ``path``; returns each one's CRC-32."""
+    crcs = {}
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for i, tensor in tensors.items():
+            data = _bytes(tensor)
+            offset, done = places[i], 0
+            while done < len(data):  # one write moves at most ~2 GiB on Linux
+                done += os.pwrite(fd, data[done:], offset + done)
+            crcs[i] = crc32(data)
+    finally:
+        os.close(fd)
+    return crcs
+
+
+def seal(path: Path, crcs: Mapping[int, int]) -> None:
+    """Write the CRC-32 of every tensor (``crcs[i]``, as ``write_records`` gave them) into ``path``, and the
+    serialization id torch computes from them."""
+    records = _records(path)
+    data = [r for r in records if r.name.partition("/")[2].startswith("data/")]
+    if sorted(crcs) != list(range(len(data))):
+        raise ValueError(f"{path}: CRCs of tensors {sorted(crcs)[:5]}… given for {len(data)} records")
+    with open(path, "r+b") as f:
+        values = {}
+        for r in records:
+            f.seek(r.central + 16)
+            values[r.name] = struct.unpack("<I", f.read(4))[0]
+        for r in data:
+            values[r.name] = crcs[int(r.name.rpartition("/")[2])]
+            if r.size:  # an empty record has no descriptor, and its CRC is already crc32(b"") = 0
+                _write_crc(f, r, values[r.name])
+        last = records[-1]
+        if last.name.endswith("/" + _SERIALIZATION_ID):
+            # torch: 20 digits hashing the record names (unchanged), then 20 folding the CRCs of every
+            # record before it but the empty ones
+            f.seek(last.data)
+            names = f.read(20)
+            folded = 0
+            for r in (r for r in records[:-1] if r.size):
+                folded = (folded ^ (values[r.name] + 0x9E3779B9 + (folded << 6) + (folded >> 2))) & _MASK
+            serialization_id = names + b"%020d" % folded
+            if len(serialization_id) != last.size:
+                raise ValueError(f"{path}: a {last.size}-byte serialization id, expected 40")
+            f.seek(last.data)
+            f.write(serialization_id)
+            _write_crc(f, last, crc32(serialization_id))
+
+
+def _write_crc(f, record: Record, crc: int) -> None:
+    """``crc`` into ``record``'s data descriptor (torch's writer puts one after every record) and its
+    central-directory entry."""
+    f.seek(record.data + record.size)
+    if f.read(4) != _DESCRIPTOR:
+        raise ValueError(f"{f.name}: record {record.name} has no data descriptor where torch's writer puts it")
+    f.write(struct.pack("<I", crc))
+    f.seek(record.central + 16)
+    f.write(struct.pack("<I", crc))
+
+
+def _records(path: Path) -> list[Record]:
+    """Every record of the zip file ``path``, in file order."""
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        infos = z.infolist()
+        central = z.start_dir  # where the central directory starts (zip64 resolved)
+        out = []
+        for info in infos:
+            f.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", f.read(4))
+            f.seek(central)
+            head = f.read(46)
+            if head[:4] != _CENTRAL:
+                raise ValueError(f"{path}: unexpected central directory at byte {central}")
+            out.append(Record(info.filename, info.header_offset + 30 + name_length + extra_length,
+                              info.file_size, central))
+            central += 46 + sum(struct.unpack("<HHH", head[28:34]))
+    return out
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` in host memory, without a copy where it is contiguous."""
+    tensor = tensor.detach().cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
