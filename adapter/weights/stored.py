@@ -139,12 +139,17 @@ class Stored:
 
     def unfuse(self, fused: torch.Tensor, tp: int = 1) -> list[torch.Tensor]:
         """The atoms of the whole stored tensor, or (``tp > 1``) of one rank's piece of it."""
+        return [self.atom_of(fused, i, tp) for i in range(len(self.atoms))]
+
+    def atom_of(self, fused: torch.Tensor, i: int, tp: int = 1) -> torch.Tensor:
+        """Atom ``i`` of ``unfuse(fused, tp)``, without copying the others (an atom of a tensor fused in
+        several blocks is a copy: its rows are not contiguous)."""
         if not self.fused:
-            return [fused]
+            return fused
         b = self.rank_blocks(tp)
         rest = tuple(fused.shape[1:])
         sizes = [r // tp // b for r in self.rows]
-        return [p.reshape(-1, *rest) for p in fused.reshape(b, sum(sizes), *rest).split(sizes, 1)]
+        return fused.reshape(b, sum(sizes), *rest).narrow(1, sum(sizes[:i]), sizes[i]).reshape(-1, *rest)
 
     # -- tensor parallelism ----------------------------------------------------------------------------------
     def rank_blocks(self, tp: int) -> int:

@@ -203,7 +203,7 @@ class Unit:
             cut = []
             for j in ranks:
                 held = self.rank_piece(source, key, j)
-                held = source.unfuse(held, self.tp)[source.atoms.index(atom)] if source.fused else held
+                held = source.atom_of(held, source.atoms.index(atom), self.tp)
                 if source_dim == dim:
                     start = max(lo, starts[j])
                     cut.append(held.narrow(dim, start - starts[j], min(hi, starts[j + 1]) - start))
