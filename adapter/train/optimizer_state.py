@@ -296,7 +296,10 @@ class StateSave:
         self.stateful = has_state(trainer)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.group = ps.get_data_parallel_group_gloo()
+        try:  # only small objects travel on it: megatron-core's CPU twin of the data-parallel group
+            self.group = ps.get_data_parallel_group_gloo()
+        except AssertionError:  # made without gloo groups (create_gloo_process_groups=False)
+            self.group = ps.get_data_parallel_group()
         self.zero = ZeroStates(trainer.chunks) if self.stateful and ZeroStates.available(trainer.chunks) else None
         params = [p for chunk in trainer.chunks for p in chunk.parameters()]
         held = self.zero.held() if self.zero is not None else even_shares([p.numel() for p in params], self.dp)
