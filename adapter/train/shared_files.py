@@ -124,8 +124,9 @@ class Together:
         made = {}
         for i, f in enumerate(files):
             if f.creator == self.rank and self.failure is None:
-                tmp = f.path.with_name(f".{f.path.name}.tmp-{os.getpid()}")
+                tmp = _unfinished(f.path)
                 try:
+                    tmp.parent.mkdir(exist_ok=True)
                     made[i] = (str(tmp), reserve(tmp, f.skeleton))
                 except Exception as exc:
                     self.failure = exc
@@ -152,17 +153,26 @@ class Together:
     def close(self) -> None:
         """Seal every file this rank created and rename it into place, once every rank has written."""
         written = self._exchange(self.written)
+        crcs = []
         for i, f in enumerate(self.files):
-            crcs = [w[i] for w in written if i in w]
-            every = {n: c for w in crcs for n, c in w.items()}
-            if sum(map(len, crcs)) != len(f.skeleton) or len(every) != len(f.skeleton):
-                if f.creator == self.rank:
-                    self.tmp[i].unlink(missing_ok=True)
-                raise RuntimeError(f"{f.path}: the ranks wrote {sum(map(len, crcs))} tensors ({len(every)} "
-                                   f"different) of its {len(f.skeleton)}")  # a bug in the owners
+            parts = [w[i] for w in written if i in w]
+            crcs.append({n: c for part in parts for n, c in part.items()})
+            if sum(map(len, parts)) != len(f.skeleton) or len(crcs[i]) != len(f.skeleton):  # a bug in the owners
+                self._remove()
+                raise RuntimeError(f"{f.path}: the ranks wrote {sum(map(len, parts))} tensors ({len(crcs[i])} "
+                                   f"different) of its {len(f.skeleton)}")
+        for i, f in enumerate(self.files):
             if f.creator == self.rank:
-                seal(self.tmp[i], every)
+                seal(self.tmp[i], crcs[i])
                 os.replace(self.tmp[i], f.path)
+                _drop_folder(self.tmp[i].parent)
+
+    def _remove(self) -> None:
+        """Remove the unfinished files this rank created."""
+        for f in self.files:
+            if f.creator == self.rank:
+                _unfinished(f.path).unlink(missing_ok=True)
+                _drop_folder(_unfinished(f.path).parent)
 
     def _exchange(self, mine: dict) -> list[dict]:
         """Every rank's ``mine``, or, where any rank failed, that failure raised everywhere and the files this
@@ -174,12 +184,24 @@ class Together:
         dist.all_gather_object(outcomes, (mine, error), group=self.group)
         failed = [(r, e) for r, (_, e) in enumerate(outcomes) if e is not None]
         if failed:
-            for i, f in enumerate(self.files):
-                if f.creator == self.rank:
-                    f.path.with_name(f".{f.path.name}.tmp-{os.getpid()}").unlink(missing_ok=True)
+            self._remove()
             if self.failure is not None:
                 raise self.failure
             rank, error = failed[0]
             raise CheckpointError(f"{self.files[0].path.parent}: data-parallel rank {rank} could not write its "
                                   f"part of the checkpoint: {error}")
         return [m for m, _ in outcomes]
+
+
+def _unfinished(path: Path) -> Path:
+    """Where this process writes ``path`` until it is complete: a folder of its own beside it, so that the file
+    keeps its name (``torch.save`` names the archive inside after the file) and is renamed into place."""
+    return path.parent / f".unfinished-{os.getpid()}" / path.name
+
+
+def _drop_folder(folder: Path) -> None:
+    """Remove ``_unfinished``'s folder once it is empty (another of this process's files may still be in it)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
