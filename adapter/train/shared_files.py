@@ -146,7 +146,9 @@ class Together:
                 if want is None or want.shape != tensor.shape or want.dtype != tensor.dtype:
                     raise RuntimeError(f"{f.path.name}: {name} {tuple(tensor.shape)} {tensor.dtype} is not the "
                                        f"file's {None if want is None else (tuple(want.shape), want.dtype)}")
-            self.written[i] = write_records(self.tmp[i], self.places[i], {index[n]: t for n, t in content.items()})
+            # a rank with nothing to write never opens the file (it may live on another node's disk)
+            self.written[i] = (write_records(self.tmp[i], self.places[i], {index[n]: t for n, t in content.items()})
+                               if content else {})
         except Exception as exc:
             self.failure = exc
 

@@ -48,6 +48,18 @@ def _write(folder: str) -> list[str]:
     out.append(attempt(root / "bad.pt", mine, bad=rank == 1))
     out.append(attempt(root / "missing" / "x.pt", mine))  # the creator cannot create it
     out.append(attempt(root / "twice.pt", mine + (["a"] if rank == 1 else [])))  # owners that overlap
+    # ranks on two nodes, each seeing its own folder (object storage's staging): the creator writes it all,
+    # and rank 0, whose disk does not have the file, must not touch it
+    from adapter.train import shared_files
+
+    node = root / f"node{rank}"
+    node.mkdir()
+    def elsewhere(path, *_):
+        raise FileNotFoundError(path)  # what opening it would meet on the other node
+
+    if rank == 0:
+        shared_files.write_records = elsewhere
+    out.append(attempt(node / "alone.pt", list(content) if rank == 1 else []))
     return out
 
 
@@ -55,7 +67,8 @@ def _write(folder: str) -> list[str]:
 def test_files_written_together(tmp_path):
     """Rank 0 writes two tensors, rank 1 (the creator) the other two: ``torch.save``'s very bytes. A rank
     that fails to write its part, a creator that cannot create the file, or two ranks writing one tensor:
-    every rank raises (the failing rank its own error, the other one naming it) and no file is left."""
+    every rank raises (the failing rank its own error, the other one naming it) and no file is left. A
+    rank with nothing to write never opens the file, which may be on another node's disk."""
     results = spawn(_write, 2, str(tmp_path))
     (tmp_path / "ref").mkdir()
     torch.save(_content(), tmp_path / "ref" / "ok.pt")  # the same archive name inside: the file's stem
@@ -65,7 +78,10 @@ def test_files_written_together(tmp_path):
     assert results[0][1].startswith("CheckpointError: ") and "data-parallel rank 1 could not write" in results[0][1]
     assert "missing" in results[1][2] and "data-parallel rank 1 could not write" in results[0][2]
     assert all(r[3].startswith("RuntimeError: ") and "wrote 5 tensors (4 different) of its 4" in r[3] for r in results)
-    assert sorted(os.listdir(tmp_path)) == ["ok.pt", "ref"]  # no temporary file left by any failure
+    assert [r[4] for r in results] == ["", ""] and os.listdir(tmp_path / "node0") == []
+    torch.save(_content(), tmp_path / "ref" / "alone.pt")
+    assert (tmp_path / "node1" / "alone.pt").read_bytes() == (tmp_path / "ref" / "alone.pt").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["node0", "node1", "ok.pt", "ref"]  # no temporary file left
 
 
 def test_owners_follow_the_partitions():
