@@ -61,7 +61,9 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     it together (``train.shared_files``); otherwise each file is written by one of them."""
     from adapter.train.internevo_export import RunSettings
 
-    if dist.get_rank() == 0 if shared else int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node's own folder
+    # the folder is made by one rank, or where it is each node's own, by one rank on each node
+    makes_folder = dist.get_rank() == 0 if shared else int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if makes_folder:
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.iterdir():  # a reused snapshot slot stops being "complete" before it is rewritten
             if MARKER.match(old.name):
