@@ -153,9 +153,9 @@ class ZeroStates:
     anything.
 
     One state moves at a time: ``start`` posts its transfers without waiting (the sends read ZeRO's buffers
-    in place), so they travel while the rank writes the previous file; ``value`` waits for a parameter's
-    receives; ``finish`` waits for the rest, and must come before the next ``start`` and before the
-    optimizer steps again. Every rank posts its operations in parameter order, sends and receives alike, so
+    in place), so they travel while the rank cuts (or writes) the previous file; ``value`` waits for a
+    parameter's receives; ``finish`` waits for the rest, and must come before the next ``start`` and before
+    the optimizer steps again. Every rank posts its operations in parameter order, sends and receives alike, so
     each pair of ranks posts its operations in the same order on both sides (what NCCL needs, whose
     operations between two ranks run in posting order on one stream). A parameter that its owner's
     partition holds whole is a view of it, not a copy. Values come back in host memory (on an accelerator, a
