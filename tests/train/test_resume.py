@@ -239,7 +239,8 @@ def test_checkpoints_of_earlier_versions_still_resume(tmp_path, pp_vpp_runs):
 @pytest.mark.slow
 def test_resume_at_another_data_parallel_size(tmp_path):
     """Data parallel 2 → 1 with the global batch kept (micro_num 4 → 8): the same rows in the same steps, so
-    the run continues as it would have; a changed global batch is refused."""
+    the run continues as it would have; a changed global batch is refused. On the way, the dp2 checkpoint
+    resumed and saved again, by both ranks together and by one rank per file, gives its own bytes back."""
     dp2, dp1 = {"pp": 1, "vpp": 1}, {"pp": 1, "vpp": 1, "micro_num": 8}
     whole, first = spawn(_runs, 2, [(str(tmp_path / "a"), None, {}, 6, dp2), (str(tmp_path / "b"), 3, {}, 6, dp2)])[0]
     shutil.copytree(tmp_path / "b", tmp_path / "c")
