@@ -124,7 +124,7 @@ class Together:
         made = {}
         for i, f in enumerate(files):
             if f.creator == self.rank and self.failure is None:
-                tmp = _unfinished(f.path)
+                tmp = unfinished(f.path)
                 try:
                     tmp.parent.mkdir(exist_ok=True)
                     made[i] = (str(tmp), reserve(tmp, f.skeleton))
@@ -167,14 +167,14 @@ class Together:
             if f.creator == self.rank:
                 seal(self.tmp[i], crcs[i])
                 os.replace(self.tmp[i], f.path)
-                _drop_folder(self.tmp[i].parent)
+                drop_unfinished(self.tmp[i].parent)
 
     def _remove(self) -> None:
         """Remove the unfinished files this rank created."""
         for f in self.files:
             if f.creator == self.rank:
-                _unfinished(f.path).unlink(missing_ok=True)
-                _drop_folder(_unfinished(f.path).parent)
+                unfinished(f.path).unlink(missing_ok=True)
+                drop_unfinished(unfinished(f.path).parent)
 
     def _exchange(self, mine: dict) -> list[dict]:
         """Every rank's ``mine``, or, where any rank failed, that failure raised everywhere and the files this
@@ -195,14 +195,15 @@ class Together:
         return [m for m, _ in outcomes]
 
 
-def _unfinished(path: Path) -> Path:
-    """Where this process writes ``path`` until it is complete: a folder of its own beside it, so that the file
-    keeps its name (``torch.save`` names the archive inside after the file) and is renamed into place."""
+def unfinished(path: Path) -> Path:
+    """Where this process writes ``path`` until it is complete (every file of a training checkpoint): a
+    folder of its own beside it, so that the file keeps its name (``torch.save`` names the archive inside
+    after the file) and is renamed into place."""
     return path.parent / f".unfinished-{os.getpid()}" / path.name
 
 
-def _drop_folder(folder: Path) -> None:
-    """Remove ``_unfinished``'s folder once it is empty (another of this process's files may still be in it)."""
+def drop_unfinished(folder: Path) -> None:
+    """Remove ``unfinished``'s folder once it is empty (another of this process's files may still be in it)."""
     try:
         folder.rmdir()
     except OSError:

@@ -47,10 +47,15 @@ DEEPSPEED_TAG = "deepspeed"
 
 
 def atomic_save(obj: object, path: Path, write: Callable[[object, Path], None] = torch.save) -> None:
-    """``write(obj, path)`` under a temporary name, then renamed: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``write(obj, path)`` where the shared files are written until complete (``shared_files.unfinished``),
+    then renamed: a reader never sees half a file."""
+    from adapter.train.shared_files import drop_unfinished, unfinished
+
+    tmp = unfinished(path)
+    tmp.parent.mkdir(exist_ok=True)
     write(obj, tmp)
     os.replace(tmp, path)
+    drop_unfinished(tmp.parent)
 
 
 def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer, sampler, context: dict,
