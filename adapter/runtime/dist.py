@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from adapter.runtime import cpu
 from adapter.runtime.layout import ParallelLayout
+
+_STAGE_GROUP_GLOO: Optional[dist.ProcessGroup] = None
 
 
 def init_distributed(layout: ParallelLayout, *, seed: int = 1024, timeout_s: int = 600) -> None:
@@ -42,7 +45,24 @@ def init_distributed(layout: ParallelLayout, *, seed: int = 1024, timeout_s: int
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
     )
+    global _STAGE_GROUP_GLOO
+    size = world // layout.pp
+    _STAGE_GROUP_GLOO, _ = dist.new_subgroups_by_enumeration(
+        [list(range(p * size, (p + 1) * size)) for p in range(layout.pp)], backend="gloo")
+    if dist.get_rank(_STAGE_GROUP_GLOO) != parallel_state.get_data_parallel_rank() * layout.tp + \
+            parallel_state.get_tensor_model_parallel_rank():
+        raise RuntimeError("megatron-core did not order the ranks tensor-fastest, pipeline-slowest")
     model_parallel_cuda_manual_seed(seed)
+
+
+def stage_group_gloo() -> dist.ProcessGroup:
+    """This rank's pipeline stage as a gloo group: every tensor and data-parallel rank with its pipeline
+    rank, numbered ``data-parallel rank × tensor size + tensor rank``. A checkpoint's files of one stage are
+    written by all of them together, which exchange small objects on it (megatron-core makes gloo twins of
+    its data-parallel groups only)."""
+    if _STAGE_GROUP_GLOO is None:
+        raise RuntimeError("init_distributed has not run")
+    return _STAGE_GROUP_GLOO
 
 
 def device() -> torch.device:
@@ -54,6 +74,8 @@ def device() -> torch.device:
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
+    global _STAGE_GROUP_GLOO
+    _STAGE_GROUP_GLOO = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Container, Optional
+from typing import Callable, Container, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from adapter.checkpoint.io.memory import zeros_like_huge
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
+from adapter.train.shared_files import File, Rows, Together, even_shares, file_skeleton, owners, unit_params
 from adapter.weights.table import Unit
 
 FOLDER = "optimizer"
@@ -40,29 +41,41 @@ STEPS_FILE = "state.pt"
 
 def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
                value: Callable[[str, torch.nn.Parameter], Optional[torch.Tensor]],
-               units: Optional[Container[tuple[int, int]]] = None) -> "OrderedDict[str, torch.Tensor]":
-    """This rank's ``model_tp{t}_pp{p}.pt`` content of ``value(name, parameter)``, or with ``units`` (``(chunk,
-    unit)`` pairs) just those units' entries, in file order. Collective over the tensor group (every tensor
-    rank passes the same ``units``), and over whatever group ``value`` itself talks to: ``value`` is called
-    for every parameter, and may return None for those outside ``units``.
+               units: Optional[Container[tuple[int, int]]] = None,
+               spread: bool = False) -> "dict[int, OrderedDict[str, Union[torch.Tensor, Rows]]]":
+    """What this rank writes of ``value(name, parameter)`` into the ``model_tp{t}_pp{p}.pt`` files, by tensor
+    rank ``t``: its own file's entries in file order, or with ``units`` (``(chunk, unit)`` pairs) just those
+    units' entries. Collective over the tensor group (every tensor rank passes the same ``units`` and
+    ``spread``), and over whatever group ``value`` itself talks to: ``value`` is called for every parameter,
+    and may return None for those outside ``units``.
 
     Each tensor rank cuts its file's pieces from its own parameters wherever InternEvo's split of a tensor
     is megatron-core's (every linear layer and fused qkv/MLP: the same rows or columns of each atom on the
     same rank; replicated tensors from its own replica), so only the embedding crosses between tensor ranks
-    (megatron-core splits it on the vocabulary, InternEvo on the hidden size), each rank receiving just the
-    hidden columns it keeps of the others' rows (``_exchange_tensor_ranks``). The pieces are views
-    (of the parameters, of DeepSpeed's flat buffers) wherever the cut allows."""
+    (megatron-core splits it on the vocabulary, InternEvo on the hidden size). Each rank receives just the
+    hidden columns it keeps of the others' rows (``_exchange_tensor_ranks``), or, with ``spread`` (the
+    tensor ranks write each other's files), nothing: its vocabulary rows of every rank's columns go to that
+    rank's file as ``Rows``. The pieces are views (of the parameters, of DeepSpeed's flat buffers) wherever
+    the cut allows."""
     from megatron.core import parallel_state as ps
 
     from adapter.checkpoint.formats.internevo import chunk_prefix, unit_pieces
     from adapter.model.mapping import chunk_units, mcore_table
 
     model, tp_rank, pp_rank = cfg.model, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    out: dict[int, OrderedDict[str, Union[torch.Tensor, Rows]]] = {tp_rank: OrderedDict()}
+    mine: dict[str, torch.Tensor] = {}
+    spreads: list[tuple[torch.Tensor, dict[int, Rows]]] = []  # (placeholder piece, its rows for every file)
+
+    def exchange(stored, key: str, dim: int, bounds: list[int], join: int) -> torch.Tensor:
+        if spread and join == 0:  # rows of the joined piece are contiguous bytes of its record
+            return _spread_rows(mine[key], dim, bounds, tp_rank, spreads)
+        return _exchange_tensor_ranks(key, mine[key], dim, bounds, join)
+
     for vp, chunk in enumerate(chunks):
         cut = [(unit, local) for unit, local in chunk_units(model, layout, pp_rank, vp)
                if units is None or (vp, unit) in units]
-        mine: dict[str, torch.Tensor] = {}
+        mine.clear()
         for name, p in chunk.named_parameters():
             v = value(name, p)
             if v is not None:
@@ -70,12 +83,30 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
         for unit, local in cut:
             source = Unit(model, unit, mcore_table(model), layout.tp,
                           lambda stored, key: _gather_tensor_ranks(key, mine[key], layout.tp), local,
-                          rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank,
-                          exchange=lambda stored, key, dim, bounds, join: _exchange_tensor_ranks(
-                              key, mine[key], dim, bounds, join))
-            pieces = unit_pieces(source, model, layout, local, chunk_prefix(layout, vp), tp_rank)
-            out.update((k, v.cpu()) for k, v in pieces)  # host memory for the file (on the CPU: the same views)
+                          rank_piece=lambda stored, key, rank: mine[key], local_rank=tp_rank, exchange=exchange)
+            for k, v in unit_pieces(source, model, layout, local, chunk_prefix(layout, vp), tp_rank):
+                if spreads and v is spreads[0][0]:
+                    for t, rows in spreads.pop(0)[1].items():
+                        out.setdefault(t, OrderedDict())[k] = rows
+                else:  # host memory for the file (on the CPU: the same views)
+                    out[tp_rank][k] = v.cpu()
+            if spreads:
+                raise RuntimeError(f"unit {unit}: a piece left to the tensor ranks' writes was computed on")
     return out
+
+
+def _spread_rows(t: torch.Tensor, dim: int, bounds: list[int], rank: int,
+                 spreads: list[tuple[torch.Tensor, dict[int, Rows]]]) -> torch.Tensor:
+    """Where ``_exchange_tensor_ranks`` would join every tensor rank's rows of this rank's slice, what this
+    rank writes instead: for each tensor rank ``r`` of ``t``'s rank-ordered pieces (split along dimension 0),
+    rows ``rank·n:(rank+1)·n`` (``n = len(t)``) of its slice ``bounds[r]:bounds[r + 1]`` along ``dim``, kept
+    in ``spreads`` with a placeholder of this rank's joined piece, which is returned."""
+    n, shape = t.shape[0], list(t.shape)
+    shape[0], shape[dim] = n * (len(bounds) - 1), bounds[rank + 1] - bounds[rank]
+    placeholder = torch.empty(shape, dtype=t.dtype, device="meta")
+    spreads.append((placeholder, {r: Rows(rank * n, t.narrow(dim, bounds[r], bounds[r + 1] - bounds[r]).cpu())
+                                  for r in range(len(bounds) - 1)}))
+    return placeholder
 
 
 def _gather_tensor_ranks(name: str, t: torch.Tensor, tp: int) -> list[torch.Tensor]:
@@ -276,30 +307,37 @@ def writer(index: int, dp: int) -> int:
 
 
 class StateSave:
-    """Writing a (tensor, pipeline) rank's files of a checkpoint (the model, then ``<checkpoint>/optimizer``)
-    with its data-parallel ranks, each writing the units it owns (``shared_files``). The constructor decides
-    the owners and starts moving the first state's parts to them, so they travel while the model is cut;
-    each state's transfers start as soon as the previous state is cut. Collective over all ranks.
+    """Writing a pipeline stage's files of a checkpoint (the model, then ``<checkpoint>/optimizer``) with its
+    tensor and data-parallel ranks, each writing the units it owns (``shared_files``). The constructor
+    decides the owners and starts moving the first state's parts to them, so they travel while the model is
+    cut; each state's transfers start as soon as the previous state is cut. Collective over all ranks.
 
-    Where the ranks share a file system (``shared``) all four files are reserved at once, every state is cut
-    (views of ZeRO's buffers, but the parts received), and then each rank writes its parts of the files in
-    its own turn (rank ``r`` starts with file ``r``), so that the ranks write different files at a time: a
-    file system writes into one file one writer at a time (ext4 and XFS lock the file for a buffered write).
-    Otherwise each file is written by its creator as soon as it is cut, so that it holds one state at a time."""
+    Where the ranks share a file system (``shared``) all the stage's files are reserved at once, every state
+    is cut (views of ZeRO's buffers, but the parts received), and then each rank writes its parts of the
+    files in its own turn (data-parallel rank ``r`` starts with file ``r``), so that the ranks write different
+    files at a time: a file system writes into one file one writer at a time (ext4 and XFS lock the file for
+    a buffered write). Each tensor rank writes its own vocabulary rows of the embedding into every tensor
+    rank's file (``stage_file``'s ``spread``). Otherwise each file is written by its creator as soon as it is
+    cut, so that it holds one state at a time, and the embedding's columns are exchanged between tensor
+    ranks first."""
 
     def __init__(self, trainer, cfg: InternLMConfig, layout: ParallelLayout, shared: bool):
         from megatron.core import parallel_state as ps
 
-        from adapter.train.shared_files import even_shares, owners, unit_params
+        from adapter.runtime.dist import stage_group_gloo
 
         self.trainer, self.cfg, self.layout, self.shared = trainer, cfg, layout, shared
         self.stateful = has_state(trainer)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        try:  # only small objects travel on it: megatron-core's CPU twin of the data-parallel group
-            self.group = ps.get_data_parallel_group_gloo()
-        except AssertionError:  # made without gloo groups (create_gloo_process_groups=False)
-            self.group = ps.get_data_parallel_group()
+        # only small objects travel on these CPU groups (megatron-core's twin of the data-parallel group)
+        if shared:
+            self.group = stage_group_gloo()
+        else:
+            try:
+                self.group = ps.get_data_parallel_group_gloo()
+            except AssertionError:  # made without gloo groups (create_gloo_process_groups=False)
+                self.group = ps.get_data_parallel_group()
         self.zero = ZeroStates(trainer.chunks) if self.stateful and ZeroStates.available(trainer.chunks) else None
         params = [p for chunk in trainer.chunks for p in chunk.parameters()]
         held = self.zero.held() if self.zero is not None else even_shares([p.numel() for p in params], self.dp)
@@ -311,38 +349,50 @@ class StateSave:
             self.zero.start(STATES[0], self.owners[1].params)
 
     def write(self, folder: Path, save: Callable[[object, Path], None]) -> None:
-        """The model file and, once Adam has stepped, ``<folder>/optimizer`` (its folders made; its small
+        """The model files and, once Adam has stepped, ``<folder>/optimizer`` (its folders made; its small
         files written through ``save(obj, path)``)."""
-        from adapter.train.shared_files import File, Together, file_skeleton
-
-        name = f"model_tp{self.tp_rank}_pp{self.pp_rank}.pt"
-        paths = [folder / name] + [folder / FOLDER / key / name for key in STATES if self.stateful]
-        files = [File(path, file_skeleton(self.cfg.model, self.layout, self.tp_rank, self.pp_rank,
-                                          self.dtype if i == 0 else torch.float32), writer(i, self.dp))
-                 for i, path in enumerate(paths)]
-        for i in range(1, len(files)):
-            if self.dp_rank == files[i].creator and self.tp_rank == 0 and self.pp_rank == 0:
-                save(model_config_dict(self.cfg.model), files[i].path.parent / "model_config.pt")
-        for batch in [list(range(len(files)))] if self.shared else [[i] for i in range(len(files))]:
-            together = Together([files[i] for i in batch], self.group)
-            contents = [self._cut(i) for i in batch]
-            for k in range(len(batch)):
-                turn = (self.dp_rank + k) % len(batch)
-                together.write(turn, contents[turn])
-                contents[turn] = None  # written: its host copies go
+        n = 1 + len(STATES) if self.stateful else 1
+        for k in range(1, n):
+            if self.dp_rank == writer(k, self.dp) and self.tp_rank == 0 and self.pp_rank == 0:
+                save(model_config_dict(self.cfg.model), folder / FOLDER / STATES[k - 1] / "model_config.pt")
+        if self.shared:  # every tensor rank's files, numbered tensor rank × n + file
+            tensor_ranks = range(self.layout.tp)
+            together = Together([self._file(folder, t, k) for t in tensor_ranks for k in range(n)], self.group)
+            contents = [self._cut(k) for k in range(n)]
+            for j in range(n):
+                k = (self.dp_rank + j) % n
+                for t, content in contents[k].items():
+                    together.write(t * n + k, content)
+                contents[k] = None  # written: its host copies go
             together.close()
+        else:
+            for k in range(n):
+                together = Together([self._file(folder, self.tp_rank, k)], self.group)
+                together.write(0, self._cut(k)[self.tp_rank])
+                together.close()
         if self.stateful and dist.get_rank() == 0:
             adam = self.trainer.optimizer.optimizer
             steps = [int(adam.state[group["params"][0]]["step"]) for group in adam.param_groups]
             save({"steps": steps}, folder / FOLDER / STEPS_FILE)
 
-    def _cut(self, i: int) -> "OrderedDict[str, torch.Tensor]":
-        """This rank's units of file ``i`` (0: the weights; then the ``STATES``)."""
+    def _file(self, folder: Path, tp_rank: int, k: int) -> File:
+        """File ``k`` of tensor rank ``tp_rank`` (0: the weights; then the ``STATES``), created by the rank of
+        ``self.group`` that ``writer`` names."""
+        name = f"model_tp{tp_rank}_pp{self.pp_rank}.pt"
+        creator = writer(k, self.dp) * self.layout.tp + tp_rank if self.shared else writer(k, self.dp)
+        return File(folder / name if k == 0 else folder / FOLDER / STATES[k - 1] / name,
+                    file_skeleton(self.cfg.model, self.layout, tp_rank, self.pp_rank,
+                                  self.dtype if k == 0 else torch.float32), creator)
+
+    def _cut(self, i: int) -> "dict[int, OrderedDict[str, Union[torch.Tensor, Rows]]]":
+        """This rank's units of file ``i`` (0: the weights; then the ``STATES``), by tensor rank
+        (``stage_file``)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         mine = self.owners[i].of(self.dp_rank)
         if i == 0:
-            return stage_file(self.cfg, self.layout, self.trainer.chunks, lambda name, p: p, units=mine)
+            return stage_file(self.cfg, self.layout, self.trainer.chunks, lambda name, p: p, units=mine,
+                              spread=self.shared)
         key, zero = STATES[i - 1], self.zero
 
         def value(name: str, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
@@ -350,7 +400,7 @@ class StateSave:
                 return zero.value(p)
             return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
 
-        content = stage_file(self.cfg, self.layout, self.trainer.chunks, value, units=mine)
+        content = stage_file(self.cfg, self.layout, self.trainer.chunks, value, units=mine, spread=self.shared)
         if zero is not None:
             zero.finish()
             if i < len(STATES):

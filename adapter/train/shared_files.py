@@ -18,16 +18,17 @@ which then receives every part.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from adapter.checkpoint.io.shared_write import reserve, seal, write_records
+from adapter.checkpoint.io.shared_write import Part, reserve, seal, whole_crc, write_records
 from adapter.config.schema import ModelConfig
 from adapter.runtime.layout import ParallelLayout
 
@@ -88,7 +89,7 @@ def even_shares(sizes: list[int], dp: int) -> list[list[int]]:
     return out
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def file_skeleton(model: ModelConfig, layout: ParallelLayout, tp_rank: int, pp_rank: int,
                   dtype: torch.dtype) -> "OrderedDict[str, torch.Tensor]":
     """The names, shapes and order of ``model_tp{tp_rank}_pp{pp_rank}.pt``, as ``meta`` tensors of ``dtype``
@@ -98,6 +99,34 @@ def file_skeleton(model: ModelConfig, layout: ParallelLayout, tp_rank: int, pp_r
 
     logical = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in logical_shapes(model).items()}
     return shard_state_dict(logical, model, layout, tp_rank, pp_rank)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``start:start + len(tensor)`` of a file's tensor, the part of it one rank writes (the embedding:
+    each tensor rank holds some of the vocabulary's rows of every tensor rank's file)."""
+
+    start: int
+    tensor: torch.Tensor
+
+
+def _tensor(value: Union[torch.Tensor, Rows]) -> torch.Tensor:
+    return value.tensor if isinstance(value, Rows) else value
+
+
+def _offset(f: "File", name: str, value: Union[torch.Tensor, Rows]) -> int:
+    """Where in its record ``value`` (``name``'s whole tensor, or rows of it) goes, once checked against the
+    file's skeleton."""
+    want, t = f.skeleton.get(name), _tensor(value)
+    start = value.start if isinstance(value, Rows) else 0
+    fits = (want is not None and want.dtype == t.dtype and
+            (want.shape == t.shape if not isinstance(value, Rows) else
+             want.dim() > 0 and want.shape[1:] == t.shape[1:] and 0 <= start <= want.shape[0] - len(t)))
+    if not fits:
+        what = f"rows {start}:{start + len(t)} of " if isinstance(value, Rows) else ""
+        raise RuntimeError(f"{f.path.name}: {what}{name} {tuple(t.shape)} {t.dtype} is not the file's "
+                           f"{None if want is None else (tuple(want.shape), want.dtype)}")
+    return start * math.prod(want.shape[1:]) * want.element_size()
 
 
 @dataclass(frozen=True)
@@ -119,7 +148,7 @@ class Together:
     def __init__(self, files: list[File], group: Optional[dist.ProcessGroup]):
         self.files, self.group = files, group
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        self.written: dict[int, dict[int, int]] = {}  # file → tensor → CRC-32
+        self.written: dict[int, list[Part]] = {}  # file → the parts this rank wrote, with their CRC-32s
         self.failure: Optional[BaseException] = None
         made = {}
         for i, f in enumerate(files):
@@ -134,21 +163,17 @@ class Together:
         self.tmp = {i: Path(tmp) for head in heads for i, (tmp, _) in head.items()}
         self.places = {i: places for head in heads for i, (_, places) in head.items()}
 
-    def write(self, i: int, content: Mapping[str, torch.Tensor]) -> None:
-        """This rank's tensors of ``files[i]`` (after a failure here, nothing: ``close`` raises it)."""
+    def write(self, i: int, content: Mapping[str, Union[torch.Tensor, "Rows"]]) -> None:
+        """This rank's tensors of ``files[i]``, or rows of them (after a failure here, nothing: ``close``
+        raises it). Called once per file at most."""
         if self.failure is not None:
             return
         f = self.files[i]
         index = {name: n for n, name in enumerate(f.skeleton)}
         try:
-            for name, tensor in content.items():
-                want = f.skeleton.get(name)
-                if want is None or want.shape != tensor.shape or want.dtype != tensor.dtype:
-                    raise RuntimeError(f"{f.path.name}: {name} {tuple(tensor.shape)} {tensor.dtype} is not the "
-                                       f"file's {None if want is None else (tuple(want.shape), want.dtype)}")
+            parts = [(index.get(name), _offset(f, name, value), _tensor(value)) for name, value in content.items()]
             # a rank with nothing to write never opens the file (it may live on another node's disk)
-            self.written[i] = (write_records(self.tmp[i], self.places[i], {index[n]: t for n, t in content.items()})
-                               if content else {})
+            self.written[i] = write_records(self.tmp[i], self.places[i], parts) if parts else []
         except Exception as exc:
             self.failure = exc
 
@@ -157,12 +182,16 @@ class Together:
         written = self._exchange(self.written)
         crcs = []
         for i, f in enumerate(self.files):
-            parts = [w[i] for w in written if i in w]
-            crcs.append({n: c for part in parts for n, c in part.items()})
-            if sum(map(len, parts)) != len(f.skeleton) or len(crcs[i]) != len(f.skeleton):  # a bug in the owners
-                self._remove()
-                raise RuntimeError(f"{f.path}: the ranks wrote {sum(map(len, parts))} tensors ({len(crcs[i])} "
-                                   f"different) of its {len(f.skeleton)}")
+            parts: dict[int, list] = {}
+            for part in (part for w in written for part in w.get(i, [])):
+                parts.setdefault(part.index, []).append(part)
+            crcs.append({})
+            for n, (name, t) in enumerate(f.skeleton.items()):
+                try:
+                    crcs[i][n] = whole_crc(parts.get(n, []), t.numel() * t.element_size())
+                except ValueError as exc:  # a bug in the owners
+                    self._remove()
+                    raise RuntimeError(f"{f.path}: {name}: the ranks wrote {exc}") from None
         for i, f in enumerate(self.files):
             if f.creator == self.rank:
                 seal(self.tmp[i], crcs[i])
@@ -190,8 +219,9 @@ class Together:
             if self.failure is not None:
                 raise self.failure
             rank, error = failed[0]
-            raise CheckpointError(f"{self.files[0].path.parent}: data-parallel rank {rank} could not write its "
-                                  f"part of the checkpoint: {error}")
+            rank = rank if self.group is None else dist.get_global_rank(self.group, rank)
+            raise CheckpointError(f"{self.files[0].path.parent}: rank {rank} could not write its part of the "
+                                  f"checkpoint: {error}")
         return [m for m, _ in outcomes]
 
 

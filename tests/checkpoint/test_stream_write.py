@@ -55,7 +55,8 @@ def test_torch_file_matches_torch_save(tmp_path):
 
 def test_file_written_in_parts_is_torch_save_byte_for_byte(tmp_path):
     """Reserved by one writer, its tensors written by two others in any order (one from a view that is not
-    contiguous), sealed: the very bytes ``torch.save`` writes, CRCs and serialization id included."""
+    contiguous, one in row blocks by both), sealed: the very bytes ``torch.save`` writes, CRCs and
+    serialization id included."""
     g = torch.Generator().manual_seed(1)
     obj = OrderedDict(w=torch.randn(300, 70, generator=g), b=torch.randn(9, generator=g).bfloat16(),
                       empty=torch.zeros(0), t=torch.randn(11, 7, generator=g).t().contiguous(),
@@ -65,13 +66,22 @@ def test_file_written_in_parts_is_torch_save_byte_for_byte(tmp_path):
     path.parent.mkdir()
     places = shared_write.reserve(path, _skeleton(obj))
     tensors = [t for _, t in leaves(obj)]
-    first = shared_write.write_records(path, places, {3: obj["t"].t().contiguous().t(), 0: tensors[0]})
-    second = shared_write.write_records(path, places, {4: tensors[4], 1: tensors[1], 2: tensors[2]})
-    assert first[3] != 0 and zipfile.ZipFile(path).getinfo("ref/data/3").CRC == 0  # not sealed yet
-    shared_write.seal(path, {**first, **second})
+    row = 70 * 4
+    first = shared_write.write_records(path, places, [(3, 0, obj["t"].t().contiguous().t()),
+                                                       (0, 200 * row, tensors[0][200:])])
+    second = shared_write.write_records(path, places, [(4, 0, tensors[4]), (1, 0, tensors[1]), (2, 0, tensors[2]),
+                                                        (0, 0, tensors[0][:120]), (0, 120 * row, tensors[0][120:200])])
+    assert first[0].crc != 0 and zipfile.ZipFile(path).getinfo("ref/data/3").CRC == 0  # not sealed yet
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    crcs = {i: shared_write.whole_crc([p for p in first + second if p.index == i], sizes[i]) for i in range(5)}
+    shared_write.seal(path, crcs)
     assert path.read_bytes() == (tmp_path / "ref.pt").read_bytes()
     with pytest.raises(ValueError, match="CRCs of tensors"):
-        shared_write.seal(path, first)
+        shared_write.seal(path, {i: crcs[i] for i in (0, 1)})
+    with pytest.raises(ValueError, match=rf"bytes \[\(0, {120 * row}\), \({200 * row}, {300 * row}\)\] of"):
+        shared_write.whole_crc([p for p in first + second if p.index == 0 and p.offset != 120 * row], sizes[0])
+    with pytest.raises(ValueError, match=rf"\({200 * row}, {300 * row}\), \({200 * row}, {300 * row}\)\]"):  # twice
+        shared_write.whole_crc([p for p in first + second + first if p.index == 0], sizes[0])
 
 
 def test_views_are_written_as_their_own_bytes(tmp_path):

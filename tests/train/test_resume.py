@@ -207,18 +207,20 @@ def _rewrite_as_earlier_version(folder: str) -> None:
     destroy_distributed()
 
 
-def _save_again(folder: str, layout: dict, targets: list[tuple[str, bool]]) -> None:
-    """In spawned ranks: resume ``folder`` and save it into each ``(target, shared)``."""
+def _save_again(folder: str, jobs: list[tuple[dict, list[tuple[str, bool]]]]) -> None:
+    """In spawned ranks: for each ``(layout, targets)``, resume ``folder`` at ``layout`` and save it into each
+    ``(target, shared)`` (one process group throughout: megatron-core's groups are made again for each)."""
     from types import SimpleNamespace
 
     from adapter.runtime.dist import destroy_distributed
     from adapter.train.state_files import save_checkpoint
 
-    cfg, layout, trainer, context = _resumed(folder, layout)
-    state = context.pop("sampler")
-    sampler = SimpleNamespace(state_dict=lambda: state)
-    for target, shared in targets:
-        save_checkpoint(Path(target), cfg, layout, trainer, sampler, context, trainer.step_count, shared=shared)
+    for layout, targets in jobs:
+        cfg, layout, trainer, context = _resumed(folder, layout)
+        state = context.pop("sampler")
+        sampler = SimpleNamespace(state_dict=lambda: state)
+        for target, shared in targets:
+            save_checkpoint(Path(target), cfg, layout, trainer, sampler, context, trainer.step_count, shared=shared)
     destroy_distributed()
 
 
@@ -240,20 +242,28 @@ def test_checkpoints_of_earlier_versions_still_resume(tmp_path, pp_vpp_runs):
 def test_resume_at_another_data_parallel_size(tmp_path):
     """Data parallel 2 → 1 with the global batch kept (micro_num 4 → 8): the same rows in the same steps, so
     the run continues as it would have; a changed global batch is refused. On the way, the dp2 checkpoint
-    resumed and saved again, by both ranks together and by one rank per file, gives its own bytes back."""
+    resumed and saved again, by both ranks together and by one rank per file, gives its own bytes back, and
+    resumed at tensor parallel 2 and saved both ways, the same tensors in the same bytes either way."""
     dp2, dp1 = {"pp": 1, "vpp": 1}, {"pp": 1, "vpp": 1, "micro_num": 8}
     whole, first = spawn(_runs, 2, [(str(tmp_path / "a"), None, {}, 6, dp2), (str(tmp_path / "b"), 3, {}, 6, dp2)])[0]
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     # each file's two data-parallel ranks write it together (each the units its ZeRO partition holds most
-    # of), or, where they share no file system, one of them all of it: the same bytes, and what the run wrote
+    # of), or, where they share no file system, one of them all of it: the same bytes, and what the run wrote.
+    # Resumed at tensor parallel 2, likewise: each tensor rank writes its vocabulary rows of the embedding
+    # into both tensor ranks' files, or the ranks exchange them first and each writes its own file
     together, alone = tmp_path / "together", tmp_path / "alone"
-    spawn(_save_again, 2, str(tmp_path / "c" / "3"), dp2, [(str(together), True), (str(alone), False)])
+    tp2 = {"tp": 2, "pp": 1, "vpp": 1, "micro_num": 8}
+    spawn(_save_again, 2, str(tmp_path / "c" / "3"), [(dp2, [(str(together), True), (str(alone), False)]),
+                                                      (tp2, [(str(together / "tp2"), True), (str(alone / "tp2"), False)])])
     written = sorted(p.relative_to(together) for p in together.rglob("model_tp*.pt"))
-    assert len(written) == 4 and written == sorted(p.relative_to(alone) for p in alone.rglob("model_tp*.pt"))
+    assert len(written) == 12 and written == sorted(p.relative_to(alone) for p in alone.rglob("model_tp*.pt"))
     for name in written:
         assert zipfile.ZipFile(together / name).testzip() is None, name  # zipfile checks every CRC
         assert (together / name).read_bytes() == (alone / name).read_bytes(), name
-        assert (together / name).read_bytes() == (tmp_path / "c" / "3" / name).read_bytes(), name
+        if name.parts[0] != "tp2":
+            assert (together / name).read_bytes() == (tmp_path / "c" / "3" / name).read_bytes(), name
+    for state in ("", "optimizer/fp32", "optimizer/exp_avg", "optimizer/exp_avg_sq"):
+        assert compare(open_checkpoint(together / "tp2" / state), open_checkpoint(tmp_path / "c" / "3" / state)) == []
     second = spawn(_run, 1, str(tmp_path / "b"), None, {}, 6, dp1)[0]
     assert [r[0] for r in second] == [4, 5, 6]
     assert [r[1] for r in first + second] == pytest.approx([r[1] for r in whole], rel=1e-6)

@@ -24,7 +24,7 @@ def _write(folder: str) -> list[str]:
     """In each of two ranks: the scenarios below, each with what every rank raised ("" for nothing)."""
     import torch.distributed as dist
 
-    from adapter.train.shared_files import File, Together
+    from adapter.train.shared_files import File, Rows, Together
 
     dist.init_process_group("gloo")
     rank, root = dist.get_rank(), Path(folder)
@@ -36,6 +36,8 @@ def _write(folder: str) -> list[str]:
         try:
             together = Together([File(path, skeleton, creator)], None)
             give = {n: content[n] for n in names}
+            if path.name == "ok.pt":  # tensor a in two blocks of rows, one from each rank
+                give["a"] = Rows(40 * rank, content["a"][40 * rank:40 + 24 * rank])
             if bad:
                 give["c"] = give["c"].t()  # the wrong shape
             together.write(0, give)
@@ -44,7 +46,7 @@ def _write(folder: str) -> list[str]:
             return f"{type(exc).__name__}: {exc}"
         return ""
 
-    out = [attempt(root / "ok.pt", mine)]
+    out = [attempt(root / "ok.pt", mine + (["a"] if rank == 1 else []))]
     out.append(attempt(root / "bad.pt", mine, bad=rank == 1))
     out.append(attempt(root / "missing" / "x.pt", mine))  # the creator cannot create it
     out.append(attempt(root / "twice.pt", mine + (["a"] if rank == 1 else [])))  # owners that overlap
@@ -65,7 +67,8 @@ def _write(folder: str) -> list[str]:
 
 @pytest.mark.multiproc
 def test_files_written_together(tmp_path):
-    """Rank 0 writes two tensors, rank 1 (the creator) the other two: ``torch.save``'s very bytes. A rank
+    """Rank 0 writes a tensor and the first rows of another, rank 1 (the creator) the rest: ``torch.save``'s
+    very bytes. A rank
     that fails to write its part, a creator that cannot create the file, or two ranks writing one tensor:
     every rank raises (the failing rank its own error, the other one naming it) and no file is left. A
     rank with nothing to write never opens the file, which may be on another node's disk."""
@@ -75,9 +78,10 @@ def test_files_written_together(tmp_path):
     assert (tmp_path / "ok.pt").read_bytes() == (tmp_path / "ref" / "ok.pt").read_bytes()
     assert [r[0] for r in results] == ["", ""]
     assert results[1][1].startswith("RuntimeError: bad.pt: c (9, 5)")
-    assert results[0][1].startswith("CheckpointError: ") and "data-parallel rank 1 could not write" in results[0][1]
-    assert "missing" in results[1][2] and "data-parallel rank 1 could not write" in results[0][2]
-    assert all(r[3].startswith("RuntimeError: ") and "wrote 5 tensors (4 different) of its 4" in r[3] for r in results)
+    assert results[0][1].startswith("CheckpointError: ") and "rank 1 could not write" in results[0][1]
+    assert "missing" in results[1][2] and "rank 1 could not write" in results[0][2]
+    assert all(r[3].startswith("RuntimeError: ") and "twice.pt: a: the ranks wrote bytes [(0, 8192), (0, 8192)] of 8192"
+               in r[3] for r in results)
     assert [r[4] for r in results] == ["", ""] and os.listdir(tmp_path / "node0") == []
     torch.save(_content(), tmp_path / "ref" / "alone.pt")
     assert (tmp_path / "node1" / "alone.pt").read_bytes() == (tmp_path / "ref" / "alone.pt").read_bytes()

@@ -8,10 +8,11 @@ parts are, in three steps:
 1. ``reserve``: one process creates the file with every tensor's record reserved and left unwritten (torch's own
    zip writer, as ``torch.serialization.skip_data`` uses it: a sparse file whose structure is final) and gets
    where each record's bytes go;
-2. ``write_records``: each process writes the bytes of its tensors in place (``os.pwrite``) and returns their
-   CRC-32s;
-3. ``seal``: the creator writes those CRCs where the zip format keeps them (each record's data descriptor and
-   central-directory entry) and the serialization id torch derives from every record's CRC.
+2. ``write_records``: each process writes the bytes of its tensors, or of rows of a tensor, in place
+   (``os.pwrite``) and returns their CRC-32s;
+3. ``seal``: the creator writes each record's CRC (``whole_crc`` combines its parts') where the zip format keeps
+   them (each record's data descriptor and central-directory entry) and the serialization id torch derives
+   from every record's CRC.
 
 The result is byte for byte the file ``torch.save`` writes of the same tensors (a test holds it to that), so
 every reader, torch's or InternEvo's, reads it as one. The processes must see one file system (a shared one
@@ -25,10 +26,11 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
-from isal.isal_zlib import crc32  # zlib's CRC-32, 4x faster than the zlib module's (Intel ISA-L)
+# zlib's CRC-32, 4x faster than the zlib module's (Intel ISA-L), and zlib's crc32_combine, which the module lacks
+from isal.isal_zlib import crc32, crc32_combine
 
 from adapter.checkpoint.io.stream_write import TorchFileWriter
 
@@ -36,6 +38,16 @@ _DESCRIPTOR = b"PK\x07\x08"
 _CENTRAL = b"PK\x01\x02"
 _SERIALIZATION_ID = ".data/serialization_id"
 _MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes ``offset:offset + size`` of record ``index`` as one process wrote them, and their CRC-32."""
+
+    index: int
+    offset: int
+    size: int
+    crc: int
 
 
 @dataclass(frozen=True)
@@ -64,25 +76,41 @@ def reserve(path: Path, skeleton: Any) -> list[int]:
     return [records[f"data/{storage.key}"].data for storage in writer.storages]
 
 
-def write_records(path: Path, places: Mapping[int, int], tensors: Mapping[int, torch.Tensor]) -> dict[int, int]:
-    """Write each ``tensors[i]`` (host memory; copied first where it is not contiguous) at byte ``places[i]``
-    of ``path``; returns each one's CRC-32."""
-    crcs = {}
+def write_records(path: Path, places: Mapping[int, int], parts: Iterable[tuple[int, int, torch.Tensor]]) -> list[Part]:
+    """Write each ``(i, offset, tensor)`` of ``parts`` (host memory; copied first where it is not contiguous):
+    ``tensor``'s bytes at byte ``offset`` of record ``i``, which starts at byte ``places[i]`` of ``path``.
+    Returns each part's ``Part``, CRC-32 included; a tensor written whole is the part at offset 0."""
+    out = []
     fd = os.open(path, os.O_WRONLY)
     try:
-        for i, tensor in tensors.items():
+        for i, offset, tensor in parts:
             data = _bytes(tensor)
-            offset, done = places[i], 0
+            at, done = places[i] + offset, 0
             while done < len(data):  # one write moves at most ~2 GiB on Linux
-                done += os.pwrite(fd, data[done:], offset + done)
-            crcs[i] = crc32(data)
+                done += os.pwrite(fd, data[done:], at + done)
+            out.append(Part(i, offset, len(data), crc32(data)))
     finally:
         os.close(fd)
-    return crcs
+    return out
+
+
+def whole_crc(parts: Iterable[Part], size: int) -> int:
+    """The CRC-32 of a record of ``size`` bytes written as ``parts`` (``write_records``' answers for it, in any
+    order), or ValueError where they do not cover it exactly once."""
+    crc, end = 0, 0
+    for part in sorted(parts, key=lambda p: p.offset):
+        if part.offset != end:
+            break
+        crc, end = crc32_combine(crc, part.crc, part.size), end + part.size
+    else:
+        if end == size:
+            return crc
+    spans = sorted((p.offset, p.offset + p.size) for p in parts)
+    raise ValueError(f"bytes {spans} of {size}")
 
 
 def seal(path: Path, crcs: Mapping[int, int]) -> None:
-    """Write the CRC-32 of every tensor (``crcs[i]``, as ``write_records`` gave them) into ``path``, and the
+    """Write the CRC-32 of every tensor (``crcs[i]``; ``whole_crc`` of its parts) into ``path``, and the
     serialization id torch computes from them."""
     records = _records(path)
     data = [r for r in records if r.name.partition("/")[2].startswith("data/")]
