@@ -150,13 +150,14 @@ class Together:
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.written: dict[int, list[Part]] = {}  # file → the parts this rank wrote, with their CRC-32s
         self.failure: Optional[BaseException] = None
-        made = {}
+        made, self.reserved = {}, {}
         for i, f in enumerate(files):
             if f.creator == self.rank and self.failure is None:
                 tmp = unfinished(f.path)
                 try:
                     tmp.parent.mkdir(exist_ok=True)
-                    made[i] = (str(tmp), reserve(tmp, f.skeleton))
+                    self.reserved[i] = reserve(tmp, f.skeleton)
+                    made[i] = (str(tmp), self.reserved[i].places)
                 except Exception as exc:
                     self.failure = exc
         heads = self._exchange(made)
@@ -194,7 +195,7 @@ class Together:
                     raise RuntimeError(f"{f.path}: {name}: the ranks wrote {exc}") from None
         for i, f in enumerate(self.files):
             if f.creator == self.rank:
-                seal(self.tmp[i], crcs[i])
+                seal(self.tmp[i], crcs[i], self.reserved[i])
                 os.replace(self.tmp[i], f.path)
                 drop_unfinished(self.tmp[i].parent)
 

@@ -56,28 +56,33 @@ def test_torch_file_matches_torch_save(tmp_path):
 def test_file_written_in_parts_is_torch_save_byte_for_byte(tmp_path):
     """Reserved by one writer, its tensors written by two others in any order (one from a view that is not
     contiguous, one in row blocks by both), sealed: the very bytes ``torch.save`` writes, CRCs and
-    serialization id included."""
+    serialization id included; again with the same skeleton and name, when ``reserve`` writes what it
+    kept of the first file instead of running torch's writer."""
     g = torch.Generator().manual_seed(1)
     obj = OrderedDict(w=torch.randn(300, 70, generator=g), b=torch.randn(9, generator=g).bfloat16(),
                       empty=torch.zeros(0), t=torch.randn(11, 7, generator=g).t().contiguous(),
                       ids=torch.arange(5))
     torch.save(obj, tmp_path / "ref.pt")
-    path = tmp_path / "sub" / "ref.pt"  # the archive name inside is the file's stem, as torch.save's
-    path.parent.mkdir()
-    places = shared_write.reserve(path, _skeleton(obj))
     tensors = [t for _, t in leaves(obj)]
-    row = 70 * 4
-    first = shared_write.write_records(path, places, [(3, 0, obj["t"].t().contiguous().t()),
-                                                       (0, 200 * row, tensors[0][200:])])
-    second = shared_write.write_records(path, places, [(4, 0, tensors[4]), (1, 0, tensors[1]), (2, 0, tensors[2]),
-                                                        (0, 0, tensors[0][:120]), (0, 120 * row, tensors[0][120:200])])
-    assert first[0].crc != 0 and zipfile.ZipFile(path).getinfo("ref/data/3").CRC == 0  # not sealed yet
     sizes = [t.numel() * t.element_size() for t in tensors]
-    crcs = {i: shared_write.whole_crc([p for p in first + second if p.index == i], sizes[i]) for i in range(5)}
-    shared_write.seal(path, crcs)
-    assert path.read_bytes() == (tmp_path / "ref.pt").read_bytes()
+    row, kept = 70 * 4, None
+    for again in (False, True):
+        path = tmp_path / f"sub{int(again)}" / "ref.pt"  # the archive name inside is the file's stem
+        path.parent.mkdir()
+        reserved = shared_write.reserve(path, _skeleton(obj))
+        assert not again or reserved is kept
+        places = reserved.places
+        first = shared_write.write_records(path, places, [(3, 0, obj["t"].t().contiguous().t()),
+                                                           (0, 200 * row, tensors[0][200:])])
+        second = shared_write.write_records(path, places, [(4, 0, tensors[4]), (1, 0, tensors[1]), (2, 0, tensors[2]),
+                                                            (0, 0, tensors[0][:120]), (0, 120 * row, tensors[0][120:200])])
+        assert first[0].crc != 0 and zipfile.ZipFile(path).getinfo("ref/data/3").CRC == 0  # not sealed yet
+        crcs = {i: shared_write.whole_crc([p for p in first + second if p.index == i], sizes[i]) for i in range(5)}
+        shared_write.seal(path, crcs, reserved)
+        assert path.read_bytes() == (tmp_path / "ref.pt").read_bytes()
+        kept = reserved
     with pytest.raises(ValueError, match="CRCs of tensors"):
-        shared_write.seal(path, {i: crcs[i] for i in (0, 1)})
+        shared_write.seal(path, {i: crcs[i] for i in (0, 1)}, reserved)
     with pytest.raises(ValueError, match=rf"bytes \[\(0, {120 * row}\), \({200 * row}, {300 * row}\)\] of"):
         shared_write.whole_crc([p for p in first + second if p.index == 0 and p.offset != 120 * row], sizes[0])
     with pytest.raises(ValueError, match=rf"\({200 * row}, {300 * row}\), \({200 * row}, {300 * row}\)\]"):  # twice

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,7 +33,7 @@ import torch
 # zlib's CRC-32, 4x faster than the zlib module's (Intel ISA-L), and zlib's crc32_combine, which the module lacks
 from isal.isal_zlib import crc32, crc32_combine
 
-from adapter.checkpoint.io.stream_write import TorchFileWriter
+from adapter.checkpoint.io.stream_write import TorchFileWriter, leaves
 
 _DESCRIPTOR = b"PK\x07\x08"
 _CENTRAL = b"PK\x01\x02"
@@ -60,10 +61,47 @@ class Record:
     central: int
 
 
-def reserve(path: Path, skeleton: Any) -> list[int]:
+@dataclass(frozen=True)
+class Reserved:
+    """What ``reserve`` wrote: the file's size, its bytes outside the tensors' records (``regions``: the zip
+    structure and the pickle), where each tensor's bytes go (``places``, in the order ``stream_write.leaves``
+    lists the tensors) and its records. The same for every file of the same skeleton and name."""
+
+    size: int
+    regions: tuple[tuple[int, bytes], ...]
+    places: list[int]
+    records: list[Record]
+
+
+#: ``Reserved`` by (file name, skeleton's names, shapes and dtypes): a training run writes the same files at
+#: every save, and torch's writer costs milliseconds a file (the pickle, the zip structure, reading it back)
+_RESERVED: "OrderedDict[tuple, Reserved]" = OrderedDict()
+_RESERVED_KEPT = 64
+
+
+def reserve(path: Path, skeleton: Any) -> Reserved:
     """Create ``path``, the ``torch.save`` file of ``skeleton`` (nested dicts/lists of placeholder tensors, e.g.
-    on the ``meta`` device) with no tensor bytes written; returns where each tensor's bytes go, in the order
-    ``stream_write.leaves`` lists the tensors."""
+    on the ``meta`` device) with no tensor bytes written (a sparse file); returns where everything is."""
+    key = (path.name, tuple((name, tuple(t.shape), t.dtype) for name, t in leaves(skeleton)))
+    reserved = _RESERVED.get(key)
+    if reserved is None:
+        reserved = _reserve(path, skeleton)
+        _RESERVED[key] = reserved
+        if len(_RESERVED) > _RESERVED_KEPT:
+            _RESERVED.popitem(last=False)
+    else:  # the bytes torch's writer would write again
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.ftruncate(fd, reserved.size)
+            for offset, data in reserved.regions:
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+    return reserved
+
+
+def _reserve(path: Path, skeleton: Any) -> Reserved:
+    """``reserve`` through torch's own zip writer."""
     writer = TorchFileWriter(path, skeleton)
     try:
         for _ in writer.expected:
@@ -72,8 +110,16 @@ def reserve(path: Path, skeleton: Any) -> list[int]:
     except BaseException:
         writer.abort()
         raise
-    records = {r.name.partition("/")[2]: r for r in _records(path)}
-    return [records[f"data/{storage.key}"].data for storage in writer.storages]
+    records = _records(path)
+    by_name = {r.name.partition("/")[2]: r for r in records}
+    tensors = [by_name[f"data/{storage.key}"] for storage in writer.storages]
+    size, regions, start = path.stat().st_size, [], 0
+    with open(path, "rb") as f:
+        for r in sorted(tensors, key=lambda r: r.data) + [Record("", size, 0, size)]:
+            f.seek(start)
+            regions.append((start, f.read(r.data - start)))
+            start = r.data + r.size
+    return Reserved(size, tuple(regions), [r.data for r in tensors], records)
 
 
 def write_records(path: Path, places: Mapping[int, int], parts: Iterable[tuple[int, int, torch.Tensor]]) -> list[Part]:
@@ -109,10 +155,10 @@ def whole_crc(parts: Iterable[Part], size: int) -> int:
     raise ValueError(f"bytes {spans} of {size}")
 
 
-def seal(path: Path, crcs: Mapping[int, int]) -> None:
-    """Write the CRC-32 of every tensor (``crcs[i]``; ``whole_crc`` of its parts) into ``path``, and the
-    serialization id torch computes from them."""
-    records = _records(path)
+def seal(path: Path, crcs: Mapping[int, int], reserved: Reserved) -> None:
+    """Write the CRC-32 of every tensor (``crcs[i]``; ``whole_crc`` of its parts) into ``path``, which
+    ``reserve`` made as ``reserved``, and the serialization id torch computes from them."""
+    records = reserved.records
     data = [r for r in records if r.name.partition("/")[2].startswith("data/")]
     if sorted(crcs) != list(range(len(data))):
         raise ValueError(f"{path}: CRCs of tensors {sorted(crcs)[:5]}… given for {len(data)} records")
