@@ -55,11 +55,11 @@ def test_torch_file_matches_torch_save(tmp_path):
 
 def test_file_written_in_parts_is_torch_save_byte_for_byte(tmp_path):
     """Reserved by one writer, its tensors written by two others in any order (one from a view that is not
-    contiguous, one in row blocks by both), sealed: the very bytes ``torch.save`` writes, CRCs and
-    serialization id included; again with the same skeleton and name, when ``reserve`` writes what it
-    kept of the first file instead of running torch's writer."""
+    contiguous, one in row blocks by both, one block cut from a wider matrix's columns), sealed: the very bytes ``torch.save`` writes, CRCs and serialization id included;
+    again with the same skeleton and name, when ``reserve`` writes what it kept of the first file instead
+    of running torch's writer."""
     g = torch.Generator().manual_seed(1)
-    obj = OrderedDict(w=torch.randn(300, 70, generator=g), b=torch.randn(9, generator=g).bfloat16(),
+    obj = OrderedDict(w=torch.randn(3000, 70, generator=g), b=torch.randn(9, generator=g).bfloat16(),
                       empty=torch.zeros(0), t=torch.randn(11, 7, generator=g).t().contiguous(),
                       ids=torch.arange(5))
     torch.save(obj, tmp_path / "ref.pt")
@@ -73,9 +73,10 @@ def test_file_written_in_parts_is_torch_save_byte_for_byte(tmp_path):
         assert not again or reserved is kept
         places = reserved.places
         first = shared_write.write_records(path, places, [(3, 0, obj["t"].t().contiguous().t()),
-                                                           (0, 200 * row, tensors[0][200:])])
+                                                           (0, 2000 * row, tensors[0][2000:])])
+        wide = torch.cat([tensors[0], torch.zeros(3000, 5)], dim=1)  # rows 120:2000 from its columns
         second = shared_write.write_records(path, places, [(4, 0, tensors[4]), (1, 0, tensors[1]), (2, 0, tensors[2]),
-                                                            (0, 0, tensors[0][:120]), (0, 120 * row, tensors[0][120:200])])
+                                                            (0, 0, tensors[0][:120]), (0, 120 * row, wide[120:2000, :70])])
         assert first[0].crc != 0 and zipfile.ZipFile(path).getinfo("ref/data/3").CRC == 0  # not sealed yet
         crcs = {i: shared_write.whole_crc([p for p in first + second if p.index == i], sizes[i]) for i in range(5)}
         shared_write.seal(path, crcs, reserved)
@@ -83,9 +84,9 @@ def test_file_written_in_parts_is_torch_save_byte_for_byte(tmp_path):
         kept = reserved
     with pytest.raises(ValueError, match="CRCs of tensors"):
         shared_write.seal(path, {i: crcs[i] for i in (0, 1)}, reserved)
-    with pytest.raises(ValueError, match=rf"bytes \[\(0, {120 * row}\), \({200 * row}, {300 * row}\)\] of"):
+    with pytest.raises(ValueError, match=rf"bytes \[\(0, {120 * row}\), \({2000 * row}, {3000 * row}\)\] of"):
         shared_write.whole_crc([p for p in first + second if p.index == 0 and p.offset != 120 * row], sizes[0])
-    with pytest.raises(ValueError, match=rf"\({200 * row}, {300 * row}\), \({200 * row}, {300 * row}\)\]"):  # twice
+    with pytest.raises(ValueError, match=rf"\({2000 * row}, {3000 * row}\), \({2000 * row}, {3000 * row}\)\]"):  # twice
         shared_write.whole_crc([p for p in first + second + first if p.index == 0], sizes[0])
 
 
