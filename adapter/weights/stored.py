@@ -137,6 +137,31 @@ class Stored:
         rest = tuple(atoms[0].shape[1:])
         return concat([a.reshape(b, a.shape[0] // b, *rest) for a in atoms], 1).reshape(-1, *rest)
 
+    def fuse_from(self, source: "Stored", piece: torch.Tensor, tp: int) -> Optional[torch.Tensor]:
+        """A rank's piece of this tensor from its piece of ``source``, the same atoms fused in other blocks
+        (InternLM1's ``[Q; K; V]`` against megatron-core's per-head ``[q; k; v]``), in one copy where either
+        has one block (``fuse`` of each ``atom_of`` copies twice); None where both have several."""
+        b, sb = self.rank_blocks(tp), source.rank_blocks(tp)
+        if not (b == 1 or sb == 1):
+            return None
+        rest = tuple(piece.shape[1:])
+        sizes = [r // tp for r in self.rows]
+        if piece.is_meta:
+            return torch.empty(sum(sizes), *rest, dtype=piece.dtype, device="meta")
+        out = (empty_huge((sum(sizes), *rest), piece.dtype)
+               if piece.device.type == "cpu" and piece.numel() * piece.element_size() >= HUGE else
+               torch.empty((sum(sizes), *rest), dtype=piece.dtype, device=piece.device))
+        into, held = out.view(b, sum(sizes) // b, *rest), piece.reshape(sb, sum(sizes) // sb, *rest)
+        for i, n in enumerate(sizes):
+            # one side is a contiguous run of the atom's rows: viewed in the other's blocks
+            dst = into.narrow(1, sum(sizes[:i]) // b, n // b)
+            src = held.narrow(1, sum(sizes[:i]) // sb, n // sb)
+            if b == 1:
+                dst.view(sb, n // sb, *rest).copy_(src)
+            else:
+                dst.copy_(src.reshape(b, n // b, *rest))
+        return out
+
     def unfuse(self, fused: torch.Tensor, tp: int = 1) -> list[torch.Tensor]:
         """The atoms of the whole stored tensor, or (``tp > 1``) of one rank's piece of it."""
         return [self.atom_of(fused, i, tp) for i in range(len(self.atoms))]

@@ -79,11 +79,12 @@ def _bounds(stored: Stored, n: int, tp: int) -> Optional[list[int]]:
     return [sum(sizes[:r]) for r in range(tp + 1)] if sum(sizes) == n else None
 
 
-def _aligned(source: Stored, source_tp: int, target: Stored, tp: int, model: ModelConfig) -> bool:
+def _aligned(source: Stored, source_tp: int, target: Stored, tp: int, model: ModelConfig, blocks: bool = True) -> bool:
     """Whether rank ``r``'s piece of ``source`` is rank ``r``'s piece of ``target`` (same atoms, fusion, split
-    dimension and slice sizes)."""
+    dimension and slice sizes), or with ``blocks=False`` holds the same rows of each atom, fused in other
+    blocks."""
     dim = _split_dim(target)
-    if source.atoms != target.atoms or source.blocks != target.blocks or _split_dim(source) != dim:
+    if source.atoms != target.atoms or (blocks and source.blocks != target.blocks) or _split_dim(source) != dim:
         return False
     n = A.shape(model, target.atoms[0])[dim]
     bounds = _bounds(target, n, tp)
@@ -178,6 +179,12 @@ class Unit:
             if self.local_rank is not None and rank != self.local_rank:
                 return None
             return self.rank_piece(same[1], same[0], rank)  # the very same piece: no copy
+        regrouped = next(((k, s) for k, s in self.rows if target.fused and s.atoms == target.atoms
+                          and _aligned(s, self.tp, target, tp, self.model, blocks=False)), None)
+        if regrouped is not None and (self.local_rank is None or rank == self.local_rank):
+            piece = target.fuse_from(regrouped[1], self.rank_piece(regrouped[1], regrouped[0], rank), tp)
+            if piece is not None:
+                return piece
         parts = []
         for atom in target.atoms:
             key, source = next((k, s) for k, s in self.rows if atom in s.atoms)
