@@ -4,10 +4,11 @@ A resume reads up to four such folders (the model and the three optimizer states
 thorough check of a folder (``LazyTensors.validate``: every file's structure, every key, shape and dtype)
 opens all of its files, and opening a file is most of what reading a small one costs (its pickled structure,
 one record lookup per tensor). Done on every rank, a tp=2 × pp=2 resume opened all 16 files four times over.
-Here folder ``i`` is checked by rank ``i`` (mod the world size) and the verdict shared, so a broken folder
-still stops every rank with the same one line before anything is loaded; the other ranks open only the
-files they read. Folders of one writer (the optimizer states) share its layout, found once
-(``InternEvoCheckpoint.sibling``); their checking rank reads the layout afresh and compares.
+Here each pipeline stage of each folder (its files, all tensor ranks) is checked by one rank, the stages
+dealt out to the ranks in turn, and the verdict shared, so a broken folder still stops every rank with the
+same one line before anything is loaded; the other ranks open only the files they read. Folders of one
+writer (the optimizer states) share its layout, found once (``InternEvoCheckpoint.sibling``); a rank that
+checks some of such a folder reads the layout afresh and compares.
 """
 
 from __future__ import annotations
@@ -24,25 +25,30 @@ from adapter.config.schema import ModelConfig
 
 def open_folders(paths: list[Path], model: ModelConfig, one_writer: bool, first: int = 0) -> list[LazyTensors]:
     """The folders' tensors, read lazily; collective over all ranks. ``one_writer``: the folders hold one
-    layout (the first folder's). Folder ``i`` is checked on rank ``(first + i) % world``. A failure stops
-    every rank: the rank that found it raises its own error, the others a CheckpointError quoting it."""
+    layout (the first folder's). The pipeline stages of the folders, numbered folder after folder, are
+    checked in turn by the ranks from ``first`` on (stage ``s`` of them on rank ``(first + s) % world``). A
+    failure stops every rank: the rank that found it raises its own error, the others a CheckpointError
+    quoting it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     opened: list[LazyTensors] = []
     failure: Optional[Exception] = None
     base: Optional[InternEvoCheckpoint] = None
-    for i, path in enumerate(paths):
-        checks = (first + i) % world == rank
+    stage = first  # the number of the next folder's first stage
+    for path in paths:
         try:
-            if base is None or checks or not one_writer:
-                ckpt = read_internevo(path, model)
-                if base is not None and one_writer and (ckpt.layout(), ckpt.family) != (base.layout(), base.family):
+            if base is not None and one_writer:
+                mine = _checked_here(stage, base.pp, rank, world)
+                ckpt = read_internevo(path, model) if mine else base.sibling(path)
+                if mine and (ckpt.layout(), ckpt.family) != (base.layout(), base.family):
                     raise CheckpointError(f"{path}: saved at another layout than {base.path}")
             else:
-                ckpt = base.sibling(path)
+                ckpt = read_internevo(path, model)
+                mine = _checked_here(stage, ckpt.pp, rank, world)
             base = base or ckpt
+            stage += ckpt.pp
             lazy = ckpt.lazy()
-            if checks:
-                lazy.validate()
+            if mine:
+                lazy.validate(mine)
             opened.append(lazy)
         except Exception as exc:  # every rank must reach the verdict below, whatever went wrong here
             failure = failure or exc
@@ -54,3 +60,8 @@ def open_folders(paths: list[Path], model: ModelConfig, one_writer: bool, first:
     if found is not None:
         raise CheckpointError(found)
     return opened
+
+
+def _checked_here(stage: int, pp: int, rank: int, world: int) -> set[int]:
+    """Which of a folder's ``pp`` stages, numbered from ``stage`` on, this rank checks."""
+    return {p for p in range(pp) if (stage + p) % world == rank}

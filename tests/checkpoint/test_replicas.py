@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from adapter.checkpoint.convert import open_checkpoint
 from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.formats.internevo import read_internevo
 from adapter.cli.ckpt import main
 from tests.conftest import FIXTURES
 
@@ -141,3 +142,17 @@ def test_an_integer_weight_in_safetensors_is_refused(capsys, folders, tmp_path):
     err = capsys.readouterr().err
     assert err == f"internlm-ckpt: error: {folder / 'model.safetensors'}: {key} is torch.int64: a weight must be " \
                   "floating point\n"
+
+
+def test_a_check_of_some_stages_reads_only_their_files(folders, tmp_path):
+    """``validate(stages)`` (how a resume deals a folder's checks out to the ranks) finds a stray tensor in a
+    stage-1 file when it checks stage 1, and passes over it, never opening that file, when it checks stage 0."""
+    assert main(["convert", str(folders / "tp2"), str(tmp_path / "pp2"), "--to", "internevo", "--tp", "2",
+                 "--pp", "2"]) == 0
+    stray = tmp_path / "pp2" / "model_tp1_pp1.pt"
+    torch.save({**torch.load(stray, weights_only=True), "layers.3.attention.extra.weight": torch.ones(3)}, stray)
+    with pytest.raises(CheckpointError, match="model_tp1_pp1.pt: unexpected tensor layers.3.attention.extra.weight"):
+        read_internevo(tmp_path / "pp2").lazy().validate({1})
+    tensors = read_internevo(tmp_path / "pp2").lazy()
+    tensors.validate({0})
+    assert (1, 1, 0) not in tensors.ckpt.opened and (1, 0, 0) in tensors.ckpt.opened

@@ -218,7 +218,7 @@ def two_processes(tmp_path_factory, random_weights):
     c["damaged"] = write_config(ZERO2, root / "damaged.py", root / "damaged",
                                 f'load_ckpt_info=dict(path="local:{damaged}", content=("all",), ckpt_type="internevo"),')
     # and an adapter checkpoint (InternEvo's ckpt/4 converted) whose second optimizer folder holds a stray
-    # tensor: that folder is checked by rank 1 alone (train.open_shared), and rank 0 must stop too, quoting it
+    # tensor: that folder (one stage) is checked by rank 1 alone (train.open_shared), and rank 0 must stop too
     stray = root / "stray_ckpt"
     assert ckpt_main(["convert", str(ZERO2 / "ckpt" / "4"), str(stray), "--to", "internevo", "--state", "adapter"]) == 0
     exp_avg = stray / "optimizer" / "exp_avg" / "model_tp0_pp0.pt"
@@ -251,7 +251,8 @@ def test_damaged_internevo_optimizer_file_stops_every_rank_naming_it(two_process
 
 @pytest.mark.multiproc
 def test_broken_optimizer_folder_stops_every_rank_naming_it(two_processes):
-    """Each optimizer folder is checked by one rank; the other stops with the same line, before loading."""
+    """Each stage of each optimizer folder is checked by one rank; the other stops with the same line, before
+    loading."""
     for error in two_processes["stray_errors"]:
         assert "cannot resume" in error and "exp_avg/model_tp0_pp0.pt" in error, error
         assert "unexpected tensor layers.0.attention.stray.weight" in error, error

@@ -34,7 +34,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Container, Iterator, Mapping, Optional
 
 import torch
 
@@ -322,12 +322,15 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.index)
 
-    def validate(self) -> None:
+    def validate(self, stages: Optional[Container[int]] = None) -> None:
         """Check from headers only (no tensor data is read): every tensor's pieces exist and fit, are floating
         point of one dtype, its replicas have one shape, it has the shape the model sizes give, and no file
-        holds a tensor this model and layout have no place for. (Replicas' values are compared when read.)"""
+        holds a tensor this model and layout have no place for. (Replicas' values are compared when read.)
+        With ``stages``, only those pipeline stages' tensors and files."""
         expected: dict[tuple[int, int, int], set[str]] = {}
         for key, (p, file_key, stored) in self.index.items():
+            if stages is not None and p not in stages:
+                continue
             pieces = self._pieces(p, file_key, stored)
             for rank in self._where(p, stored):
                 expected.setdefault(rank, set()).add(file_key)
@@ -342,6 +345,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                 raise CheckpointError(f"{self.ckpt.path}: {file_key} (stage {p}) is {shape} in the files but "
                                       f"{want} for the model {self.ckpt.model_source} describes")
         for rank, path in sorted(self.ckpt.files.items()):
+            if stages is not None and rank[1] not in stages:
+                continue
             place = expected.get(rank, set())
             if self.ckpt.isp:  # which ISP file holds what is inferred, not seen: any of the stage's keys
                 place = {k for r, keys in expected.items() if r[1] == rank[1] for k in keys}
