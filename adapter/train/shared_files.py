@@ -1,4 +1,4 @@
-"""Each (tensor, pipeline) rank's checkpoint files, written by its data-parallel ranks together.
+"""A pipeline stage's checkpoint files, written by its tensor and data-parallel ranks together.
 
 A file holds whole tensors (InternEvo's layout, readable at any layout). The weights are whole on every
 data-parallel rank, but ZeRO-1 holds each parameter's optimizer state in parts, one per rank: gathering a file
@@ -8,7 +8,9 @@ final norm and head) is written by one data-parallel rank, its *owner*: the rank
 it. Only units that a partition boundary cuts move (their other parts go to the owner,
 ``optimizer_state.ZeroStates``), and each rank writes about its share of every file, as DeepSpeed's ranks do.
 A file is assembled in place (``checkpoint.io.shared_write``): its creator reserves it, every owner writes its
-tensors where they go, and the creator seals it and renames it into place.
+tensors where they go, and the creator seals it and renames it into place. Tensor ranks write into each other's
+files too: each holds some of the vocabulary's rows of the embedding, which every file splits on the hidden
+size, and writes them into every file as ``Rows``.
 
 Ranks write into one file, so they must see one file system: with ``shared`` False (object-storage saves,
 staged in each node's own folder, by a job on several nodes) every unit of a file is owned by its creator,
@@ -131,8 +133,8 @@ def _offset(f: "File", name: str, value: Union[torch.Tensor, Rows]) -> int:
 
 @dataclass(frozen=True)
 class File:
-    """A file a data-parallel group writes together: its tensors' names, shapes and order (``skeleton``, as
-    ``meta`` tensors) and the data-parallel rank that reserves, seals and renames it."""
+    """A file a group of ranks writes together: its tensors' names, shapes and order (``skeleton``, as ``meta``
+    tensors) and the rank of the group that reserves, seals and renames it."""
 
     path: Path
     skeleton: "OrderedDict[str, torch.Tensor]"
@@ -140,7 +142,7 @@ class File:
 
 
 class Together:
-    """Writing ``files`` with the other data-parallel ranks of ``group`` (a CPU group: only small objects
+    """Writing ``files`` with the other ranks of ``group`` (a CPU group: only small objects
     travel on it): the constructor reserves every file at its creator, ``write`` writes this rank's tensors
     of one, ``close`` seals and renames them all. The constructor and ``close`` are collective. A failure on
     any rank is raised on every rank by the constructor or ``close``, and leaves no file behind."""
@@ -164,7 +166,7 @@ class Together:
         self.tmp = {i: Path(tmp) for head in heads for i, (tmp, _) in head.items()}
         self.places = {i: places for head in heads for i, (_, places) in head.items()}
 
-    def write(self, i: int, content: Mapping[str, Union[torch.Tensor, "Rows"]]) -> None:
+    def write(self, i: int, content: Mapping[str, Union[torch.Tensor, Rows]]) -> None:
         """This rank's tensors of ``files[i]``, or rows of them (after a failure here, nothing: ``close``
         raises it). Called once per file at most."""
         if self.failure is not None:

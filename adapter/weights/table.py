@@ -182,7 +182,9 @@ class Unit:
         regrouped = next(((k, s) for k, s in self.rows if target.fused and s.atoms == target.atoms
                           and _aligned(s, self.tp, target, tp, self.model, blocks=False)), None)
         if regrouped is not None and (self.local_rank is None or rank == self.local_rank):
-            piece = target.fuse_from(regrouped[1], self.rank_piece(regrouped[1], regrouped[0], rank), tp)
+            held = self.rank_piece(regrouped[1], regrouped[0], rank)
+            check_pieces([held], replicated=False)
+            piece = target.fuse_from(regrouped[1], held, tp)
             if piece is not None:
                 return piece
         parts = []
