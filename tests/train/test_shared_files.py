@@ -68,10 +68,9 @@ def _write(folder: str) -> list[str]:
 @pytest.mark.multiproc
 def test_files_written_together(tmp_path):
     """Rank 0 writes a tensor and the first rows of another, rank 1 (the creator) the rest: ``torch.save``'s
-    very bytes. A rank
-    that fails to write its part, a creator that cannot create the file, or two ranks writing one tensor:
-    every rank raises (the failing rank its own error, the other one naming it) and no file is left. A
-    rank with nothing to write never opens the file, which may be on another node's disk."""
+    very bytes. A rank that fails to write its part, a creator that cannot create the file, or two ranks
+    writing one tensor: every rank raises (the failing rank its own error, the other one naming it) and no
+    file is left. A rank with nothing to write never opens the file, which may be on another node's disk."""
     results = spawn(_write, 2, str(tmp_path))
     (tmp_path / "ref").mkdir()
     torch.save(_content(), tmp_path / "ref" / "ok.pt")  # the same archive name inside: the file's stem
