@@ -7,8 +7,8 @@ one record lookup per tensor). Done on every rank, a tp=2 × pp=2 resume opened 
 Here each pipeline stage of each folder (its files, all tensor ranks) is checked by one rank, the stages
 dealt out to the ranks in turn, and the verdict shared, so a broken folder still stops every rank with the
 same one line before anything is loaded; the other ranks open only the files they read. Folders of one
-writer (the optimizer states) share its layout, found once (``InternEvoCheckpoint.sibling``); a rank that
-checks some of such a folder reads the layout afresh and compares.
+writer (the optimizer states) share its layout, found once (``InternEvoCheckpoint.sibling``): the checks of
+their stages' files (every key and shape the layout gives) find one written at another layout.
 """
 
 from __future__ import annotations
@@ -36,14 +36,9 @@ def open_folders(paths: list[Path], model: ModelConfig, one_writer: bool, first:
     stage = first  # the number of the next folder's first stage
     for path in paths:
         try:
-            if base is not None and one_writer:
-                mine = _checked_here(stage, base.pp, rank, world)
-                ckpt = read_internevo(path, model) if mine else base.sibling(path)
-                if mine and (ckpt.layout(), ckpt.family) != (base.layout(), base.family):
-                    raise CheckpointError(f"{path}: saved at another layout than {base.path}")
-            else:
-                ckpt = read_internevo(path, model)
-                mine = _checked_here(stage, ckpt.pp, rank, world)
+            # a sibling of another layout is found by the checks of its stages' files
+            ckpt = base.sibling(path) if base is not None and one_writer else read_internevo(path, model)
+            mine = _checked_here(stage, ckpt.pp, rank, world)
             base = base or ckpt
             stage += ckpt.pp
             lazy = ckpt.lazy()

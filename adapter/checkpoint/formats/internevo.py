@@ -206,8 +206,8 @@ class InternEvoCheckpoint:
 
     def sibling(self, path: Path) -> "InternEvoCheckpoint":
         """This layout in another folder written alongside this one (the optimizer states of a training
-        checkpoint: one writer, one layout), its files listed but not opened; ``read_internevo`` of that
-        folder must agree (a reader that skips it has it checked elsewhere: ``train.open_shared``)."""
+        checkpoint: one writer, one layout), its files listed but not opened; ``LazyTensors.validate`` of it
+        finds files of another layout (``train.open_shared`` deals those checks out to the ranks)."""
         files = {rank: path / f.name for rank, f in self.files.items()}
         missing = next((f for f in files.values() if not f.is_file()), None)
         if missing is not None:
