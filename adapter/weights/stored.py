@@ -26,6 +26,7 @@ read, bytes; a conversion never picks one replica and drops the others unseen.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -41,18 +42,26 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (r < n % parts) for r in range(parts)]
 
 
+def _joined(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """New memory for pieces joined into one tensor: a large result in host memory goes on huge pages
+    (``empty_huge``: joining the pieces of a checkpoint's tensors would otherwise cost a page fault per 4 KiB
+    written, more than the copy)."""
+    if device.type == "cpu" and math.prod(shape) * dtype.itemsize >= HUGE:
+        return empty_huge(tuple(shape), dtype)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
 def concat(tensors: Sequence[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``torch.cat``; a large result in host memory goes on huge pages (``empty_huge``: joining the pieces
-    of a checkpoint's tensors would otherwise cost a page fault per 4 KiB written, more than the copy). On
-    ``meta`` tensors (shapes only: file skeletons, ``inspect``) the result's shape is computed here, since
-    torch's meta ``cat`` imports ``torch._dynamo`` (seconds of fixed cost per command)."""
+    """``torch.cat`` into ``_joined`` memory. On ``meta`` tensors (shapes only: file skeletons, ``inspect``) the
+    result's shape is computed here, since torch's meta ``cat`` imports ``torch._dynamo`` (seconds of fixed
+    cost per command)."""
     first = tensors[0]
     shape = list(first.shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
     if not first.is_meta:
-        if (out is None and first.device.type == "cpu" and first.numel() * first.element_size() * len(tensors) >= HUGE
-                and all(t.dtype == first.dtype and t.device == first.device and not t.requires_grad for t in tensors)):
-            out = empty_huge(shape, first.dtype)
+        if out is None and all(t.dtype == first.dtype and t.device == first.device and not t.requires_grad
+                               for t in tensors):
+            out = _joined(shape, first.dtype, first.device)
         return torch.cat(list(tensors), dim, out=out)
     return out if out is not None else torch.empty(shape, dtype=first.dtype, device="meta")
 
@@ -148,9 +157,7 @@ class Stored:
         sizes = [r // tp for r in self.rows]
         if piece.is_meta:
             return torch.empty(sum(sizes), *rest, dtype=piece.dtype, device="meta")
-        out = (empty_huge((sum(sizes), *rest), piece.dtype)
-               if piece.device.type == "cpu" and piece.numel() * piece.element_size() >= HUGE else
-               torch.empty((sum(sizes), *rest), dtype=piece.dtype, device=piece.device))
+        out = _joined((sum(sizes), *rest), piece.dtype, piece.device)
         into, held = out.view(b, sum(sizes) // b, *rest), piece.reshape(sb, sum(sizes) // sb, *rest)
         for i, n in enumerate(sizes):
             # one side is a contiguous run of the atom's rows: viewed in the other's blocks
