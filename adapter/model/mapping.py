@@ -8,7 +8,7 @@ the tables do the slicing, concatenation and row reordering, bit-exact in both d
 
 from __future__ import annotations
 
-from typing import Container, Mapping, Optional
+from typing import Container, Iterator, Mapping, Optional
 
 import torch
 
@@ -20,7 +20,7 @@ from adapter.weights.mcore import TE_NAMES, local_spec_name, mcore_table
 from adapter.weights.table import Unit, whole_shape, whole_unit
 
 __all__ = ["TE_NAMES", "local_spec_name", "logical_shapes", "logical_keys", "model_units", "chunk_units",
-           "chunk_state_dict", "expected_chunk", "logical_from_chunk", "mcore_unit", "model_state"]
+           "chunk_pieces", "chunk_state_dict", "expected_chunk", "logical_from_chunk", "mcore_unit", "model_state"]
 
 
 def logical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -56,13 +56,19 @@ def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
     (with ``keys``, only those entries). Only the logical tensors those entries need are read; pieces that
     are plain slices stay views of them. A source that reads its files piece by piece (``sliced_unit(i)``, the
     InternEvo reader's) is read only where this rank's rows lie."""
-    out: dict[str, torch.Tensor] = {}
+    return dict(chunk_pieces(logical, model, layout, pp_rank, vp_stage, tp_rank, keys))
+
+
+def chunk_pieces(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
+                 pp_rank: int, vp_stage: int, tp_rank: int,
+                 keys: Optional[Container[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``chunk_state_dict``'s entries one at a time, in the table's order: a reader that uses each and lets
+    it go holds one tensor (and its unit's pieces), not the chunk."""
     by_piece = getattr(logical, "sliced_unit", None)
     for unit, local in chunk_units(model, layout, pp_rank, vp_stage):
         source = (by_piece and by_piece(unit)) or whole_unit(model, unit, logical_table(model), logical.__getitem__)
-        out.update((key, piece) for key, _, piece in source.convert(mcore_table(model), layout.tp, tp_rank, local,
-                                                                   only=keys))
-    return out
+        for key, _, piece in source.convert(mcore_table(model), layout.tp, tp_rank, local, only=keys):
+            yield key, piece
 
 
 def expected_chunk(model: ModelConfig, layout: ParallelLayout, pp_rank: int, vp_stage: int,

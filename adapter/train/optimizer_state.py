@@ -12,8 +12,8 @@ and written as three InternEvo-layout model folders beside the weights (``StateS
     <checkpoint>/optimizer/state.pt                        Adam's step per parameter group
 
 so the checkpoint bridge reads them at any tensor/pipeline/virtual layout, like the weights. Loading cuts
-each tensor for this rank (``chunk_state_dict``) and hands it to ZeRO's partition through DeepSpeed's
-``safe_set_full_*`` API; a state of a parameter is the same whatever the data-parallel size, so the
+each tensor for this rank (``chunk_pieces``) and hands it to ZeRO's partition through DeepSpeed's
+``safe_set_full_*`` API (``_set_part``); a state of a parameter is the same whatever the data-parallel size, so the
 data-parallel size may change too.
 """
 
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from adapter.checkpoint.formats.internevo import model_config_dict
+from adapter.checkpoint.io import mapped
 from adapter.checkpoint.io.memory import zeros_like_huge
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
@@ -411,12 +412,11 @@ class StateSave:
 def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, trainer) -> None:
     """Fill ZeRO-1's fp32 partitions and Adam's moments and step from ``folder/optimizer`` (any layout), and
     the model's weights from those fp32 master weights."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
     from megatron.core import parallel_state as ps
 
     from adapter.checkpoint.errors import CheckpointError
-    from adapter.model.mapping import chunk_state_dict
+    from adapter.model.mapping import chunk_pieces
     from adapter.train.open_shared import open_folders
 
     root = folder / FOLDER
@@ -440,19 +440,32 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
     for key in STATES:
         source = sources.pop(0)  # dropped after its state is set: its files are unmapped, one state mapped at a time
         for vp, chunk in enumerate(trainer.chunks):
-            held = {name for name, p in chunk.named_parameters() if _in_partition(p)}
-            values = chunk_state_dict(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held)
-            for name, p in chunk.named_parameters():
-                if name in held:
-                    value = values.pop(name).to(device=p.device, dtype=torch.float32)
-                    if key == "fp32":
-                        safe_set_full_fp32_param(p, value)
-                    else:
-                        safe_set_full_optimizer_state(p, value, key)
-                    del value
+            held = {name: p for name, p in chunk.named_parameters() if _in_partition(p)}
+            for name, value in chunk_pieces(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held):
+                _set_part(held.pop(name), value, key)  # one tensor at a time: copied while in the cache
+            if held:
+                raise CheckpointError(f"{root / key}: no {sorted(held)[0]} for pipeline rank {pp_rank}, chunk {vp}")
         if key == "fp32":  # the weights travel while the moments are read
             weights = _start_weights_from_masters(zero)
     weights()
+
+
+def _set_part(p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """Set the part of ``p``'s state ``key`` that this rank's ZeRO partition holds from its whole ``value``:
+    what DeepSpeed's ``safe_set_full_fp32_param``/``safe_set_full_optimizer_state`` do for ZeRO-1 and 2
+    (through the same link, ``_hp_mapping``), with the copy through ``mapped.copy``, which reads a value
+    still in a checkpoint file with ``pread`` (most of a load's time went to faulting its pages in)."""
+    if not hasattr(p, "_hp_mapping"):  # another DeepSpeed (``_in_partition``): its own API
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        value = value.to(device=p.device, dtype=torch.float32)
+        return safe_set_full_fp32_param(p, value) if key == "fp32" else safe_set_full_optimizer_state(p, value, key)
+    mapping = p._hp_mapping
+    part = mapping.get_hp_fragment(None if key == "fp32" else key).data  # as DeepSpeed: fp32 masters are leaves
+    address = mapping.lp_fragment_address
+    if not value.is_contiguous():  # a column slice of a file's tensor: read once, then flattened
+        value = mapped.read(value)
+    mapped.copy(part, value.reshape(-1).narrow(0, address.start, address.numel))
 
 
 def _start_weights_from_masters(zero) -> Callable[[], None]:

@@ -39,6 +39,7 @@ from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.checkpoint.io.stream_write import save_tensors
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
+from adapter.runtime import cpu
 from adapter.runtime.layout import ParallelLayout
 from adapter.train.optimizer_state import FOLDER, STATES, STEPS_FILE, StateSave, has_state
 
@@ -79,7 +80,8 @@ def save_checkpoint(folder: Path, cfg: InternLMConfig, layout: ParallelLayout, t
     dist.barrier()
     # The first state's ZeRO parts start moving to the ranks that write them before the weights are cut, and
     # travel meanwhile. The tensors are views of the parameters and of ZeRO's buffers: written as they are.
-    StateSave(trainer, cfg, layout, shared).write(folder, lambda obj, path: atomic_save(obj, path, save_tensors))
+    with cpu.paused():  # tensors keep their devices: no CUDA names to rewrite on the CPU
+        StateSave(trainer, cfg, layout, shared).write(folder, lambda obj, path: atomic_save(obj, path, save_tensors))
     if dist.get_rank() == 0:
         atomic_save(model_config_dict(cfg.model), folder / "model_config.pt")
         atomic_save({**context, "step_count": step, "grad_scaler": trainer.scaler.state_dict()},
@@ -185,9 +187,11 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
             with _node_shared_folder() as (converted, converts):
                 context["grad_scaler"] = _once_per_node(
                     converts, lambda: _import_internevo(folder, cfg.model, converted))
-                load_optimizer_state(converted, cfg, layout, trainer)
+                with cpu.paused():
+                    load_optimizer_state(converted, cfg, layout, trainer)
         elif (folder / FOLDER / STEPS_FILE).exists():
-            load_optimizer_state(folder, cfg, layout, trainer)
+            with cpu.paused():  # tensors keep their devices: no CUDA names to rewrite on the CPU
+                load_optimizer_state(folder, cfg, layout, trainer)
         elif (folder / DEEPSPEED_TAG).is_dir():  # written by an earlier version: DeepSpeed's own, same layout only
             trainer.deepspeed.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False, load_module_strict=False)

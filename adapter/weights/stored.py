@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from adapter.checkpoint.io import mapped
 from adapter.checkpoint.io.memory import HUGE, empty_huge
 
 SPLITS = ("replicated", "first", "rows", "columns", "uneven_rows")
@@ -52,18 +53,26 @@ def _joined(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> t
 
 
 def concat(tensors: Sequence[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``torch.cat`` into ``_joined`` memory. On ``meta`` tensors (shapes only: file skeletons, ``inspect``) the
-    result's shape is computed here, since torch's meta ``cat`` imports ``torch._dynamo`` (seconds of fixed
-    cost per command)."""
+    """``torch.cat`` into ``_joined`` memory (or ``out``), piece by piece through ``mapped.copy``, which reads a
+    piece mapped from a checkpoint file with ``pread`` rather than faulting its pages in. On ``meta`` tensors
+    (shapes only: file skeletons, ``inspect``) the result's shape is computed here, since torch's meta ``cat``
+    imports ``torch._dynamo`` (seconds of fixed cost per command)."""
     first = tensors[0]
     shape = list(first.shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
-    if not first.is_meta:
-        if out is None and all(t.dtype == first.dtype and t.device == first.device and not t.requires_grad
-                               for t in tensors):
-            out = _joined(shape, first.dtype, first.device)
-        return torch.cat(list(tensors), dim, out=out)
-    return out if out is not None else torch.empty(shape, dtype=first.dtype, device="meta")
+    if first.is_meta:
+        return out if out is not None else torch.empty(shape, dtype=first.dtype, device="meta")
+    if out is None:
+        if not all(t.dtype == first.dtype and t.device == first.device and not t.requires_grad for t in tensors):
+            return torch.cat(list(tensors), dim)  # torch's type promotion and autograd
+        out = _joined(shape, first.dtype, first.device)
+    elif list(out.shape) != shape:
+        raise ValueError(f"joining pieces into a tensor of shape {tuple(out.shape)}: they make {tuple(shape)}")
+    start = 0
+    for t in tensors:
+        mapped.copy(out.narrow(dim, start, t.shape[dim]), t)
+        start += t.shape[dim]
+    return out
 
 
 class PieceError(ValueError):
@@ -158,6 +167,7 @@ class Stored:
         if piece.is_meta:
             return torch.empty(sum(sizes), *rest, dtype=piece.dtype, device="meta")
         out = _joined((sum(sizes), *rest), piece.dtype, piece.device)
+        piece = mapped.read(piece)  # a mapped piece is read once with pread, not faulted in atom by atom
         into, held = out.view(b, sum(sizes) // b, *rest), piece.reshape(sb, sum(sizes) // sb, *rest)
         for i, n in enumerate(sizes):
             # one side is a contiguous run of the atom's rows: viewed in the other's blocks

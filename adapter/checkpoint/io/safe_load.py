@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from adapter.checkpoint.errors import CheckpointError
+from adapter.checkpoint.io import mapped
 
 _DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "half", "float")}
 
@@ -95,12 +96,16 @@ def load_tensors(path: str | os.PathLike, *, mmap: bool = True, megatron: bool =
     """A model file: tensors only, memory-mapped. ``megatron``: a ``model_optim_rng.pt`` as Megatron-LM
     writes it, whose other entries hold a few more kinds of object (``megatron_globals``)."""
     if not megatron:
-        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
-    # megatron-core's enums cost 3 s of imports: only for files that name one (ours never do)
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    allowed = megatron_globals() + (megatron_enums() if any(n.startswith("megatron.") for n in names) else [])
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+        loaded = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+    else:
+        # megatron-core's enums cost 3 s of imports: only for files that name one (ours never do)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        allowed = megatron_globals() + (megatron_enums() if any(n.startswith("megatron.") for n in names) else [])
+        with torch.serialization.safe_globals(allowed):
+            loaded = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+    if mmap and isinstance(loaded, dict):
+        mapped.track(loaded, path)  # copies out of it read the file (``mapped.copy``)
+    return loaded
 
 
 @functools.cache

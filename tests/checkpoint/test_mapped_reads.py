@@ -1,0 +1,103 @@
+"""Copies out of memory-mapped checkpoint files read the file (``pread``), give ``torch.load``'s values, and
+never read another file than the one mapped."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+from adapter.checkpoint.io import mapped
+from adapter.checkpoint.io.safe_load import load_tensors
+from adapter.weights.stored import concat
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+
+
+def _mapping_rss(t: torch.Tensor) -> int:
+    """Resident bytes of the mapping holding ``t`` (its line in ``/proc/self/smaps``)."""
+    ptr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= ptr < end
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    values = {"w": torch.randn(256, 384), "b": torch.randn(4096).bfloat16(), "n": torch.randn(8, 3)}
+    path = tmp_path / "model_tp0_pp0.pt"
+    torch.save(values, path)
+    return path, values
+
+
+def test_views_are_read_from_the_file_with_torch_load_values(saved):
+    path, values = saved
+    expected = torch.load(path, weights_only=True)  # read whole, no mapping
+    loaded = load_tensors(path)
+    w, b = loaded["w"], loaded["b"]
+    views = [w, w[10:100], w[:, 64:300], w.t(), b[100:3000], loaded["n"]]
+    wanted = [expected["w"], expected["w"][10:100], expected["w"][:, 64:300], expected["w"].t(),
+              expected["b"][100:3000], expected["n"]]
+    for view, want in zip(views, wanted):
+        got = mapped.copy(torch.empty_like(view), view)
+        assert torch.equal(got, want)
+        as_double = mapped.copy(torch.empty(view.shape, dtype=torch.float64), view)
+        assert torch.equal(as_double, want.double())
+    assert torch.equal(mapped.read(w[:, 64:300]), expected["w"][:, 64:300])
+    assert mapped.read(w[:, 64:300]).is_contiguous()
+    # every copy above went through the file, not the mapping
+    assert _mapping_rss(w) == 0, "the mapping's pages were faulted in"
+    # one column spans the whole matrix: it is copied from the mapping (faulting its pages in, as the check sees)
+    assert torch.equal(mapped.read(w[:, 5]), expected["w"][:, 5])
+    assert _mapping_rss(w) >= w.numel() * 4
+
+
+def test_joins_of_mapped_pieces_are_torch_cat(tmp_path):
+    torch.manual_seed(1)
+    pieces = [torch.randn(64, 48), torch.randn(64, 48)]
+    for r, p in enumerate(pieces):
+        torch.save({"w": p}, tmp_path / f"model_tp{r}_pp0.pt")
+    files = [load_tensors(tmp_path / f"model_tp{r}_pp0.pt")["w"] for r in range(2)]
+    for dim in (0, 1):
+        assert torch.equal(concat(files, dim), torch.cat(pieces, dim))
+        out = torch.full((128, 48) if dim == 0 else (64, 96), float("nan"))
+        assert concat(files, dim, out=out) is out and torch.equal(out, torch.cat(pieces, dim))
+    with pytest.raises(ValueError, match=r"shape \(100, 48\)"):
+        concat(files, 0, out=torch.empty(100, 48))
+
+
+def test_a_file_replaced_after_loading_is_not_read(saved):
+    """The reader keeps its own descriptor of the file it mapped: a checkpoint saved again under the same
+    name (an atomic rename) does not change what the loaded tensors read."""
+    path, values = saved
+    loaded = load_tensors(path)
+    other = {k: v + 1 for k, v in values.items()}
+    torch.save(other, path.with_suffix(".new"))
+    os.replace(path.with_suffix(".new"), path)
+    assert torch.equal(mapped.copy(torch.empty(256, 384), loaded["w"]), values["w"])
+    assert torch.equal(mapped.read(loaded["b"][7:99]), values["b"][7:99])
+
+
+def test_the_file_is_let_go_with_its_tensors(saved):
+    path, _ = saved
+    gc.collect()  # the other tests' files
+    before = len(os.listdir("/proc/self/fd"))
+    loaded = load_tensors(path)
+    view = loaded["w"][3:9]
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    del loaded
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before + 1  # a view holds its base tensor, and so the record
+    assert torch.equal(mapped.read(view), torch.load(path, weights_only=True)["w"][3:9])
+    del view
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
