@@ -8,7 +8,7 @@ the tables do the slicing, concatenation and row reordering, bit-exact in both d
 
 from __future__ import annotations
 
-from typing import Container, Iterator, Mapping, Optional
+from typing import Callable, Container, Iterator, Mapping, Optional
 
 import torch
 
@@ -60,14 +60,15 @@ def chunk_state_dict(logical: Mapping[str, torch.Tensor], model: ModelConfig, la
 
 
 def chunk_pieces(logical: Mapping[str, torch.Tensor], model: ModelConfig, layout: ParallelLayout,
-                 pp_rank: int, vp_stage: int, tp_rank: int,
-                 keys: Optional[Container[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 pp_rank: int, vp_stage: int, tp_rank: int, keys: Optional[Container[str]] = None,
+                 into: Optional[Callable[[str], Optional[torch.Tensor]]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``chunk_state_dict``'s entries one at a time, in the table's order: a reader that uses each and lets
-    it go holds one tensor (and its unit's pieces), not the chunk."""
+    it go holds one tensor (and its unit's pieces), not the chunk. ``into(key)``: memory of the entry's shape
+    that an entry joined from several pieces is joined into (``Unit.piece``), or None."""
     by_piece = getattr(logical, "sliced_unit", None)
     for unit, local in chunk_units(model, layout, pp_rank, vp_stage):
         source = (by_piece and by_piece(unit)) or whole_unit(model, unit, logical_table(model), logical.__getitem__)
-        for key, _, piece in source.convert(mcore_table(model), layout.tp, tp_rank, local, only=keys):
+        for key, _, piece in source.convert(mcore_table(model), layout.tp, tp_rank, local, only=keys, into=into):
             yield key, piece
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from adapter.checkpoint.formats.internevo import model_config_dict
 from adapter.checkpoint.io import mapped
-from adapter.checkpoint.io.memory import zeros_like_huge
+from adapter.checkpoint.io.memory import empty_huge
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
@@ -426,13 +426,12 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
     if len(steps) != len(adam.param_groups):
         raise CheckpointError(f"{root / STEPS_FILE}: {len(steps)} parameter groups, the optimizer has "
                               f"{len(adam.param_groups)}")
-    # Adam's state is created at its first step; create it now (zeros, then filled below; on huge pages in
-    # host memory, where a page fault per 4 KiB costs more than the zeros) and link ZeRO's per-parameter
-    # views into it, as DeepSpeed does before loading a universal checkpoint
+    # Adam's state is created at its first step; create it now (``_fresh_state``, filled below) and link
+    # ZeRO's per-parameter views into it, as DeepSpeed does before loading a universal checkpoint
     for i, (group, step) in enumerate(zip(adam.param_groups, steps)):
-        flat = group["params"][0]
-        adam.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": zeros_like_huge(flat),
-                            "exp_avg_sq": zeros_like_huge(flat)}
+        flat, params = group["params"][0], zero.bit16_groups[i]
+        adam.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": _fresh_state(flat, params),
+                            "exp_avg_sq": _fresh_state(flat, params)}
         lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], adam.state)
     pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     sources = open_folders([root / key for key in STATES], cfg.model, one_writer=True)
@@ -441,7 +440,9 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
         source = sources.pop(0)  # dropped after its state is set: its files are unmapped, one state mapped at a time
         for vp, chunk in enumerate(trainer.chunks):
             held = {name: p for name, p in chunk.named_parameters() if _in_partition(p)}
-            for name, value in chunk_pieces(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held):
+            into = {name: whole for name, p in held.items() if (whole := _whole_part(p, key)) is not None}
+            for name, value in chunk_pieces(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held,
+                                            into=into.get):
                 _set_part(held.pop(name), value, key)  # one tensor at a time: copied while in the cache
             if held:
                 raise CheckpointError(f"{root / key}: no {sorted(held)[0]} for pipeline rank {pp_rank}, chunk {vp}")
@@ -462,10 +463,38 @@ def _set_part(p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
         return safe_set_full_fp32_param(p, value) if key == "fp32" else safe_set_full_optimizer_state(p, value, key)
     mapping = p._hp_mapping
     part = mapping.get_hp_fragment(None if key == "fp32" else key).data  # as DeepSpeed: fp32 masters are leaves
+    if value.data_ptr() == part.data_ptr() and value.numel() == part.numel():
+        return  # joined in place (``_whole_part``)
     address = mapping.lp_fragment_address
     if not value.is_contiguous():  # a column slice of a file's tensor: read once, then flattened
         value = mapped.read(value)
     mapped.copy(part, value.reshape(-1).narrow(0, address.start, address.numel))
+
+
+def _whole_part(p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
+    """Where this rank's partition holds all of ``p``: its state ``key`` there, in ``p``'s shape, for a value
+    joined from several pieces to be joined into directly (``chunk_pieces``'s ``into``); else None."""
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None or mapping.lp_fragment_address.numel != p.numel():
+        return None
+    return mapping.get_hp_fragment(None if key == "fp32" else key).data.view(p.shape)
+
+
+def _fresh_state(flat: torch.Tensor, params: list) -> torch.Tensor:
+    """New memory for an Adam state of ZeRO partition ``flat`` (on huge pages in host memory, where a page
+    fault per 4 KiB costs more than the copy), zero where no parameter's part lies (the partition's
+    padding), which the load does not write; the rest is written by the load (``_set_part``)."""
+    state = empty_huge(flat.shape, flat.dtype) if flat.device.type == "cpu" else torch.empty_like(flat)
+    if not all(hasattr(p, "_hp_mapping") for p in params):  # another DeepSpeed (``_in_partition``): zeros
+        return state.zero_()
+    spans = sorted((p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel)
+                   for p in params if p._hp_mapping is not None)
+    at = 0
+    for start, n in spans + [(flat.numel(), 0)]:
+        if start > at:
+            state.narrow(0, at, start - at).zero_()
+        at = max(at, start + n)
+    return state
 
 
 def _start_weights_from_masters(zero) -> Callable[[], None]:

@@ -156,10 +156,12 @@ class Unit:
         """A source tensor laid out exactly like ``target`` (same atoms, same fusion), if any."""
         return next(((k, s) for k, s in self.rows if s.atoms == target.atoms and s.blocks == target.blocks), None)
 
-    def piece(self, target: Stored, tp: int, rank: int) -> Optional[torch.Tensor]:
-        """``target``'s piece for tensor rank ``rank`` of ``tp`` (None when that rank's file has none)."""
+    def piece(self, target: Stored, tp: int, rank: int, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """``target``'s piece for tensor rank ``rank`` of ``tp`` (None when that rank's file has none). A piece
+        joined from several source pieces is joined into ``out`` when given (the caller's own memory, of the
+        piece's shape: then no copy follows); other pieces are returned as they are, views included."""
         if self.rank_piece is not None:
-            sliced = self._sliced(target, tp, rank)
+            sliced = self._sliced(target, tp, rank, out)
             if sliced is not None:
                 return sliced
         same = self.same(target)
@@ -167,7 +169,7 @@ class Unit:
             return target.cut(self.whole(*same), tp, rank)
         return target.shard([self.atom(a) for a in target.atoms], tp, rank)
 
-    def _sliced(self, target: Stored, tp: int, rank: int) -> Optional[torch.Tensor]:
+    def _sliced(self, target: Stored, tp: int, rank: int, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """``target``'s piece from only the source rows it needs (through ``rank_piece``), or None where that
         does not apply: a target or source atom that is whole on a rank (the whole-tensor path reads and
         checks every replica), or, with ``local_rank``, a piece that needs other ranks' rows."""
@@ -219,18 +221,20 @@ class Unit:
                 else:
                     cut.append(held.narrow(dim, lo, hi - lo))
             check_pieces(cut, replicated=False)
-            parts.append(cut[0] if len(cut) == 1 else concat(cut, source_dim))
-        return target.fuse(parts, target.rank_blocks(tp)) if target.fused else parts[0]
+            parts.append(cut[0] if len(cut) == 1 else concat(cut, source_dim, out=None if target.fused else out))
+        return target.fuse(parts, target.rank_blocks(tp), out=out) if target.fused else parts[0]
 
     def convert(self, table: Table, tp: int, rank: int, layer_name: Optional[int] = None,
-                only: Optional[Container[str]] = None) -> Iterator[tuple[str, Stored, torch.Tensor]]:
+                only: Optional[Container[str]] = None,
+                into: Optional[Callable[[str], Optional[torch.Tensor]]] = None) -> Iterator[tuple[str, Stored, torch.Tensor]]:
         """``(key, stored, piece)`` of rank ``rank``'s file in ``table``, in its order; the layer is
         numbered ``layer_name`` there (default: its global index). With ``only``, just those keys (the
-        source tensors only the others need are not read)."""
+        source tensors only the others need are not read); with ``into``, a joined piece goes into
+        ``into(key)`` where that gives memory (``piece``'s ``out``)."""
         for key, stored in table.keys(self.model, self.unit, layer_name):
             if only is not None and key not in only:
                 continue
-            piece = self.piece(stored, tp, rank)
+            piece = self.piece(stored, tp, rank, into(key) if into is not None else None)
             if piece is not None:
                 yield key, stored, piece
 

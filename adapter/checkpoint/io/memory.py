@@ -67,9 +67,3 @@ def trim_heap() -> None:
     if trim is not None:
         trim(ctypes.c_size_t(0))
 
-
-def zeros_like_huge(t: torch.Tensor) -> torch.Tensor:
-    """``torch.zeros_like(t)``, in host memory on huge pages (``empty_huge``); elsewhere as it is."""
-    if t.device.type != "cpu":
-        return torch.zeros_like(t)
-    return empty_huge(t.shape, t.dtype).zero_()
