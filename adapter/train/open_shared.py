@@ -1,14 +1,15 @@
 """Open a resume's InternEvo-layout folders on every rank, each folder checked by one rank.
 
 A resume reads up to four such folders (the model and the three optimizer states), each on every rank. The
-thorough check of a folder (``LazyTensors.validate``: every file's structure, every key, shape and dtype)
-opens all of its files, and opening a file is most of what reading a small one costs (its pickled structure,
+thorough check of a folder (``LazyTensors.validate``: every file's structure, every key, shape and dtype, the
+replicas' bytes) opens all of its files, and opening a file is most of what reading a small one costs (its pickled structure,
 one record lookup per tensor). Done on every rank, a tp=2 × pp=2 resume opened all 16 files four times over.
 Here each pipeline stage of each folder (its files, all tensor ranks) is checked by one rank, the stages
 dealt out to the ranks in turn, and the verdict shared, so a broken folder still stops every rank with the
-same one line before anything is loaded; the other ranks open only the files they read. Folders of one
-writer (the optimizer states) share its layout, found once (``InternEvoCheckpoint.sibling``): the checks of
-their stages' files (every key and shape the layout gives) find one written at another layout.
+same one line before anything is loaded; the other ranks open only the files they read (of a replicated
+tensor, one replica's). Folders of one writer (the optimizer states) share its layout, found once
+(``InternEvoCheckpoint.sibling``): the checks of their stages' files (every key and shape the layout gives)
+find one written at another layout.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def open_folders(paths: list[Path], model: ModelConfig, one_writer: bool, first:
     found = next((v for v in verdicts if v), None)
     if found is not None:
         raise CheckpointError(found)
+    for lazy in opened:  # every stage was checked, its replicas compared, on some rank
+        lazy.replicas_compared.update(range(lazy.ckpt.pp))
     return opened
 
 

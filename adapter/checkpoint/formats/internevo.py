@@ -235,6 +235,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         self.index = {key: (p, file_key, stored) for p in range(ckpt.pp)
                       for key, (file_key, stored) in stage_sources(ckpt.model, layout, p).items()}
         self._files: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
+        #: pipeline stages whose replicas have been compared (``validate``, here or, through
+        #: ``train.open_shared``, on another rank): a read of such a replicated tensor opens one file
+        self.replicas_compared: set[int] = set()
 
     def _isp_rows(self, stored: Stored) -> bool:
         """In an ISP folder, is this a linear weight or bias (row-split over weight-parallel ranks, a fused
@@ -248,10 +251,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             return [(0, p, w) for w in range(self.ckpt.wp)]
         return [(t, p, 0) for t in stored.holders(self.ckpt.tp)]
 
-    def _pieces(self, p: int, file_key: str, stored: Stored) -> list[torch.Tensor]:
-        """The pieces of one tensor, in the order of ``_where``."""
+    def _pieces(self, p: int, file_key: str, stored: Stored, first: bool = False) -> list[torch.Tensor]:
+        """The pieces of one tensor, in the order of ``_where`` (``first``: only the first)."""
         pieces = []
-        for rank in self._where(p, stored):
+        for rank in self._where(p, stored)[:1 if first else None]:
             if rank not in self._files:
                 self._files[rank] = self.ckpt.load_file(*rank)
             tensors = self._files[rank]
@@ -283,6 +286,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
         def pieces(stored: Stored, key: str) -> list[torch.Tensor]:
             p, file_key, own = self.index[key]
+            if own.split == "replicated" and p in self.replicas_compared:  # checked equal: one file is opened
+                return self._pieces(p, file_key, own, first=True) * len(self._where(p, own))
             pieces = self._pieces(p, file_key, own)
             if key not in checked:
                 self.meta(key)  # every piece's dtype and shape checked, files named
@@ -323,10 +328,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self.index)
 
     def validate(self, stages: Optional[Container[int]] = None) -> None:
-        """Check from headers only (no tensor data is read): every tensor's pieces exist and fit, are floating
-        point of one dtype, its replicas have one shape, it has the shape the model sizes give, and no file
-        holds a tensor this model and layout have no place for. (Replicas' values are compared when read.)
-        With ``stages``, only those pipeline stages' tensors and files."""
+        """Check that every tensor's pieces exist and fit, are floating point of one dtype, its replicas are
+        equal (their bytes: the only data read; replicated tensors are norms), it has the shape the model
+        sizes give, and no file holds a tensor this model and layout have no place for. With ``stages``,
+        only those pipeline stages' tensors and files."""
         expected: dict[tuple[int, int, int], set[str]] = {}
         for key, (p, file_key, stored) in self.index.items():
             if stages is not None and p not in stages:
@@ -344,6 +349,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             if shape != want:
                 raise CheckpointError(f"{self.ckpt.path}: {file_key} (stage {p}) is {shape} in the files but "
                                       f"{want} for the model {self.ckpt.model_source} describes")
+            if stored.split == "replicated" and not self._isp_rows(stored):
+                self._join(p, file_key, stored, pieces)  # every replica the same bytes, files named
         for rank, path in sorted(self.ckpt.files.items()):
             if stages is not None and rank[1] not in stages:
                 continue
@@ -354,6 +361,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
                 if key not in place and not key.endswith(DERIVED):
                     raise CheckpointError(f"{path}: unexpected tensor {key}: no {self.ckpt.family} model of these "
                                           "sizes holds it in this file")
+        self.replicas_compared.update(range(self.ckpt.pp) if stages is None else stages)
 
 
 #: Buffers some InternEvo versions save that the weights determine (rotary frequencies from ``rope_base``).

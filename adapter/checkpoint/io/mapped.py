@@ -10,9 +10,9 @@ contiguous and alike, else into a buffer laid out like the file and copied from 
 ``dst.copy_(src)``.
 
 Why it reads the right bytes: a file's place in memory is learnt from the kernel (the line of
-``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), and is used
-only while one of the file's own tensors is alive (the record hangs on them), so that memory cannot have been
-unmapped and reused by another mapping. Checkpoint tensors are read, never written (a private mapping of a
+``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), and a
+tensor finds its file through the record that hangs on the file's own tensor it is (or is a view of), which
+keeps the mapping alive, so that memory cannot have been unmapped and reused by another mapping. Checkpoint tensors are read, never written (a private mapping of a
 file written once), so the file holds what the mapping shows. Elsewhere than Linux nothing is tracked.
 """
 
@@ -84,16 +84,19 @@ def _locate() -> None:
 
 
 def _find(t: torch.Tensor) -> Optional[tuple[_File, int]]:
-    """The tracked file whose mapping holds ``t``'s data, and the offset of ``t``'s first byte in it."""
-    if t.device.type != "cpu" or t.numel() == 0 or not _FILES:
+    """The tracked file ``t`` is mapped from (``t`` is one of its tensors or a view of one: the record hangs
+    on that tensor, which keeps the mapping alive), and the offset of ``t``'s first byte in it."""
+    root = t if t._base is None else t._base
+    f = getattr(root, _ATTR, None)
+    if f is None or t.device.type != "cpu" or t.numel() == 0:
         return None
-    _locate()
+    if f.base is None:
+        _locate()
     ptr = t.data_ptr()
     extent = (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
-    for f in _FILES:
-        if f.base is not None and f.base >= 0 and f.base <= ptr and ptr + extent <= f.base + f.size:
-            return f, ptr - f.base
-    return None
+    if f.base < 0 or not f.base <= ptr <= ptr + extent <= f.base + f.size:
+        return None
+    return f, ptr - f.base
 
 
 def _pread(f: _File, dst: torch.Tensor, offset: int) -> None:
