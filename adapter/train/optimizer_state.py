@@ -12,9 +12,9 @@ and written as three InternEvo-layout model folders beside the weights (``StateS
     <checkpoint>/optimizer/state.pt                        Adam's step per parameter group
 
 so the checkpoint bridge reads them at any tensor/pipeline/virtual layout, like the weights. Loading cuts
-each tensor for this rank (``chunk_pieces``) and hands it to ZeRO's partition through DeepSpeed's
-``safe_set_full_*`` API (``_set_part``); a state of a parameter is the same whatever the data-parallel size, so the
-data-parallel size may change too.
+each tensor for this rank (``chunk_pieces``) and sets ZeRO's partition from it (``_set_part``, what
+DeepSpeed's ``safe_set_full_*`` do); a state of a parameter is the same whatever the data-parallel size, so
+the data-parallel size may change too.
 """
 
 from __future__ import annotations

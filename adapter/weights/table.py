@@ -169,7 +169,8 @@ class Unit:
             return target.cut(self.whole(*same), tp, rank)
         return target.shard([self.atom(a) for a in target.atoms], tp, rank)
 
-    def _sliced(self, target: Stored, tp: int, rank: int, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def _sliced(self, target: Stored, tp: int, rank: int,
+                out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """``target``'s piece from only the source rows it needs (through ``rank_piece``), or None where that
         does not apply: a target or source atom that is whole on a rank (the whole-tensor path reads and
         checks every replica), or, with ``local_rank``, a piece that needs other ranks' rows."""
@@ -221,12 +222,13 @@ class Unit:
                 else:
                     cut.append(held.narrow(dim, lo, hi - lo))
             check_pieces(cut, replicated=False)
-            parts.append(cut[0] if len(cut) == 1 else concat(cut, source_dim, out=None if target.fused else out))
+            joined = None if len(cut) == 1 else concat(cut, source_dim, out=None if target.fused else out)
+            parts.append(cut[0] if joined is None else joined)
         return target.fuse(parts, target.rank_blocks(tp), out=out) if target.fused else parts[0]
 
     def convert(self, table: Table, tp: int, rank: int, layer_name: Optional[int] = None,
-                only: Optional[Container[str]] = None,
-                into: Optional[Callable[[str], Optional[torch.Tensor]]] = None) -> Iterator[tuple[str, Stored, torch.Tensor]]:
+                only: Optional[Container[str]] = None, into: Optional[Callable[[str], Optional[torch.Tensor]]] = None
+                ) -> Iterator[tuple[str, Stored, torch.Tensor]]:
         """``(key, stored, piece)`` of rank ``rank``'s file in ``table``, in its order; the layer is
         numbered ``layer_name`` there (default: its global index). With ``only``, just those keys (the
         source tensors only the others need are not read); with ``into``, a joined piece goes into

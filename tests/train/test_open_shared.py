@@ -60,7 +60,8 @@ def test_a_folder_of_another_layout_is_refused_everywhere(tmp_path):
     ok, tp2, pp1, stray, ok_tp2, differs = zip(*spawn(_open, 2, pairs))
     assert ok == ok_tp2 == ("ok 2", "ok 2")
     # a replica is compared by the rank that checks its stage (rank 1), not by the ranks that read it
-    assert differs == (f"CheckpointError: {replica}: norm.weight differs from its replica in model_tp0_pp1.pt",) * 2
+    differ = f"CheckpointError: {replica}: norm.weight differs from its replica in model_tp0_pp1.pt"
+    assert differs == (differ,) * 2
     assert tp2[0] == (f"CheckpointError: {tmp_path / 'tp2_pp2'}: tok_embeddings.weight (stage 0) is (128, 32) in "
                       "the files but (128, 64) for the model the config describes")
     assert tp2[1].startswith(f"CheckpointError: {tmp_path / 'tp2_pp2'}: ") and "(stage 1) is (64, 64) in the files" in tp2[1]

@@ -12,8 +12,9 @@ contiguous and alike, else into a buffer laid out like the file and copied from 
 Why it reads the right bytes: a file's place in memory is learnt from the kernel (the line of
 ``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), and a
 tensor finds its file through the record that hangs on the file's own tensor it is (or is a view of), which
-keeps the mapping alive, so that memory cannot have been unmapped and reused by another mapping. Checkpoint tensors are read, never written (a private mapping of a
-file written once), so the file holds what the mapping shows. Elsewhere than Linux nothing is tracked.
+keeps the mapping alive, so that memory cannot have been unmapped and reused by another mapping. Checkpoint
+tensors are read, never written (a private mapping of a file written once), so the file holds what the
+mapping shows. Elsewhere than Linux nothing is tracked.
 """
 
 from __future__ import annotations
