@@ -101,3 +101,12 @@ def test_the_file_is_let_go_with_its_tensors(saved):
     del view
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_loaded_tensors_save_as_plain_tensors(saved, tmp_path):
+    """Tracking attaches nothing to the tensors: saved again, they load with ``weights_only``."""
+    path, values = saved
+    loaded = load_tensors(path)
+    torch.save({"w": loaded["w"], "row": loaded["w"][3]}, tmp_path / "again.pt")
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert torch.equal(again["w"], values["w"]) and torch.equal(again["row"], values["w"][3])

@@ -11,8 +11,8 @@ contiguous and alike, else into a buffer laid out like the file and copied from 
 
 Why it reads the right bytes: a file's place in memory is learnt from the kernel (the line of
 ``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), and a
-tensor finds its file through the record that hangs on the file's own tensor it is (or is a view of), which
-keeps the mapping alive, so that memory cannot have been unmapped and reused by another mapping. Checkpoint
+tensor finds its file only as one of the file's own tensors or a view of one (which holds that tensor),
+alive and so keeping the mapping alive: that memory cannot have been unmapped and reused by another mapping. Checkpoint
 tensors are read, never written (a private mapping of a file written once), so the file holds what the
 mapping shows. Elsewhere than Linux nothing is tracked.
 """
@@ -30,8 +30,6 @@ import torch
 from adapter.checkpoint.io.memory import HUGE, empty_huge
 
 _MAPS = "/proc/self/maps"
-#: the attribute of a tracked file's tensors that keeps its record alive
-_ATTR = "_adapter_mapped_file"
 #: a strided piece is read through a buffer only when its bytes span at most this many times its size
 #: (a column of a wide matrix is cheaper to fault in than to read whole)
 _SPAN = 2
@@ -51,6 +49,9 @@ class _File:
 
 
 _FILES: "weakref.WeakSet[_File]" = weakref.WeakSet()
+#: ``id`` of each tracked tensor → (a weak reference to it, its file's record): a record lives while one of
+#: its file's tensors does (nothing is attached to the tensors, which ``torch.save`` would pickle)
+_TENSORS: dict[int, tuple[weakref.ref, _File]] = {}
 
 
 def track(tensors: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -61,8 +62,15 @@ def track(tensors: Mapping[str, Any], path: str | os.PathLike) -> None:
         return
     record = _File(path, held[0].untyped_storage().data_ptr())
     for t in held:
-        setattr(t, _ATTR, record)
+        _TENSORS[id(t)] = (weakref.ref(t, _forget(id(t))), record)
     _FILES.add(record)
+
+
+def _forget(key: int):
+    def forget(ref: weakref.ref) -> None:
+        if _TENSORS.get(key, (None,))[0] is ref:
+            del _TENSORS[key]
+    return forget
 
 
 def _locate() -> None:
@@ -85,11 +93,11 @@ def _locate() -> None:
 
 
 def _find(t: torch.Tensor) -> Optional[tuple[_File, int]]:
-    """The tracked file ``t`` is mapped from (``t`` is one of its tensors or a view of one: the record hangs
-    on that tensor, which keeps the mapping alive), and the offset of ``t``'s first byte in it."""
+    """The tracked file ``t`` is mapped from (``t`` is one of its tensors or a view of one, which holds that
+    tensor and so the mapping), and the offset of ``t``'s first byte in it."""
     root = t if t._base is None else t._base
-    f = getattr(root, _ATTR, None)
-    if f is None or t.device.type != "cpu" or t.numel() == 0:
+    ref, f = _TENSORS.get(id(root), (None, None))
+    if ref is None or ref() is not root or t.device.type != "cpu" or t.numel() == 0:
         return None
     if f.base is None:
         _locate()
