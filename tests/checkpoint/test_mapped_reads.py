@@ -110,3 +110,19 @@ def test_loaded_tensors_save_as_plain_tensors(saved, tmp_path):
     torch.save({"w": loaded["w"], "row": loaded["w"][3]}, tmp_path / "again.pt")
     again = torch.load(tmp_path / "again.pt", weights_only=True)
     assert torch.equal(again["w"], values["w"]) and torch.equal(again["row"], values["w"][3])
+
+
+def test_without_a_descriptor_to_spare_copies_come_from_the_mapping(saved, monkeypatch):
+    """A process out of file descriptors (a conversion keeps its source files open) still loads and copies:
+    the file is not tracked and its tensors are copied from the mapping."""
+    path, values = saved
+
+    def no_descriptor(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(mapped.os, "open", no_descriptor)
+    loaded = load_tensors(path)
+    monkeypatch.undo()
+    got = mapped.copy(torch.empty(256, 236), loaded["w"][:, 64:300])
+    assert _mapping_rss(loaded["w"]) > 0  # read through the mapping
+    assert torch.equal(got, values["w"][:, 64:300])

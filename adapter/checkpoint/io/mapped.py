@@ -23,7 +23,7 @@ import ctypes
 import math
 import os
 import weakref
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -60,13 +60,17 @@ def track(tensors: Mapping[str, Any], path: str | os.PathLike) -> None:
             and t.untyped_storage().nbytes() > 0]
     if not held or not os.path.exists(_MAPS):
         return
-    record = _File(path, held[0].untyped_storage().data_ptr())
+    try:
+        record = _File(path, held[0].untyped_storage().data_ptr())
+    except OSError:  # out of descriptors (a conversion keeps its source files open): copied from the mapping
+        return
     for t in held:
         _TENSORS[id(t)] = (weakref.ref(t, _forget(id(t))), record)
     _FILES.add(record)
 
 
-def _forget(key: int):
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    """The callback that drops tensor ``key``'s entry when the tensor goes."""
     def forget(ref: weakref.ref) -> None:
         if _TENSORS.get(key, (None,))[0] is ref:
             del _TENSORS[key]
