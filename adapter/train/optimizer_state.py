@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from adapter.checkpoint.formats.internevo import model_config_dict
 from adapter.checkpoint.io import mapped
-from adapter.checkpoint.io.memory import empty_huge
+from adapter.checkpoint.io.memory import empty_to_fill
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
@@ -481,10 +481,10 @@ def _whole_part(p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
 
 
 def _fresh_state(flat: torch.Tensor, params: list) -> torch.Tensor:
-    """New memory for an Adam state of ZeRO partition ``flat`` (on huge pages in host memory, where a page
-    fault per 4 KiB costs more than the copy), zero where no parameter's part lies (the partition's
-    padding), which the load does not write; the rest is written by the load (``_set_part``)."""
-    state = empty_huge(flat.shape, flat.dtype) if flat.device.type == "cpu" else torch.empty_like(flat)
+    """New memory for an Adam state of ZeRO partition ``flat`` (``empty_to_fill``), zero where no parameter's
+    part lies (the partition's padding), which the load does not write; the rest is written by the load
+    (``_set_part``)."""
+    state = empty_to_fill(flat.shape, flat.dtype, flat.device)
     if not all(hasattr(p, "_hp_mapping") for p in params):  # another DeepSpeed (``_in_partition``): zeros
         return state.zero_()
     spans = sorted((p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel)

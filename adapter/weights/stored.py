@@ -26,14 +26,13 @@ read, bytes; a conversion never picks one replica and drops the others unseen.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from adapter.checkpoint.io import mapped
-from adapter.checkpoint.io.memory import HUGE, empty_huge
+from adapter.checkpoint.io.memory import empty_to_fill
 
 SPLITS = ("replicated", "first", "rows", "columns", "uneven_rows")
 
@@ -43,20 +42,11 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (r < n % parts) for r in range(parts)]
 
 
-def _joined(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """New memory for pieces joined into one tensor: a large result in host memory goes on huge pages
-    (``empty_huge``: joining the pieces of a checkpoint's tensors would otherwise cost a page fault per 4 KiB
-    written, more than the copy)."""
-    if device.type == "cpu" and math.prod(shape) * dtype.itemsize >= HUGE:
-        return empty_huge(tuple(shape), dtype)
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
-
-
 def concat(tensors: Sequence[torch.Tensor], dim: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``torch.cat`` into ``_joined`` memory (or ``out``), piece by piece through ``mapped.copy``, which reads a
-    piece mapped from a checkpoint file with ``pread`` rather than faulting its pages in. On ``meta`` tensors
-    (shapes only: file skeletons, ``inspect``) the result's shape is computed here, since torch's meta ``cat``
-    imports ``torch._dynamo`` (seconds of fixed cost per command)."""
+    """``torch.cat`` into new memory (``empty_to_fill``) or ``out``, piece by piece through ``mapped.copy``,
+    which reads a piece mapped from a checkpoint file with ``pread`` rather than faulting its pages in. On
+    ``meta`` tensors (shapes only: file skeletons, ``inspect``) the result's shape is computed here, since
+    torch's meta ``cat`` imports ``torch._dynamo`` (seconds of fixed cost per command)."""
     first = tensors[0]
     shape = list(first.shape)
     shape[dim] = sum(t.shape[dim] for t in tensors)
@@ -65,7 +55,7 @@ def concat(tensors: Sequence[torch.Tensor], dim: int, out: Optional[torch.Tensor
     if out is None:
         if not all(t.dtype == first.dtype and t.device == first.device and not t.requires_grad for t in tensors):
             return torch.cat(list(tensors), dim)  # torch's type promotion and autograd
-        out = _joined(shape, first.dtype, first.device)
+        out = empty_to_fill(shape, first.dtype, first.device)
     elif list(out.shape) != shape:
         raise ValueError(f"joining pieces into a tensor of shape {tuple(out.shape)}: they make {tuple(shape)}")
     start = 0
@@ -168,7 +158,7 @@ class Stored:
         sizes = [r // tp for r in self.rows]
         if piece.is_meta:
             return torch.empty(sum(sizes), *rest, dtype=piece.dtype, device="meta")
-        out = _joined((sum(sizes), *rest), piece.dtype, piece.device)
+        out = empty_to_fill((sum(sizes), *rest), piece.dtype, piece.device)
         piece = mapped.read(piece)  # a mapped piece is read once with pread, not faulted in atom by atom
         into, held = out.view(b, sum(sizes) // b, *rest), piece.reshape(sb, sum(sizes) // sb, *rest)
         for i, n in enumerate(sizes):

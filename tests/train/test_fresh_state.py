@@ -17,7 +17,7 @@ def _param(start: int, numel: int) -> SimpleNamespace:
 
 def _nan_memory(monkeypatch) -> None:
     """Uninitialised memory stands in as NaN, so a gap left unzeroed (or a part zeroed) shows."""
-    monkeypatch.setattr(optimizer_state, "empty_huge", lambda shape, dtype: torch.full(shape, float("nan")))
+    monkeypatch.setattr(optimizer_state, "empty_to_fill", lambda shape, dtype, device: torch.full(shape, float("nan")))
 
 
 def test_only_the_padding_is_zeroed(monkeypatch):

@@ -20,14 +20,13 @@ mapping shows. Elsewhere than Linux nothing is tracked.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import weakref
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from adapter.checkpoint.io.memory import HUGE, empty_huge
+from adapter.checkpoint.io.memory import empty_to_fill
 
 _MAPS = "/proc/self/maps"
 #: a strided piece is read through a buffer only when its bytes span at most this many times its size
@@ -136,7 +135,7 @@ def copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     span = sum((n - 1) * s for n, s in zip(src.shape, src.stride())) + 1
     if span > _SPAN * src.numel():
         return dst.copy_(src)
-    buffer = _empty((span,), src.dtype)
+    buffer = empty_to_fill((span,), src.dtype)
     _pread(f, buffer, offset)
     return dst.copy_(buffer.as_strided(src.shape, src.stride()))
 
@@ -145,9 +144,5 @@ def read(t: torch.Tensor) -> torch.Tensor:
     """``t`` in memory of its own when it is mapped from a tracked file (read with ``pread``), else ``t``."""
     if _find(t) is None:
         return t
-    return copy(_empty(t.shape, t.dtype), t)
+    return copy(empty_to_fill(t.shape, t.dtype), t)
 
-
-def _empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    large = math.prod(shape) * dtype.itemsize >= HUGE
-    return empty_huge(shape, dtype) if large else torch.empty(shape, dtype=dtype)

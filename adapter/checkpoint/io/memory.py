@@ -10,11 +10,14 @@ pieces of different sizes in turn fragments them, so the resident set creeps up 
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
+from typing import Sequence
 
 import torch
 
 _PAGE = mmap.PAGESIZE
+_CPU = torch.device("cpu")
 _MADV_DONTNEED = 4
 _MADV_HUGEPAGE = 14
 
@@ -52,6 +55,14 @@ def empty_huge(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch
     t = torch.empty(shape, dtype=dtype)
     _madvise(t, _MADV_HUGEPAGE)
     return t
+
+
+def empty_to_fill(shape: Sequence[int], dtype: torch.dtype, device: torch.device = _CPU) -> torch.Tensor:
+    """New memory that a copy is about to fill (pieces joined, a file's bytes read): a large one in host
+    memory goes on huge pages (``empty_huge``), where a page fault per 4 KiB written costs more than the copy."""
+    if device.type == "cpu" and math.prod(shape) * dtype.itemsize >= HUGE:
+        return empty_huge(tuple(shape), dtype)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 def drop_pages(t: torch.Tensor) -> None:
