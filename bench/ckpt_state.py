@@ -1,8 +1,9 @@
-"""CPU benchmark: saving and loading a whole training checkpoint, the adapter's format against DeepSpeed's own.
+"""Benchmark: saving and loading a whole training checkpoint, the adapter's format against DeepSpeed's own.
 
-For each layout (``--layouts``, e.g. ``dp2,tp2_pp2``) a set of processes (gloo, CPU; consecutive layouts of one
-world size share them, megatron's groups made anew) builds the model, takes one optimizer step (so Adam has
-state) and then, ``--repeats`` times, measures on that same trained state:
+For each layout (``--layouts``, e.g. ``dp2,tp2_pp2``) a set of processes (gloo on the CPU, or with ``--gpu`` NCCL
+and one GPU a rank; consecutive layouts of one world size share them, megatron's groups made anew) builds the
+model, takes one optimizer step (so Adam has state) and then, ``--repeats`` times, measures on that same trained
+state:
 
 * (a) ``ours save``: ``train.state_files.save_checkpoint`` (InternEvo model files, the layout-free optimizer
   state under ``optimizer/``, context, sampler, marker);
@@ -33,7 +34,8 @@ and the checkpoint pages a process maps (the lazy reader maps files), which is w
 ``tracemalloc`` sees neither. Bytes: what each save left on disk.
 
     .venv/bin/python bench/ckpt_state.py [--layouts dp2,tp2_pp2] [--hidden 512] [--layers 4] [--vocab 8192]
-                                         [--repeats 3] [--out runs/bench_ckpt_state] [--profile]
+                                         [--dtype fp32|bf16] [--gpu] [--repeats 3] [--profile]
+                                         [--out runs/bench_ckpt_state]
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ LABELS = {"ours_save": "(a) ours save", "ds_save": "(b) DeepSpeed save", "ours_l
           "ds_load": "(d) DeepSpeed load", "ours_reshard": "(e) ours load, resharded",
           "read_once": "(f) read the files once"}
 DS_TAG = "deepspeed"
+DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}
 ABBA = ("ours", "ds", "ds", "ours")
 
 
@@ -87,8 +90,9 @@ def _config(layout_name: str, sizes: dict, root: Path):
 
     p = parse_layout(layout_name)
     s = base_sections()
-    s["model"].update(num_layers=sizes["layers"], hidden_size=sizes["hidden"], num_attention_heads=8,
-                      vocab_size=sizes["vocab"], num_chunks=p["vpp"])
+    s["model"].update(num_layers=sizes["layers"], hidden_size=sizes["hidden"],
+                      num_attention_heads=max(8, sizes["hidden"] // 128), vocab_size=sizes["vocab"],
+                      num_chunks=p["vpp"], dtype=DTYPES[sizes["dtype"]])
     s["data"].update(seq_len=sizes["seq"], micro_bsz=1, micro_num=2 * p["pp"], total_steps=100)
     s["parallel"] = dict(zero1=-1, tensor=dict(size=p["tp"], mode="mtp"),
                          pipeline=dict(size=p["pp"], interleaved_overlap=True))
@@ -146,13 +150,19 @@ def _status(field: str) -> int:
 
 
 class Phase:
-    """Times one collective phase (barrier to barrier) and this rank's peak resident set during it."""
+    """Times one collective phase (barrier to barrier) and this rank's peak resident set during it; on a GPU
+    also the peak of GPU memory allocated during it beyond what was allocated before (``gpu_extra``)."""
 
     def __enter__(self) -> "Phase":
         import gc
 
         gc.collect()
         _libc.malloc_trim(0)  # freed heap goes back to the system: the resident set before is what is live
+        self.gpu = torch.cuda.is_available()
+        if self.gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.gpu0 = torch.cuda.memory_allocated()
         dist.barrier()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
@@ -162,10 +172,13 @@ class Phase:
 
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
+            if self.gpu:
+                torch.cuda.synchronize()
             dist.barrier()
         self.seconds = time.perf_counter() - self.start
         self.peak = _status("VmHWM")
         self.extra = self.peak - self.rss0
+        self.gpu_extra = torch.cuda.max_memory_allocated() - self.gpu0 if self.gpu else None
 
 
 # ---- the trained state
@@ -264,7 +277,7 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
     from adapter.config.to_mcore import model_options, transformer_config
     from adapter.model.build import build_model_chunks
     from adapter.model.mapping import logical_shapes
-    from adapter.runtime.dist import init_distributed
+    from adapter.runtime.dist import device, init_distributed
     from adapter.train.engine import Trainer
     from adapter.train.state_files import (load_model_weights, load_training_state, save_checkpoint,
                                            weights_from_optimizer)
@@ -277,7 +290,8 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
     tcfg = transformer_config(cfg, layout, use_cpu_initialization=True)
     chunks = build_model_chunks(tcfg, model_options(cfg))
     trainer = Trainer(cfg, layout, chunks, tcfg)
-    trainer.train_step(random_batches(0, count=cfg.data.micro_num, length=cfg.data.seq_len, vocab=cfg.model.vocab_size))
+    batches = random_batches(0, count=cfg.data.micro_num, length=cfg.data.seq_len, vocab=cfg.model.vocab_size)
+    trainer.train_step([b.to(device()) for b in batches])
     saved = _snapshot(trainer)
     params = sum(torch.Size(s).numel() for s in logical_shapes(cfg.model).values())
     rank0 = dist.get_rank() == 0
@@ -289,7 +303,7 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
             print(f"[ckpt_state] {layout_name} {phase} #{repeat}: {ph.seconds:.2f} s, peak +{ph.extra / 2**20:.0f} MiB",
                   file=sys.stderr, flush=True)
         records.append({"phase": phase, "repeat": repeat, "seconds": ph.seconds, "peak": ph.peak,
-                        "extra": ph.extra, **extra})
+                        "extra": ph.extra, "gpu_extra": ph.gpu_extra, **extra})
 
     def drop(folder: Path) -> None:
         """fsync + drop the page cache of ``folder`` (rank 0), timed; checked with mincore."""
@@ -392,6 +406,7 @@ def summarise(run: dict) -> dict[str, dict]:
             "seconds_all": [r["seconds"] for r in rank0],
             "fsync": statistics.median(r["fsync"] for r in rank0) if "fsync" in rank0[0] else None,
             "extra": max(r["extra"] for r in recs),
+            "gpu_extra": max((r["gpu_extra"] for r in recs if r.get("gpu_extra") is not None), default=None),
             "peak": max(r["peak"] for r in recs),
             "bytes": (statistics.median(r["bytes"] for r in rank0) if phase.endswith("save")
                       else sum({r["rank"]: r["bytes"] for r in recs}.values()) if phase == "read_once" else None),
@@ -417,24 +432,28 @@ def _mb(n: float | None) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    rows = ["| layout | phase | time: median (range) | × baseline | save + fsync | peak RSS added | bytes |",
-            "|---|---|---|---|---|---|---|"]
-    for run in runs:
-        for phase, v in summarise(run).items():
+    summaries = [summarise(run) for run in runs]
+    gpu = any(v["gpu_extra"] is not None for s in summaries for v in s.values())
+    rows = ["| layout | phase | time: median (range) | × baseline | save + fsync | peak RSS added | "
+            + "peak GPU memory added | " * gpu + "bytes |", "|---|---|---|---|---|---|" + "---|" * gpu + "---|"]
+    for run, summary in zip(runs, summaries):
+        for phase, v in summary.items():
             resharded = phase in ("ours_reshard", "read_once")
             name = f"{run['reshard_from']} → {run['layout']}" if resharded else run["layout"]
             ratio = f"**{v['ratio']:.2f}**" if "ratio" in v else ""
             fsync = f"{v['seconds'] + v['fsync']:.2f} s" if v["fsync"] is not None else ""
             rows.append(f"| {name} | {LABELS[phase]} | {v['seconds']:.2f} s ({min(v['seconds_all']):.2f}–"
-                        f"{max(v['seconds_all']):.2f}) | {ratio} | {fsync} | {_mb(v['extra'])} | {_mb(v['bytes'])} |")
+                        f"{max(v['seconds_all']):.2f}) | {ratio} | {fsync} | {_mb(v['extra'])} | "
+                        + f"{_mb(v['gpu_extra'])} | " * gpu + f"{_mb(v['bytes'])} |")
     return "\n".join(rows) + "\n"
 
 
-def machine() -> str:
+def machine(gpu: bool = False) -> str:
     import deepspeed
 
     load = os.getloadavg()
-    return (f"{platform.node() or 'host'}: {os.cpu_count()} CPUs, torch {torch.__version__}, DeepSpeed "
+    gpus = f", {torch.cuda.device_count()} × {torch.cuda.get_device_name()}" if gpu else ""
+    return (f"{platform.node() or 'host'}: {os.cpu_count()} CPUs{gpus}, torch {torch.__version__}, DeepSpeed "
             f"{deepspeed.__version__}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
@@ -447,6 +466,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's (Adam's state is fp32)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="one rank per GPU on NCCL (layouts of at most as many ranks as GPUs) instead of the "
+                             "CPU; the table adds each phase's peak GPU memory")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=None, help="where checkpoints are written (default: a folder in --out)")
     parser.add_argument("--out", default="runs/bench_ckpt_state")
@@ -460,9 +483,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work) if args.work else out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    sizes = dict(hidden=args.hidden, layers=args.layers, vocab=args.vocab, seq=args.seq)
+    sizes = dict(hidden=args.hidden, layers=args.layers, vocab=args.vocab, seq=args.seq, dtype=args.dtype)
     layouts = args.layouts.split(",")
-    before = machine()
+    if args.gpu and max(map(_world, layouts)) > torch.cuda.device_count():
+        parser.error(f"--gpu: layouts {args.layouts} need up to {max(map(_world, layouts))} ranks, one per GPU; "
+                     f"this machine has {torch.cuda.device_count()} GPUs")
+    before = machine(args.gpu)
     jobs = [(name, True, layouts[i - 1] if i > 0 else None) for i, name in enumerate(layouts)]
     if len(layouts) > 1:  # the first layout loads the last one's checkpoint
         jobs.append((layouts[0], False, layouts[-1]))
@@ -473,14 +499,16 @@ def main(argv: list[str] | None = None) -> dict:
         while jobs and _world(jobs[0][0]) == world:
             batch.append(jobs.pop(0))
         runs += spawn(_worker, world, batch, sizes, str(work), args.repeats,
-                      str(out.resolve() / "profile") if args.profile else None, env=CPU_ONLY, timeout=3600)[0]
+                      str(out.resolve() / "profile") if args.profile else None, env=None if args.gpu else CPU_ONLY,
+                      timeout=3600)[0]
     text = table(runs)
-    after = machine()
+    after = machine(args.gpu)
     result = {"sizes": sizes, "repeats": args.repeats, "machine_before": before, "machine_after": after,
               "runs": runs, "summary": [summarise(r) for r in runs]}
     cached = max(v["cached"] for r in result["summary"] for v in r.values())
     header = (f"Checkpoint save/load, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: "
-              f"{runs[0]['params']:,} parameters, fp32; {args.repeats} repeats; before each load at most "
+              f"{runs[0]['params']:,} parameters, {args.dtype} on the {'GPU' if args.gpu else 'CPU'}; {args.repeats} "
+              f"repeats; before each load at most "
               f"{cached:.1%} of its files were in the page cache\n"
               f"before: {before}\nafter: {after}\n\n")
     (out / "ckpt_state.md").write_text(header + text)

@@ -31,6 +31,7 @@ from adapter.checkpoint.io import mapped
 from adapter.checkpoint.io.memory import empty_to_fill
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
+from adapter.runtime.dist import device
 from adapter.runtime.layout import ParallelLayout
 from adapter.train.shared_files import File, Rows, Together, even_shares, file_skeleton, owners, unit_params
 from adapter.weights.table import Unit
@@ -57,7 +58,9 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
     hidden columns it keeps of the others' rows (``_exchange_tensor_ranks``), or, with ``spread`` (the
     tensor ranks write each other's files), nothing: its vocabulary rows of every rank's columns go to that
     rank's file as ``Rows``. The pieces are views (of the parameters, of DeepSpeed's flat buffers) wherever
-    the cut allows."""
+    the cut allows, and stay on their device (the writer copies each to host memory as it writes it); a
+    piece the cut computes anew (a join, a regrouping) is moved to host memory at once, so that a rank
+    holding every state's pieces before writing (``StateSave``) adds no accelerator memory."""
     from megatron.core import parallel_state as ps
 
     from adapter.checkpoint.formats.internevo import chunk_prefix, unit_pieces
@@ -81,6 +84,7 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
             v = value(name, p)
             if v is not None:
                 mine[name] = v.detach()
+        sources = {v.untyped_storage().data_ptr() for v in mine.values()}
         for unit, local in cut:
             source = Unit(model, unit, mcore_table(model), layout.tp,
                           lambda stored, key: _gather_tensor_ranks(key, mine[key], layout.tp), local,
@@ -89,8 +93,8 @@ def stage_file(cfg: InternLMConfig, layout: ParallelLayout, chunks: list,
                 if spreads and v is spreads[0][0]:
                     for t, rows in spreads.pop(0)[1].items():
                         out.setdefault(t, OrderedDict())[k] = rows
-                else:  # host memory for the file (on the CPU: the same views)
-                    out[tp_rank][k] = v.cpu()
+                else:  # views as they are, new tensors in host memory (on the CPU: the same tensors)
+                    out[tp_rank][k] = v if v.untyped_storage().data_ptr() in sources else v.cpu()
             if spreads:
                 raise RuntimeError(f"unit {unit}: a piece left to the tensor ranks' writes was computed on")
     return out
@@ -120,6 +124,7 @@ def _gather_tensor_ranks(name: str, t: torch.Tensor, tp: int) -> list[torch.Tens
         return [t]
     from megatron.core import parallel_state as ps
 
+    t = t.to(device())  # where the tensor group communicates (a value may be in host memory: ZeroStates)
     group = ps.get_tensor_model_parallel_group()
     _check_same_shape(name, t, group, tp)
     pieces = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(tp)]
@@ -133,6 +138,7 @@ def _exchange_tensor_ranks(name: str, t: torch.Tensor, dim: int, bounds: list[in
     just the slice it keeps (``Unit``'s ``exchange``). Collective over the tensor group."""
     from megatron.core import parallel_state as ps
 
+    t = t.to(device())  # where the tensor group communicates (a value may be in host memory: ZeroStates)
     group = ps.get_tensor_model_parallel_group()
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     ranks = dist.get_process_group_ranks(group)
@@ -190,10 +196,12 @@ class ZeroStates:
     the optimizer steps again. Every rank posts its operations in parameter order, sends and receives alike, so
     each pair of ranks posts its operations in the same order on both sides (what NCCL needs, whose
     operations between two ranks run in posting order on one stream). A parameter that its owner's
-    partition holds whole is a view of it, not a copy. Values come back in host memory (on an accelerator, a
-    copy), and at most ``WINDOW`` bytes of receive buffers are posted ahead of the parameter being read (at
-    least one parameter's): posting stops at a receive that does not fit, until ``value`` has taken the
-    ones before it. Collective over data parallel: every rank constructs it, and starts the same states with
+    partition holds whole is a view of it, not a copy, on the partition's device: the file writer copies
+    each tensor to host memory as it writes it (``shared_write``), so a rank that cuts every state before
+    writing (``StateSave``) holds no second copy of its own partition. An assembled value comes back in
+    host memory (on an accelerator, a copy that frees the receive buffer), and at most ``WINDOW`` bytes of
+    receive buffers are posted ahead of the parameter being read (at least one parameter's): posting stops at
+    a receive that does not fit, until ``value`` has taken the ones before it. Collective over data parallel: every rank constructs it, and starts the same states with
     the same owners in the same order."""
 
     #: bytes of receive buffers posted ahead (on an accelerator they are device memory until read)
@@ -267,12 +275,13 @@ class ZeroStates:
             self.next += 1
 
     def value(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
-        """``p``'s whole value of the state in flight at its owner, in host memory; None elsewhere."""
+        """``p``'s whole value of the state in flight at its owner (a view of the partition where it holds
+        ``p`` whole, else assembled in host memory); None elsewhere."""
         i, part = self.index[id(p)], self._part(p)
         if self.owners[i] != self.rank:
             return None
         if i not in self.receiving and part is not None and part.numel() == p.numel():
-            return part.view(p.shape).cpu()  # held whole here: a view (no copy) on the CPU
+            return part.view(p.shape)  # held whole here: a view, copied to host only as it is written
         whole, requests = self.receiving.pop(i)
         self.in_flight -= whole.numel() * 4
         if part is not None:
