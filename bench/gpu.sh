@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU proof in one command (about 8 minutes on one H200: the GPU tests 5.5, the benchmark 1.5):
+# The GPU proof in one command (about 10 minutes on one H200: the GPU tests 5.5, the benchmarks 1.5 and 2):
 #   1. installs what is missing: this package with its test extras, and flash-attn from a prebuilt wheel
 #      matching this torch, CUDA and Python if one can be had (never a source build; otherwise it says so and
 #      the adapter uses torch SDPA); on a machine without network, from the wheels in $WHEELS instead;
 #   2. runs the GPU tests (pytest -m gpu tests: tests/gpu and the CUDA cases elsewhere);
 #   3. runs bench/gpu.py: tokens/s, MFU and peak memory of the adapter against plain megatron-core on
-#      7B-width layers; prints the table and writes it, BENCHMARKS.md-ready, to runs/bench_gpu/gpu.md.
-# Exit status: non-zero if the tests or the benchmark failed (the benchmark runs even when a test failed).
+#      7B-width layers; prints the table and writes it, BENCHMARKS.md-ready, to runs/bench_gpu/gpu.md;
+#   4. runs bench/ckpt_state.py --gpu: saving and loading a training checkpoint (336M parameters, bf16; 18 GB
+#      of disk at most) against DeepSpeed's own, table in runs/bench_gpu/ckpt_state.md.
+# Exit status: non-zero if the tests or a benchmark failed (the benchmarks run even when a test failed).
 #
 #   bash bench/gpu.sh                 # on a GPU machine; extra arguments go to bench/gpu.py
 #   bash bench/gpu.sh --cpu-smoke     # tiny sizes on the CPU: the whole benchmark path, no installs, no tests
@@ -28,7 +30,7 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
     exec "$PYTHON" bench/gpu.py "$@"
 fi
 
-echo "== 1/3 install"
+echo "== 1/4 install"
 if [ -n "${WHEELS:-}" ]; then
     target="${WHEELS_TARGET:-/tmp/site}"
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$target" "$WHEELS"/*.whl \
@@ -64,13 +66,18 @@ EOF
     fi
 fi
 
-echo "== 2/3 pytest -m gpu"
+echo "== 2/4 pytest -m gpu"
 "$PYTHON" -m pytest -q -m gpu tests -rs
 tests=$?
 
-echo "== 3/3 benchmark"
+echo "== 3/4 benchmark"
 "$PYTHON" bench/gpu.py "$@"
 bench=$?
 
-echo "== done: tests exit $tests, benchmark exit $bench"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+echo "== 4/4 checkpoint benchmark"
+"$PYTHON" bench/ckpt_state.py --gpu --layouts dp1 --dtype bf16 --hidden 2048 --layers 4 --vocab 32000 \
+    --repeats 2 --out runs/bench_gpu
+ckpt=$?
+
+echo "== done: tests exit $tests, benchmarks exit $bench and $ckpt"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$ckpt" -eq 0 ]
