@@ -308,8 +308,8 @@ def _launch(config: Path, cwd: Path, *extra: str) -> subprocess.Popen:
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (torchrun starts its workers in their own sessions), leaves first."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -322,7 +322,11 @@ def _kill_tree(pid: int) -> None:
         current = todo.pop()
         tree.append(current)
         todo += children.get(current, [])
-    for victim in tree:
+    return tree[::-1]
+
+
+def _kill(pids: list[int]) -> None:
+    for victim in pids:
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
@@ -352,17 +356,23 @@ def test_kill_during_checkpoint_write_resumes_from_previous_complete(tmp_path):
     proc = _launch(config, tmp_path)
     ckpt = tmp_path / "ckpt"
     deadline = time.monotonic() + 300
-    killed_in = None
+    killed_in, victims = None, None
     while time.monotonic() < deadline and proc.poll() is None:
-        for folder in sorted(ckpt.glob("[0-9]*"), key=lambda p: int(p.name)):
+        if victims is None and (ckpt / "2" / "2.step").exists():
+            # the workers are up: found now, so that the kill lands within the save's last milliseconds
+            victims = _tree(proc.pid)
+        for folder in ckpt.glob("[0-9]*"):
+            if victims is None or int(folder.name) < 4 or (folder / f"{folder.name}.step").exists():
+                continue
             optimizer = folder / "optimizer"  # finished files only: each is written under a temporary name
-            if int(folder.name) >= 4 and any(optimizer.rglob("*.pt")) and not list(folder.glob("*.step")):
-                _kill_tree(proc.pid)  # mid-write: optimizer files there, marker not yet
+            if any(optimizer.glob("*/*.pt")):
+                _kill(victims)  # mid-write: optimizer files there, marker not yet
+                _kill(_tree(proc.pid))  # anything started since
                 killed_in = folder
                 break
         if killed_in:
             break
-        time.sleep(0.01)
+        time.sleep(0.002)
     proc.wait()
     assert killed_in is not None, "the run ended before a checkpoint write could be interrupted"
     assert not list(killed_in.glob("*.step")), "the save finished before the kill landed"
