@@ -201,8 +201,8 @@ class ZeroStates:
     writing (``StateSave``) holds no second copy of its own partition. An assembled value comes back in
     host memory (on an accelerator, a copy that frees the receive buffer), and at most ``WINDOW`` bytes of
     receive buffers are posted ahead of the parameter being read (at least one parameter's): posting stops at
-    a receive that does not fit, until ``value`` has taken the ones before it. Collective over data parallel: every rank constructs it, and starts the same states with
-    the same owners in the same order."""
+    a receive that does not fit, until ``value`` has taken the ones before it. Collective over data parallel:
+    every rank constructs it, and starts the same states with the same owners in the same order."""
 
     #: bytes of receive buffers posted ahead (on an accelerator they are device memory until read)
     WINDOW = 1 << 30
