@@ -3,7 +3,8 @@
 A resume reads up to four such folders (the model and the three optimizer states), each on every rank. The
 thorough check of a folder (``LazyTensors.validate``: every file's structure, every key, shape and dtype, the
 replicas' bytes) opens all of its files, and opening a file is most of what reading a small one costs (its
-pickled structure, one record lookup per tensor). Done on every rank, a tp=2 × pp=2 resume opened all 16 files four times over.
+pickled structure, one record lookup per tensor). Done on every rank, a tp=2 × pp=2 resume opened all 16
+files four times over.
 Here each pipeline stage of each folder (its files, all tensor ranks) is checked by one rank, the stages
 dealt out to the ranks in turn, and the verdict shared, so a broken folder still stops every rank with the
 same one line before anything is loaded; the other ranks open only the files they read (of a replicated

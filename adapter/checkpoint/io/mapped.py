@@ -95,6 +95,11 @@ def _locate() -> None:
                 break
 
 
+def _span(t: torch.Tensor) -> int:
+    """How many elements ``t``'s strided layout spans, from its first to its last."""
+    return sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+
+
 def _find(t: torch.Tensor) -> Optional[tuple[_File, int]]:
     """The tracked file ``t`` is mapped from (``t`` is one of its tensors or a view of one, which holds that
     tensor and so the mapping), and the offset of ``t``'s first byte in it."""
@@ -105,7 +110,7 @@ def _find(t: torch.Tensor) -> Optional[tuple[_File, int]]:
     if f.base is None:
         _locate()
     ptr = t.data_ptr()
-    extent = (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+    extent = _span(t) * t.element_size()
     if f.base < 0 or not f.base <= ptr <= ptr + extent <= f.base + f.size:
         return None
     return f, ptr - f.base
@@ -132,7 +137,7 @@ def copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
         _pread(f, dst, offset)
         return dst
-    span = sum((n - 1) * s for n, s in zip(src.shape, src.stride())) + 1
+    span = _span(src)
     if span > _SPAN * src.numel():
         return dst.copy_(src)
     buffer = empty_to_fill((span,), src.dtype)
