@@ -71,6 +71,27 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def all_gather_into(flat: torch.Tensor, parts: list[torch.Tensor], group: dist.ProcessGroup,
+                    tag: int = 0) -> list[dist.Work]:
+    """Start an all-gather of ``group``'s ``parts`` (``parts[r]``, a view of ``flat``, holds rank ``r``'s part)
+    into ``flat``; wait on the requests returned. ``tag`` tells apart gathers running at once in one group.
+
+    On NCCL it is ``all_gather_into_tensor``. On gloo every rank sends its part to each other rank and
+    receives theirs straight into their views: gloo's all-gather goes through a new buffer of the whole
+    output, which it then copies out. Measured on the bench machine (2 ranks, 44 MiB a part, loopback): 107 ms
+    and 22,530 page faults a call, against 23 ms and none."""
+    rank = dist.get_rank(group=group)
+    if dist.get_backend(group) != dist.Backend.GLOO:
+        return [dist.all_gather_into_tensor(flat, parts[rank], group=group, async_op=True)]
+    ops = []
+    for r, part in enumerate(parts):
+        if r != rank:
+            peer = dist.get_global_rank(group, r)
+            ops += [dist.P2POp(dist.isend, parts[rank], peer, group, tag),
+                    dist.P2POp(dist.irecv, part, peer, group, tag)]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapter.config.errors import ConfigError
-
 
 def partition_uniform(num_layers: int, pipeline_size: int, num_chunks: int) -> list[list[tuple[int, int]]]:
     """InternEvo's layer partition (``core/parallel/shard.py``).
@@ -24,6 +22,8 @@ def partition_uniform(num_layers: int, pipeline_size: int, num_chunks: int) -> l
     >>> partition_uniform(32, 4, 2)[0]
     [(0, 4), (16, 20)]
     """
+    from adapter.config.errors import ConfigError  # here: importing adapter.config imports this module
+
     if num_layers % num_chunks:
         raise ConfigError("model.num_layers", f"{num_layers} layers cannot be cut into {num_chunks} equal chunks "
                           f"(model.num_chunks); InternEvo requires num_layers % num_chunks == 0")

@@ -31,7 +31,7 @@ from adapter.checkpoint.io import mapped
 from adapter.checkpoint.io.memory import empty_to_fill
 from adapter.checkpoint.io.safe_load import load_metadata
 from adapter.config.schema import InternLMConfig
-from adapter.runtime.dist import device
+from adapter.runtime.dist import all_gather_into, device
 from adapter.runtime.layout import ParallelLayout
 from adapter.train.shared_files import File, Rows, Together, even_shares, file_skeleton, owners, unit_params
 from adapter.weights.table import Unit
@@ -514,13 +514,11 @@ def _start_weights_from_masters(zero) -> Callable[[], None]:
     once); the call returned waits for it."""
     requests = []
     with torch.no_grad():
-        for parts, fp32, flat, group in zip(zero.parallel_partitioned_bit16_groups,
-                                            zero.single_partition_of_fp32_groups, zero.bit16_groups_flat,
-                                            zero.real_dp_process_group):
-            rank = dist.get_rank(group=group)
-            parts[rank].copy_(fp32)
-            if dist.get_world_size(group=group) > 1:
-                requests.append(dist.all_gather_into_tensor(flat, parts[rank], group=group, async_op=True))
+        for i, (parts, fp32, flat, group) in enumerate(zip(zero.parallel_partitioned_bit16_groups,
+                                                           zero.single_partition_of_fp32_groups,
+                                                           zero.bit16_groups_flat, zero.real_dp_process_group)):
+            parts[dist.get_rank(group=group)].copy_(fp32)
+            requests += all_gather_into(flat, parts, group, tag=i)
 
     def wait() -> None:
         for request in requests:
