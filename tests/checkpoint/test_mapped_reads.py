@@ -126,3 +126,39 @@ def test_without_a_descriptor_to_spare_copies_come_from_the_mapping(saved, monke
     got = mapped.copy(torch.empty(256, 236), loaded["w"][:, 64:300])
     assert _mapping_rss(loaded["w"]) > 0  # read through the mapping
     assert torch.equal(got, values["w"][:, 64:300])
+
+
+def test_a_sibling_file_is_opened_with_its_own_bytes_and_torch_load_values(tmp_path):
+    """``load_tensors_like``: a file of the same structure gives what ``torch.load`` gives (its own values,
+    views sharing a storage included), read through ``mapped`` as a loaded file is; any difference in
+    structure gives None."""
+    from adapter.checkpoint.io.safe_load import load_tensors_like
+
+    def content(seed: int, rows: int = 64) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(rows, 48, generator=g)
+        return {"w": w, "w_tail": w[10:], "b": torch.randn(7, generator=g).bfloat16(), "i": torch.arange(5) + seed}
+
+    # one file name in four folders, as in a checkpoint's state folders (torch.save names records after the file)
+    first, second, other, bigger = (tmp_path / n / "model_tp0_pp0.pt" for n in ("first", "second", "other", "bigger"))
+    for path in (first, second, other, bigger):
+        path.parent.mkdir()
+    torch.save(content(0), first)
+    torch.save(content(1), second)
+    torch.save(content(1, rows=64) | {"extra": torch.zeros(1)}, other)
+    torch.save(content(1, rows=65), bigger)
+    like = load_tensors(first)
+
+    loaded = load_tensors_like(second, first, like)
+    expected = torch.load(second, weights_only=True)
+    assert torch.equal(mapped.read(loaded["w"][:, 5:40]), expected["w"][:, 5:40])
+    assert _mapping_rss(loaded["w"]) == 0  # read with pread: tracked like any loaded file
+    assert list(loaded) == list(expected)
+    for key, want in expected.items():
+        got = loaded[key]
+        assert (got.dtype, got.shape, got.stride(), got.storage_offset()) == \
+            (want.dtype, want.shape, want.stride(), want.storage_offset()), key
+        assert torch.equal(got, want), key
+        assert not torch.equal(got.float(), like[key].float()), key  # this file's bytes, not the sibling's
+    assert load_tensors_like(other, first, like) is None  # another key: another pickle
+    assert load_tensors_like(bigger, first, like) is None  # another shape

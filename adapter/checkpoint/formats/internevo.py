@@ -30,6 +30,7 @@ vocabulary-parallel ``embedding.word_embeddings.weight``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,7 @@ import torch
 
 from adapter.checkpoint.errors import CheckpointError
 from adapter.checkpoint.io.memory import drop_pages, empty_huge
-from adapter.checkpoint.io.safe_load import load_metadata, open_model_file
+from adapter.checkpoint.io.safe_load import load_metadata, load_tensors_like, open_model_file
 from adapter.checkpoint.stream_convert import FileGroup
 from adapter.config.schema import ModelConfig
 from adapter.families import FAMILIES, logical_table, recognise_internevo
@@ -172,6 +173,8 @@ class InternEvoCheckpoint:
     opened: dict[tuple[int, int, int], dict] = field(default_factory=dict, repr=False)
     """Each file's memory-mapped content, opened once (reading the layout, the split check and the tensors
     all look at the same files)."""
+    like: Optional["InternEvoCheckpoint"] = field(default=None, repr=False)
+    """For a ``sibling``: the folder it was found beside, whose files its own files repeat the structure of."""
 
     @property
     def num_layers(self) -> int:
@@ -189,15 +192,19 @@ class InternEvoCheckpoint:
         return ParallelLayout(tp=self.tp, pp=self.pp, vpp=self.num_chunks, dp=None, zero1=None,
                               sequence_parallel=False, stages=tuple(tuple(s) for s in stages))
 
-    @property
-    def isp(self) -> bool:
+    @functools.cached_property
+    def isp(self) -> bool:  # asked for every tensor read
         return any("_wp" in path.name for path in self.files.values())
 
     def load_file(self, tp_rank: int, pp_rank: int, wp_rank: int = 0) -> dict[str, torch.Tensor]:
         rank = (tp_rank, pp_rank, wp_rank)
         if rank not in self.opened:
-            path = self.files[rank]
-            sd = open_model_file(path)
+            path, like = self.files[rank], self.like
+            sd = None
+            if like is not None and rank in like.opened:  # written alongside: its structure, not unpickled again
+                sd = load_tensors_like(path, like.files[rank], like.opened[rank])
+            if sd is None:
+                sd = open_model_file(path)
             if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
                 raise CheckpointError(f"{path}: expected a dict of tensors")
             self.opened[rank] = sd
@@ -212,7 +219,7 @@ class InternEvoCheckpoint:
         missing = next((f for f in files.values() if not f.is_file()), None)
         if missing is not None:
             raise CheckpointError(f"{missing}: missing (its folder should hold the files of {self.path})")
-        return replace(self, path=path, files=files, opened={})
+        return replace(self, path=path, files=files, opened={}, like=self)
 
     def lazy(self) -> "LazyTensors":
         """The logical tensors as a mapping that reads each one from the files only when asked."""

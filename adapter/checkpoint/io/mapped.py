@@ -6,11 +6,12 @@ way ran at a third to half the rate of ``read()`` of the same bytes on the bench
 tensor's pieces from several files (a resharded load) is mostly such copies. So the files a reader maps are
 *tracked* (``track``, called by ``safe_load.load_tensors``): each keeps a descriptor of the very file it
 mapped, and ``copy(dst, src)`` reads a mapped ``src`` with ``os.preadv``: straight into ``dst`` where both are
-contiguous and alike, else into a buffer laid out like the file and copied from there. Anything else is
-``dst.copy_(src)``.
+contiguous and alike, else into a buffer laid out like the file (a block of rows at a time) and copied from
+there. Anything else is ``dst.copy_(src)``.
 
 Why it reads the right bytes: a file's place in memory is learnt from the kernel (the line of
-``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), and a
+``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), or from
+the caller that mapped it (``safe_load.load_tensors_like``: the storage it mapped the file into), and a
 tensor finds its file only as one of the file's own tensors or a view of one (which holds that tensor),
 alive and so keeping the mapping alive: that memory cannot have been unmapped and reused by another mapping. Checkpoint
 tensors are read, never written (a private mapping of a file written once), so the file holds what the
@@ -32,6 +33,8 @@ _MAPS = "/proc/self/maps"
 #: a strided piece is read through a buffer only when its bytes span at most this many times its size
 #: (a column of a wide matrix is cheaper to fault in than to read whole)
 _SPAN = 2
+#: the bytes of rows a strided copy reads at a time
+_BLOCK = 256 << 10
 
 
 class _File:
@@ -53,8 +56,9 @@ _FILES: "weakref.WeakSet[_File]" = weakref.WeakSet()
 _TENSORS: dict[int, tuple[weakref.ref, _File]] = {}
 
 
-def track(tensors: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Record that ``tensors`` (what ``torch.load(path, mmap=True)`` returned) are mapped from ``path``."""
+def track(tensors: Mapping[str, Any], path: str | os.PathLike, base: Optional[int] = None) -> None:
+    """Record that ``tensors`` (what ``torch.load(path, mmap=True)`` returned) are mapped from ``path``; ``base``:
+    the address of the file's byte 0 where the caller mapped it (else found in ``/proc/self/maps``)."""
     held = [t for t in tensors.values() if isinstance(t, torch.Tensor) and t.device.type == "cpu"
             and t.untyped_storage().nbytes() > 0]
     if not held or not os.path.exists(_MAPS):
@@ -63,6 +67,7 @@ def track(tensors: Mapping[str, Any], path: str | os.PathLike) -> None:
         record = _File(path, held[0].untyped_storage().data_ptr())
     except OSError:  # out of descriptors (a conversion keeps its source files open): copied from the mapping
         return
+    record.base = base
     for t in held:
         _TENSORS[id(t)] = (weakref.ref(t, _forget(id(t))), record)
     _FILES.add(record)
@@ -140,9 +145,18 @@ def copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     span = _span(src)
     if span > _SPAN * src.numel():
         return dst.copy_(src)
-    buffer = empty_to_fill((span,), src.dtype)
-    _pread(f, buffer, offset)
-    return dst.copy_(buffer.as_strided(src.shape, src.stride()))
+    # through a small buffer, a block of rows at a time, not a buffer of the piece's size: joining a 256 MiB
+    # piece of columns added 2 MiB to the peak resident set instead of 258 MiB, in the same time
+    outer = src.dim() > 1 and src.stride(0) == max(src.stride())
+    rows, row = (src.shape[0], src.stride(0)) if outer else (1, span)
+    per = max(1, _BLOCK // (row * src.element_size()))
+    buffer = empty_to_fill((min(span, per * row),), src.dtype)
+    for first in range(0, rows, per):
+        block = src.narrow(0, first, min(per, rows - first)) if outer else src
+        part = buffer[:_span(block)]
+        _pread(f, part, offset + first * row * src.element_size())
+        (dst.narrow(0, first, block.shape[0]) if outer else dst).copy_(part.as_strided(block.shape, block.stride()))
+    return dst
 
 
 def read(t: torch.Tensor) -> torch.Tensor:
