@@ -140,7 +140,7 @@ def load_tensors_like(path: str | os.PathLike, like_path: str | os.PathLike,
     # each of the sibling's storages is its mapping's bytes at its record (``torch.load(mmap=True)``), one
     # storage a record: the lowest lies at the lowest record, which gives the mapping's address of byte 0
     starts = {t.untyped_storage().data_ptr() for t in like.values()}
-    if len(starts) != len(storages):
+    if not starts or len(starts) != len(storages):
         return None
     base = min(starts) - min(storages)
     whole = torch.UntypedStorage.from_file(os.fspath(path), False, size)
