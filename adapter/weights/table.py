@@ -187,7 +187,7 @@ class Unit:
         if regrouped is not None and (self.local_rank is None or rank == self.local_rank):
             held = self.rank_piece(regrouped[1], regrouped[0], rank)
             check_pieces([held], replicated=False)
-            piece = target.fuse_from(regrouped[1], held, tp)
+            piece = target.fuse_from(regrouped[1], held, tp, out=out)
             if piece is not None:
                 return piece
         parts = []
