@@ -173,6 +173,20 @@ class Stored:
                 dst.copy_(src.reshape(b, n // b, *rest))
         return out
 
+    def put_rows(self, out: torch.Tensor, i: int, first: int, rows: torch.Tensor, tp: int) -> None:
+        """Copy ``rows``, consecutive rows of atom ``i`` from its row ``first`` on, to their places in ``out``,
+        a rank's piece of this tensor: a contiguous run in each block they reach, each read straight from
+        its file where ``rows`` is mapped (``mapped.copy``), with no joined atom or strided copy between."""
+        b = self.rank_blocks(tp)
+        sizes = [r // tp // b for r in self.rows]
+        into, size, start = out.view(b, sum(sizes), *out.shape[1:]), sizes[i], sum(sizes[:i])
+        at = 0
+        while at < rows.shape[0]:
+            block, row = divmod(first + at, size)
+            n = min(size - row, rows.shape[0] - at)
+            mapped.copy(into[block].narrow(0, start + row, n), rows.narrow(0, at, n))
+            at += n
+
     def unfuse(self, fused: torch.Tensor, tp: int = 1) -> list[torch.Tensor]:
         """The atoms of the whole stored tensor, or (``tp > 1``) of one rank's piece of it."""
         return [self.atom_of(fused, i, tp) for i in range(len(self.atoms))]

@@ -191,7 +191,7 @@ class Unit:
             if piece is not None:
                 return piece
         parts = []
-        for atom in target.atoms:
+        for i, atom in enumerate(target.atoms):
             key, source = next((k, s) for k, s in self.rows if atom in s.atoms)
             source_dim = _split_dim(source)
             if source_dim is None:
@@ -222,9 +222,17 @@ class Unit:
                 else:
                     cut.append(held.narrow(dim, lo, hi - lo))
             check_pieces(cut, replicated=False)
+            if target.fused and out is not None:  # the atom's rows straight to their places in ``out``
+                first = 0
+                for rows in cut if source_dim == 0 else [concat(cut, source_dim) if len(cut) > 1 else cut[0]]:
+                    target.put_rows(out, i, first, rows, tp)
+                    first += rows.shape[0]
+                continue
             joined = None if len(cut) == 1 else concat(cut, source_dim, out=None if target.fused else out)
             parts.append(cut[0] if joined is None else joined)
-        return target.fuse(parts, target.rank_blocks(tp), out=out) if target.fused else parts[0]
+        if target.fused:
+            return out if out is not None else target.fuse(parts, target.rank_blocks(tp))
+        return parts[0]
 
     def convert(self, table: Table, tp: int, rank: int, layer_name: Optional[int] = None,
                 only: Optional[Container[str]] = None, into: Optional[Callable[[str], Optional[torch.Tensor]]] = None
