@@ -200,12 +200,17 @@ class Unit:
             starts = _bounds(source, A.shape(self.model, atom)[source_dim], self.tp)
             if bounds is None or starts is None:
                 return None
-            if self.local_rank is not None and (source_dim, starts, self.tp, rank) != (dim, bounds, tp, self.local_rank):
+            if (self.local_rank is not None
+                    and (source_dim, starts, self.tp, rank) != (dim, bounds, tp, self.local_rank)):
                 # needs other ranks' rows: on every rank alike, since it depends on sizes only
                 if (self.exchange is None or self.tp == 1 or source_dim == dim or source.fused or tp != self.tp
                         or rank != self.local_rank):
                     return None
-                parts.append(self.exchange(source, key, dim, bounds, source_dim))
+                exchanged = self.exchange(source, key, dim, bounds, source_dim)
+                if target.fused and out is not None:
+                    target.put_rows(out, i, 0, exchanged, tp)
+                else:
+                    parts.append(exchanged)
                 continue
             lo, hi = bounds[rank:rank + 2]
             if source_dim == dim:  # the source ranks whose slices overlap [lo, hi)
@@ -227,8 +232,11 @@ class Unit:
                 for rows in cut if source_dim == 0 else [concat(cut, source_dim) if len(cut) > 1 else cut[0]]:
                     target.put_rows(out, i, first, rows, tp)
                     first += rows.shape[0]
+                if first != target.rows[i] // tp:
+                    raise ValueError(f"{target.name}: {first} rows of {atom} for a piece that holds "
+                                     f"{target.rows[i] // tp}")
                 continue
-            joined = None if len(cut) == 1 else concat(cut, source_dim, out=None if target.fused else out)
+            joined = None if len(cut) == 1 else concat(cut, source_dim, out=out)  # (a fused target's out is None)
             parts.append(cut[0] if joined is None else joined)
         if target.fused:
             return out if out is not None else target.fuse(parts, target.rank_blocks(tp))
