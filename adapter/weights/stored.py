@@ -147,12 +147,10 @@ class Stored:
         into = None if out is None else out.view(b, -1, *rest)
         return concat([a.reshape(b, a.shape[0] // b, *rest) for a in atoms], 1, out=into).reshape(-1, *rest)
 
-    def fuse_from(self, source: "Stored", piece: torch.Tensor, tp: int,
-                  out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def fuse_from(self, source: "Stored", piece: torch.Tensor, tp: int) -> Optional[torch.Tensor]:
         """A rank's piece of this tensor from its piece of ``source``, the same atoms fused in other blocks
         (InternLM1's ``[Q; K; V]`` against megatron-core's per-head ``[q; k; v]``), in one copy where either
-        has one block (``fuse`` of each ``atom_of`` copies twice), into ``out`` when given; None where both
-        have several."""
+        has one block (``fuse`` of each ``atom_of`` copies twice); None where both have several."""
         b, sb = self.rank_blocks(tp), source.rank_blocks(tp)
         if not (b == 1 or sb == 1):
             return None
@@ -160,7 +158,7 @@ class Stored:
         sizes = [r // tp for r in self.rows]
         if piece.is_meta:
             return torch.empty(sum(sizes), *rest, dtype=piece.dtype, device="meta")
-        out = empty_to_fill((sum(sizes), *rest), piece.dtype, piece.device) if out is None else out
+        out = empty_to_fill((sum(sizes), *rest), piece.dtype, piece.device)
         piece = mapped.read(piece)  # a mapped piece is read once with pread, not faulted in atom by atom
         into, held = out.view(b, sum(sizes) // b, *rest), piece.reshape(sb, sum(sizes) // sb, *rest)
         for i, n in enumerate(sizes):

@@ -184,10 +184,11 @@ class Unit:
             return self.rank_piece(same[1], same[0], rank)  # the very same piece: no copy
         regrouped = next(((k, s) for k, s in self.rows if target.fused and s.atoms == target.atoms
                           and _aligned(s, self.tp, target, tp, self.model, blocks=False)), None)
-        if regrouped is not None and (self.local_rank is None or rank == self.local_rank):
+        # (into ``out``, the atoms' rows go to their places below, read straight from the files)
+        if regrouped is not None and out is None and (self.local_rank is None or rank == self.local_rank):
             held = self.rank_piece(regrouped[1], regrouped[0], rank)
             check_pieces([held], replicated=False)
-            piece = target.fuse_from(regrouped[1], held, tp, out=out)
+            piece = target.fuse_from(regrouped[1], held, tp)
             if piece is not None:
                 return piece
         parts = []
