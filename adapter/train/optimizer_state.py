@@ -444,20 +444,32 @@ def load_optimizer_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayo
         lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], zero.single_partition_of_fp32_groups[i], adam.state)
     pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     sources = open_folders([root / key for key in STATES], cfg.model, one_writer=True)
-    weights = None
-    for key in STATES:
-        source = sources.pop(0)  # dropped after its state is set: its files are unmapped, one state mapped at a time
-        for vp, chunk in enumerate(trainer.chunks):
-            held = {name: p for name, p in chunk.named_parameters() if _in_partition(p)}
-            into = {name: whole for name, p in held.items() if (whole := _whole_part(p, key)) is not None}
-            for name, value in chunk_pieces(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held,
-                                            into=into.get):
-                _set_part(held.pop(name), value, key)  # one tensor at a time: copied while in the cache
-            if held:
-                raise CheckpointError(f"{root / key}: no {sorted(held)[0]} for pipeline rank {pp_rank}, chunk {vp}")
-        if key == "fp32":  # the weights travel while the moments are read
-            weights = _start_weights_from_masters(zero)
+    # every state is cut and its reads queued before the weights wait for the fp32 masters' reads: the
+    # disk is kept busy, and the weights cross between ranks while the moments are read
+    with mapped.Reads([t for key in STATES for t in _partitions(zero, key)]) as reads:
+        for key in STATES:
+            source = sources.pop(0)  # dropped after its state is cut: its files are unmapped once they are read
+            for vp, chunk in enumerate(trainer.chunks):
+                held = {name: p for name, p in chunk.named_parameters() if _in_partition(p)}
+                into = {name: whole for name, p in held.items() if (whole := _whole_part(p, key)) is not None}
+                for name, value in chunk_pieces(source, cfg.model, layout, pp_rank, vp, tp_rank, keys=held,
+                                                into=into.get):
+                    _set_part(held.pop(name), value, key)
+                if held:
+                    raise CheckpointError(f"{root / key}: no {sorted(held)[0]} for pipeline rank {pp_rank}, "
+                                          f"chunk {vp}")
+            if key == "fp32":
+                masters = reads.submitted()
+        reads.wait(masters)
+        weights = _start_weights_from_masters(zero)
     weights()
+
+
+def _partitions(zero, key: str) -> list[torch.Tensor]:
+    """This rank's ZeRO partitions of state ``key``, one per parameter group: where the load writes it."""
+    if key == "fp32":
+        return list(zero.single_partition_of_fp32_groups)
+    return [zero.optimizer.state[g["params"][0]][key] for g in zero.optimizer.param_groups]
 
 
 def _set_part(p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:

@@ -75,6 +75,71 @@ def test_joins_of_mapped_pieces_are_torch_cat(tmp_path):
         concat(files, 0, out=torch.empty(100, 48))
 
 
+def test_queued_reads_fill_their_memory_by_the_block_end(saved, monkeypatch):
+    """Inside ``Reads``, copies into its memory are queued and done by the block's end, with ``torch.load``'s
+    values: pieces that follow each other in the file in one ``preadv`` whatever their places in memory,
+    strided and other-dtype pieces through a buffer. A copy into other memory is done when it returns."""
+    path, _ = saved
+    expected = torch.load(path, weights_only=True)
+    loaded = load_tensors(path)
+    w, b = loaded["w"], loaded["b"]
+    calls: list[int] = []
+    preadv = os.preadv
+    monkeypatch.setattr(mapped.os, "preadv", lambda fd, views, at: calls.append(len(views)) or preadv(fd, views, at))
+    into = torch.full((2 * 256 * 384 + 3000,), float("nan"))
+    rows = into[:256 * 384].view(256, 384)
+    columns = into[256 * 384:2 * 256 * 384].view(256, 384)[:, :236]
+    outside = torch.empty(90, 384)
+    with mapped.Reads([into], batch=1 << 40) as reads:
+        for first in (0, 64, 128, 192):  # the file's rows in order, into memory in another order
+            mapped.copy(rows[(first + 128) % 256:][:64], w[first:first + 64])
+        mapped.copy(columns, w[:, 64:300])
+        mapped.copy(into[-3000:-100], b[100:3000])
+        assert calls == []  # queued
+        mapped.copy(outside, w[10:100])
+        assert calls == [1] and torch.equal(outside, expected["w"][10:100])
+    assert calls[1] == 4, "four consecutive pieces of the file: one preadv"
+    assert torch.equal(rows, expected["w"].roll(128, 0))
+    assert torch.equal(columns, expected["w"][:, 64:300])
+    assert torch.equal(into[-3000:-100], expected["b"][100:3000].float())
+    assert reads.submitted() == 1
+    assert _mapping_rss(w) == 0, "the mapping's pages were faulted in"
+
+
+def test_reads_cut_short_go_on_where_they_stopped(saved, monkeypatch):
+    """``preadv`` may read less than asked (Linux: at most 2 GiB a call): the read goes on from there, into
+    the same buffer or the next."""
+    path, _ = saved
+    expected = torch.load(path, weights_only=True)
+    w = load_tensors(path)["w"]
+    preadv = os.preadv
+
+    def at_most_1000_bytes(fd, views, at):
+        kept, room = [], 1000
+        for view in views:
+            if room:
+                kept.append(view[:room])
+                room -= len(kept[-1])
+        return preadv(fd, kept, at)
+
+    monkeypatch.setattr(mapped.os, "preadv", at_most_1000_bytes)
+    into = torch.empty(256, 384)
+    with mapped.Reads([into]):
+        for first in range(0, 256, 7):  # rows of 1536 bytes: cuts inside one buffer and across two
+            mapped.copy(into[first:first + 7], w[first:first + 7])
+    assert torch.equal(into, expected["w"])
+
+
+def test_a_failed_queued_read_fails_the_block(saved):
+    path, _ = saved
+    w = load_tensors(path)["w"]
+    into = torch.empty(w.shape)
+    with pytest.raises(OSError, match=f"{path}: ended at byte .* short of a tensor"):
+        with mapped.Reads([into]):
+            os.truncate(path, 1000)  # the file loses its bytes after they were mapped
+            mapped.copy(into, w)
+
+
 def test_a_file_replaced_after_loading_is_not_read(saved):
     """The reader keeps its own descriptor of the file it mapped: a checkpoint saved again under the same
     name (an atomic rename) does not change what the loaded tensors read."""

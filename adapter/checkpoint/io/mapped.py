@@ -7,7 +7,8 @@ tensor's pieces from several files (a resharded load) is mostly such copies. So 
 *tracked* (``track``, called by ``safe_load.load_tensors``): each keeps a descriptor of the very file it
 mapped, and ``copy(dst, src)`` reads a mapped ``src`` with ``os.preadv``: straight into ``dst`` where both are
 contiguous and alike, else into a buffer laid out like the file (a block of rows at a time) and copied from
-there. Anything else is ``dst.copy_(src)``.
+there. Anything else is ``dst.copy_(src)``. Inside a ``Reads`` block those reads run on threads, queued,
+while the caller cuts the next tensors (a resume, whose destinations nothing reads before the block ends).
 
 Why it reads the right bytes: a file's place in memory is learnt from the kernel (the line of
 ``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), or from
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -121,32 +124,51 @@ def _find(t: torch.Tensor) -> Optional[tuple[_File, int]]:
     return f, ptr - f.base
 
 
-def _pread(f: _File, dst: torch.Tensor, offset: int) -> None:
-    """Fill contiguous ``dst`` with the file's bytes from ``offset``."""
-    n = dst.numel() * dst.element_size()
-    view = memoryview((ctypes.c_char * n).from_address(dst.data_ptr())).cast("B")
-    done = 0
-    while done < n:  # one call reads at most 2 GiB on Linux
-        got = os.preadv(f.fd, [view[done:]], offset + done)
+def _memory(t: torch.Tensor) -> memoryview:
+    """The bytes of contiguous ``t`` (which must outlive the view)."""
+    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
+
+
+def _pread(f: _File, dsts: list[torch.Tensor], offset: int) -> None:
+    """Fill contiguous ``dsts`` in turn with the file's bytes from ``offset`` on (one ``preadv`` for all)."""
+    views = [_memory(t) for t in dsts]
+    n, done = sum(len(v) for v in views), 0
+    while views:  # one call reads at most 2 GiB on Linux
+        got = os.preadv(f.fd, views, offset + done)
         if got <= 0:
             raise OSError(f"{f.path}: ended at byte {offset + done}, {n - done} bytes short of a tensor")
         done += got
+        while views and got >= len(views[0]):
+            got -= len(views.pop(0))
+        if got:
+            views[0] = views[0][got:]
 
 
 def copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.copy_(src)``, reading a ``src`` mapped from a tracked file with ``pread`` (see the module)."""
+    """``dst.copy_(src)``, reading a ``src`` mapped from a tracked file with ``pread`` (see the module). Inside
+    ``Reads`` whose memory holds ``dst``, the read is queued: ``dst`` is filled by the end of that block."""
     found = _find(src)
     if found is None or dst.device.type != "cpu" or dst.shape != src.shape:
         return dst.copy_(src)
     f, offset = found
-    if dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
-        _pread(f, dst, offset)
-        return dst
-    span = _span(src)
-    if span > _SPAN * src.numel():
+    whole = dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous()
+    if not whole and _span(src) > _SPAN * src.numel():
         return dst.copy_(src)
-    # through a small buffer, a block of rows at a time, not a buffer of the piece's size: joining a 256 MiB
-    # piece of columns added 2 MiB to the peak resident set instead of 258 MiB, in the same time
+    reads: Optional[Reads] = getattr(_ACTIVE, "reads", None)
+    if reads is not None and reads.holds(dst):
+        reads.queue(f, offset, dst, None if whole else src)
+    elif whole:
+        _pread(f, [dst], offset)
+    else:
+        _read_rows(f, offset, dst, src)
+    return dst
+
+
+def _read_rows(f: _File, offset: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``copy`` of a strided or other-dtype ``src`` (at ``offset`` in ``f``) into ``dst``: through a small
+    buffer laid out like the file, a block of rows at a time, not a buffer of the piece's size (joining a
+    256 MiB piece of columns added 2 MiB to the peak resident set instead of 258 MiB, in the same time)."""
+    span = _span(src)
     outer = src.dim() > 1 and src.stride(0) == max(src.stride()) > 0
     rows, row = (src.shape[0], src.stride(0)) if outer else (1, span)
     per = max(1, _BLOCK // (row * src.element_size()))
@@ -154,9 +176,99 @@ def copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     for first in range(0, rows, per):
         block = src.narrow(0, first, min(per, rows - first)) if outer else src
         part = buffer[:_span(block)]
-        _pread(f, part, offset + first * row * src.element_size())
+        _pread(f, [part], offset + first * row * src.element_size())
         (dst.narrow(0, first, block.shape[0]) if outer else dst).copy_(part.as_strided(block.shape, block.stride()))
-    return dst
+
+
+_ACTIVE = threading.local()
+
+
+class Reads:
+    """Copies out of mapped files into ``into`` (memory nothing reads until the block ends), queued and run by
+    ``workers`` threads while the caller goes on cutting the next tensors; the block's end waits for them.
+
+    A resharded load is a string of reads with CPU work between (each tensor's pieces found, cut, joined):
+    read one at a time, the disk idled during the CPU work, and a cold tp=2 × pp=2 → dp=2 load took 1.2× as
+    long as reading every file once; queued, 0.98× (BENCHMARKS.md). Reads that follow each other in a file
+    become one ``preadv`` and the queue is handed over in batches of ``batch`` bytes: a thread hand-off
+    per small read cost more than the read. Only copies whose destination lies in ``into`` are queued, so a
+    tensor read to be used at once (``read``) is whole when its copy returns."""
+
+    def __init__(self, into: list[torch.Tensor], workers: int = 2, batch: int = 4 << 20):
+        self._spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in into]
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-read")
+        self._batch_bytes = batch
+        self._batch: list[list] = []  # [file, offset, end offset, [dst...], src or None], in order
+        self._queued = 0  # bytes in the batch
+        self._submitted: list[Future] = []
+        self._waited = 0  # how many of them were waited for
+
+    def holds(self, t: torch.Tensor) -> bool:
+        start = t.data_ptr()
+        end = start + _span(t) * t.element_size()
+        return any(a <= start and end <= b for a, b in self._spans)
+
+    def queue(self, f: _File, offset: int, dst: torch.Tensor, src: Optional[torch.Tensor]) -> None:
+        """Queue ``copy``'s read of ``src`` (None: ``dst`` takes the file's bytes as they are)."""
+        n = dst.numel() * dst.element_size()
+        last = self._batch[-1] if self._batch else None
+        if (src is None and last is not None and last[0] is f and last[2] == offset and last[4] is None
+                and len(last[3]) < _IOV_MAX):
+            last[2] += n
+            last[3].append(dst)
+        else:  # ``src`` is held: it keeps the file mapped and open
+            self._batch.append([f, offset, offset + n, [dst], src])
+        self._queued += n
+        if self._queued >= self._batch_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._submitted.append(self._pool.submit(_run, self._batch))
+            self._batch, self._queued = [], 0
+
+    def submitted(self) -> int:
+        """How many batches were handed over, this one included: ``wait``'s argument to wait for those."""
+        self._flush()
+        return len(self._submitted)
+
+    def wait(self, first: Optional[int] = None) -> None:
+        """Wait for the ``first`` batches (all by default); raises the first failed read's error."""
+        self._flush()
+        done = self._submitted[self._waited:first]
+        self._waited += len(done)
+        try:
+            for future in done:
+                future.result()
+        finally:
+            wait(done)  # all finished, failed or not, before an error leaves
+
+    def __enter__(self) -> "Reads":
+        if getattr(_ACTIVE, "reads", None) is not None:
+            raise RuntimeError("mapped.Reads blocks do not nest")
+        _ACTIVE.reads = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.reads = None
+        if exc[0] is not None:
+            self._batch = []  # not read: the caller is failing
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+#: ``preadv``'s limit on buffers per call (Linux's ``IOV_MAX``)
+_IOV_MAX = 1024
+
+
+def _run(batch: list[list]) -> None:
+    for f, offset, _, dsts, src in batch:
+        if src is None:
+            _pread(f, dsts, offset)
+        else:
+            _read_rows(f, offset, dsts[0], src)
 
 
 def read(t: torch.Tensor) -> torch.Tensor:
