@@ -143,23 +143,37 @@ def load_model_weights(folder: Path, cfg: InternLMConfig, layout: ParallelLayout
 
     from adapter.checkpoint.convert import detect_format, open_checkpoint
     from adapter.checkpoint.errors import CheckpointError
-    from adapter.model.mapping import chunk_state_dict
+    from adapter.checkpoint.io import mapped
+    from adapter.model.mapping import chunk_pieces, model_state
     from adapter.train.open_shared import open_folders
 
+    # each tensor goes straight from the files into the module's memory (joined pieces too), the reads queued
+    # while the next ones are cut (``mapped.Reads``), and torch's calls skip the CPU path's mode (no device is
+    # named here): ``load_state_dict`` of the cut views, which copied them out of the mapping a page fault at a
+    # time, took 2.6× as long as reading the files once (BENCHMARKS.md)
+    targets = [model_state(chunk) for chunk in chunks]
     try:
-        if detect_format(folder) == "internevo":  # checked by the last rank (the optimizer's by the first ones)
-            tensors = open_folders([folder], cfg.model, one_writer=False, first=dist.get_world_size() - 1)[0]
-        else:
-            tensors = open_checkpoint(folder, cfg.model).tensors
-        pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-        for vp, chunk in enumerate(chunks):
-            # only this chunk's tensors are read: the source is lazy
-            state = chunk_state_dict(tensors, cfg.model, layout, pp_rank, vp, tp_rank)
-            missing, unexpected = chunk.load_state_dict(state, strict=False)
-            if unexpected or any(not k.endswith("_extra_state") for k in missing):
-                raise CheckpointError(f"{folder}: weights do not fit the model (missing {missing[:3]}, "
-                                      f"unexpected {unexpected[:3]})")
-    except (CheckpointError, KeyError, RuntimeError) as exc:  # wrong sizes or names: say which file and key
+        with cpu.paused(), torch.no_grad(), mapped.Reads([t for state in targets for t in state.values()]):
+            if detect_format(folder) == "internevo":  # checked by the last rank (the optimizer's by the first ones)
+                tensors = open_folders([folder], cfg.model, one_writer=False, first=dist.get_world_size() - 1)[0]
+            else:
+                tensors = open_checkpoint(folder, cfg.model).tensors
+            pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+            for vp, state in enumerate(targets):
+                left = set(state)
+                # only this chunk's tensors are read: the source is lazy
+                for key, value in chunk_pieces(tensors, cfg.model, layout, pp_rank, vp, tp_rank, into=state.get):
+                    if key not in left:
+                        raise CheckpointError(f"{folder}: weights do not fit the model (unexpected {key})")
+                    left.remove(key)
+                    if value.shape != state[key].shape:
+                        raise CheckpointError(f"{folder}: {key} is {tuple(value.shape)} here, the model's "
+                                              f"{tuple(state[key].shape)}")
+                    if value.data_ptr() != state[key].data_ptr():  # else joined in place
+                        mapped.copy(state[key], value)
+                if left:
+                    raise CheckpointError(f"{folder}: weights do not fit the model (missing {sorted(left)[:3]})")
+    except (CheckpointError, KeyError, RuntimeError, ValueError) as exc:  # wrong sizes or names: which file, key
         raise ConfigError(field, f"cannot initialise the model from {folder}: {exc}") from None
 
 

@@ -171,15 +171,18 @@ def _reference_extras(chunk, batch, seed: int) -> dict:
 
 
 def run_fixture(family: str, fixture_dir: str, tp: int, pp: int) -> dict | None:
-    """Load an InternEvo-written checkpoint into the layout (tp, pp) and return the logits on its tokens."""
+    """Load an InternEvo-written checkpoint into the layout (tp, pp) as a run starts from one (the weights
+    only: ``load_model_weights``) and return the logits on its tokens."""
+    from pathlib import Path
+
     from megatron.core import parallel_state as ps
 
     from adapter.config import load_config
     from adapter.config.to_mcore import model_options, transformer_config
     from adapter.model.build import build_model_chunks
     from adapter.model.forward import MicroBatch, run_microbatches
-    from adapter.model.mapping import chunk_state_dict
     from adapter.runtime.dist import init_distributed
+    from adapter.train.state_files import load_model_weights
 
     raw = load_config(f"{fixture_dir}/config.py")
     raw.values["parallel"] = dict(tensor=dict(size=tp, mode="msp" if tp > 1 else "mtp"), pipeline=pp)
@@ -188,11 +191,10 @@ def run_fixture(family: str, fixture_dir: str, tp: int, pp: int) -> dict | None:
     init_distributed(layout)
     config = transformer_config(cfg, layout, use_cpu_initialization=True)
     chunks = build_model_chunks(config, model_options(cfg))
-    logical = torch.load(f"{fixture_dir}/ckpt/model_tp0_pp0.pt", weights_only=True)
-    pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-    for vp, chunk in enumerate(chunks):
-        chunk.load_state_dict(chunk_state_dict(logical, cfg.model, layout, pp_rank, vp, tp_rank), strict=False)
+    load_model_weights(Path(fixture_dir) / "ckpt", cfg, layout, chunks, "test")
+    for chunk in chunks:
         chunk.eval()
+    tp_rank = ps.get_tensor_model_parallel_rank()
     tokens = torch.load(f"{fixture_dir}/tokens.pt", weights_only=True)
     batch = MicroBatch(tokens, torch.zeros_like(tokens))
     with torch.no_grad():
