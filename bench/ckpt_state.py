@@ -21,7 +21,13 @@ layout saved (resharding), as (e) (f) (f) (e):
 
 * (e) ``ours load, resharded``: the same two calls on a checkpoint of another layout;
 * (f) ``read the files once``: every file of that checkpoint ``torch.load``-ed into memory once, the files
-  dealt out to the ranks by size (the job's I/O floor for reading it; no slicing, no optimizer).
+  dealt out to the ranks by size (the job's I/O floor for reading it; no slicing, no optimizer);
+
+and, as (g) (h) (h) (g), what a run that starts from that checkpoint's weights alone does:
+
+* (g) ``ours weights-only start, resharded``: ``load_model_weights`` (the module's weights from the model
+  files, cut for this layout), checked against the weights (e) restored;
+* (h) ``read the model files once``: (f) for the model files only.
 
 Time: wall time on rank 0 from a barrier before to a barrier after (so the slowest rank counts); the median
 over every run of a phase, and for ours the median over repeats of (its two runs) / (the baseline's two).
@@ -59,10 +65,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-PHASES = ("ours_save", "ds_save", "ours_load", "ds_load", "ours_reshard", "read_once")
+PHASES = ("ours_save", "ds_save", "ours_load", "ds_load", "ours_reshard", "read_once", "ours_weights", "read_model")
 LABELS = {"ours_save": "(a) ours save", "ds_save": "(b) DeepSpeed save", "ours_load": "(c) ours load",
           "ds_load": "(d) DeepSpeed load", "ours_reshard": "(e) ours load, resharded",
-          "read_once": "(f) read the files once"}
+          "read_once": "(f) read the files once", "ours_weights": "(g) ours weights-only start, resharded",
+          "read_model": "(h) read the model files once"}
 DS_TAG = "deepspeed"
 DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}
 ABBA = ("ours", "ds", "ds", "ours")
@@ -232,12 +239,14 @@ def _relink_optimizer_state(trainer) -> None:
                                             zero.optimizer.state)
 
 
-def _my_files(folder: Path) -> list[Path]:
-    """This rank's share of ``folder``'s files: dealt out largest first, each to the rank with fewest bytes."""
+def _my_files(folder: Path, models_only: bool = False) -> list[Path]:
+    """This rank's share of ``folder``'s files (``models_only``: its model files): dealt out largest first, each
+    to the rank with fewest bytes."""
     rank, world = dist.get_rank(), dist.get_world_size()
     loads = [0] * world
     mine = []
-    for path in sorted(_files(folder), key=lambda p: (-p.stat().st_size, str(p))):
+    files = sorted(folder.glob("model_*.pt")) if models_only else _files(folder)
+    for path in sorted(files, key=lambda p: (-p.stat().st_size, str(p))):
         r = loads.index(min(loads))
         loads[r] += path.stat().st_size
         if r == rank:
@@ -245,14 +254,14 @@ def _my_files(folder: Path) -> list[Path]:
     return mine
 
 
-def _read_once(folder: Path) -> None:
+def _read_once(folder: Path, models_only: bool = False) -> None:
     """``torch.load`` this rank's share of ``folder``'s files into memory."""
-    for path in _my_files(folder):
+    for path in _my_files(folder, models_only):
         torch.load(path, weights_only=True)  # read whole, then dropped
 
 
-def _share(folder: Path) -> int:
-    return sum(p.stat().st_size for p in _my_files(folder))
+def _share(folder: Path, models_only: bool = False) -> int:
+    return sum(p.stat().st_size for p in _my_files(folder, models_only))
 
 
 def _bytes(folder: Path) -> int:
@@ -374,6 +383,19 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
                     timed("ours_reshard", repeat, lambda: load_ours(source), cached=left)
                 else:
                     timed("read_once", repeat, lambda: _read_once(source), cached=left, bytes=_share(source))
+        restored = _snapshot(trainer)["module"]
+        for repeat in range(repeats):  # (g), (h)
+            for who in ("ours", "read", "read", "ours"):
+                left = cold(source)
+                if who == "ours":
+                    _zero_state(trainer)
+                    timed("ours_weights", repeat, lambda: load_model_weights(source, cfg, layout, chunks, "bench"),
+                          cached=left)
+                    if not all(torch.equal(a, b) for a, b in zip(_snapshot(trainer)["module"], restored)):
+                        raise AssertionError(f"weights-only start at {layout_name}: the weights differ from (e)'s")
+                else:
+                    timed("read_model", repeat, lambda: _read_once(source, True), cached=left,
+                          bytes=_share(source, True))
     for phase, profiler in profiles.items():
         Path(profile).mkdir(parents=True, exist_ok=True)
         profiler.dump_stats(Path(profile) / f"{layout_name}_{phase}_r{dist.get_rank()}.pstats")
@@ -388,7 +410,8 @@ def _layout_run(layout_name: str, sizes: dict, root: str, repeats: int, same: bo
 # ---- the table
 
 #: what each of ours is measured against, repeat by repeat
-BASELINE = {"ours_save": "ds_save", "ours_load": "ds_load", "ours_reshard": "read_once"}
+BASELINE = {"ours_save": "ds_save", "ours_load": "ds_load", "ours_reshard": "read_once",
+            "ours_weights": "read_model"}
 
 
 def summarise(run: dict) -> dict[str, dict]:
@@ -409,7 +432,8 @@ def summarise(run: dict) -> dict[str, dict]:
             "gpu_extra": max((r["gpu_extra"] for r in recs if r.get("gpu_extra") is not None), default=None),
             "peak": max(r["peak"] for r in recs),
             "bytes": (statistics.median(r["bytes"] for r in rank0) if phase.endswith("save")
-                      else sum({r["rank"]: r["bytes"] for r in recs}.values()) if phase == "read_once" else None),
+                      else sum({r["rank"]: r["bytes"] for r in recs}.values()) if phase.startswith("read")
+                      else None),
             "cached": max((r.get("cached", 0.0) for r in rank0), default=0.0),
         }
     for phase, base in BASELINE.items():
@@ -438,7 +462,7 @@ def table(runs: list[dict]) -> str:
             + "peak GPU memory added | " * gpu + "bytes |", "|---|---|---|---|---|---|" + "---|" * gpu + "---|"]
     for run, summary in zip(runs, summaries):
         for phase, v in summary.items():
-            resharded = phase in ("ours_reshard", "read_once")
+            resharded = phase in ("ours_reshard", "read_once", "ours_weights", "read_model")
             name = f"{run['reshard_from']} → {run['layout']}" if resharded else run["layout"]
             ratio = f"**{v['ratio']:.2f}**" if "ratio" in v else ""
             fsync = f"{v['seconds'] + v['fsync']:.2f} s" if v["fsync"] is not None else ""

@@ -21,10 +21,12 @@ def test_bench_runs_every_phase_at_toy_sizes(tmp_path):
     same, reverse = result["summary"][:2], result["summary"][2]
     for phases in same:
         assert set(phases) == {"ours_save", "ds_save", "ours_load", "ds_load"} | (
-            {"ours_reshard", "read_once"} if phases is same[1] else set())
+            {"ours_reshard", "read_once", "ours_weights", "read_model"} if phases is same[1] else set())
         assert phases["ours_save"]["bytes"] > 0 and phases["ds_save"]["bytes"] > 0
         assert phases["ours_save"]["ratio"] > 0 and phases["ours_load"]["ratio"] > 0
-    assert set(reverse) == {"ours_reshard", "read_once"} and reverse["ours_reshard"]["ratio"] > 0
+    assert set(reverse) == {"ours_reshard", "read_once", "ours_weights", "read_model"}
+    assert reverse["ours_reshard"]["ratio"] > 0 and reverse["ours_weights"]["ratio"] > 0
+    assert 0 < reverse["read_model"]["bytes"] < reverse["read_once"]["bytes"]
     assert max(v["cached"] for s in result["summary"] for v in s.values()) < 0.01  # loads start cold
     # the save holds the state once or twice, not once per parameter (pickled views of DeepSpeed's flat
     # buffer once made it tens of times the checkpoint)
