@@ -487,6 +487,9 @@ def _set_part(p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
     if value.data_ptr() == part.data_ptr() and value.numel() == part.numel():
         return  # joined in place (``_whole_part``)
     address = mapping.lp_fragment_address
+    if address.numel == value.numel():  # all of it: a column slice of a file's tensor is read straight there
+        mapped.copy(part.view(value.shape), value)
+        return
     if not value.is_contiguous():  # a column slice of a file's tensor: read once, then flattened
         value = mapped.read(value)
     mapped.copy(part, value.reshape(-1).narrow(0, address.start, address.numel))
