@@ -8,7 +8,8 @@ tensor's pieces from several files (a resharded load) is mostly such copies. So 
 mapped, and ``copy(dst, src)`` reads a mapped ``src`` with ``os.preadv``: straight into ``dst`` where both are
 contiguous and alike, else into a buffer laid out like the file (a block of rows at a time) and copied from
 there. Anything else is ``dst.copy_(src)``. Inside a ``Reads`` block those reads run on threads, queued,
-while the caller cuts the next tensors (a resume, whose destinations nothing reads before the block ends).
+while the caller cuts the next tensors (a resume or a start from weights: memory nothing reads before the
+block ends).
 
 Why it reads the right bytes: a file's place in memory is learnt from the kernel (the line of
 ``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), or from
@@ -21,11 +22,12 @@ mapping shows. Elsewhere than Linux nothing is tracked.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import os
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -38,6 +40,8 @@ _MAPS = "/proc/self/maps"
 _SPAN = 2
 #: the bytes of rows a strided copy reads at a time
 _BLOCK = 256 << 10
+#: ``preadv``'s limit on buffers per call (Linux's ``IOV_MAX``)
+_IOV_MAX = 1024
 
 
 class _File:
@@ -204,6 +208,7 @@ class Reads:
         self._waited = 0  # how many of them were waited for
 
     def holds(self, t: torch.Tensor) -> bool:
+        """Whether all of ``t``'s memory lies in the block's: then a copy into it may be queued."""
         start = t.data_ptr()
         end = start + _span(t) * t.element_size()
         return any(a <= start and end <= b for a, b in self._spans)
@@ -241,7 +246,7 @@ class Reads:
             for future in done:
                 future.result()
         finally:
-            wait(done)  # all finished, failed or not, before an error leaves
+            concurrent.futures.wait(done)  # all finished, failed or not, before an error leaves
 
     def __enter__(self) -> "Reads":
         if getattr(_ACTIVE, "reads", None) is not None:
@@ -259,11 +264,8 @@ class Reads:
             self._pool.shutdown(wait=True)
 
 
-#: ``preadv``'s limit on buffers per call (Linux's ``IOV_MAX``)
-_IOV_MAX = 1024
-
-
 def _run(batch: list[list]) -> None:
+    """A worker's part: one batch of ``Reads.queue``'s reads, in order."""
     for f, offset, _, dsts, src in batch:
         if src is None:
             _pread(f, dsts, offset)
