@@ -136,16 +136,14 @@ class Stored:
         return [0] if self.split == "first" else list(range(tp))
 
     # -- whole tensor ⇄ atoms ------------------------------------------------------------------------------
-    def fuse(self, atoms: Sequence[torch.Tensor], blocks: Optional[int] = None,
-             out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The stored tensor from its atoms (a single atom is returned as it is), into ``out`` when given;
-        ``blocks`` defaults to the whole tensor's (a rank's piece has ``rank_blocks``)."""
+    def fuse(self, atoms: Sequence[torch.Tensor], blocks: Optional[int] = None) -> torch.Tensor:
+        """The stored tensor from its atoms (a single atom is returned as it is); ``blocks`` defaults to the
+        whole tensor's (a rank's piece has ``rank_blocks``). Into a caller's memory: ``put_rows``."""
         if not self.fused:
             return atoms[0]
         b = self.blocks if blocks is None else blocks
         rest = tuple(atoms[0].shape[1:])
-        into = None if out is None else out.view(b, -1, *rest)
-        return concat([a.reshape(b, a.shape[0] // b, *rest) for a in atoms], 1, out=into).reshape(-1, *rest)
+        return concat([a.reshape(b, a.shape[0] // b, *rest) for a in atoms], 1).reshape(-1, *rest)
 
     def fuse_from(self, source: "Stored", piece: torch.Tensor, tp: int) -> Optional[torch.Tensor]:
         """A rank's piece of this tensor from its piece of ``source``, the same atoms fused in other blocks

@@ -22,6 +22,7 @@ mapping shows. Elsewhere than Linux nothing is tracked.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import ctypes
 import os
@@ -199,7 +200,8 @@ class Reads:
     tensor read to be used at once (``read``) is whole when its copy returns."""
 
     def __init__(self, into: list[torch.Tensor], workers: int = 2, batch: int = 4 << 20):
-        self._spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in into]
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in into)
+        self._starts, self._ends = [a for a, _ in spans], [b for _, b in spans]  # asked once per copy: bisected
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="checkpoint-read")
         self._batch_bytes = batch
         self._batch: list[list] = []  # [file, offset, end offset, [dst...], src or None], in order
@@ -210,8 +212,8 @@ class Reads:
     def holds(self, t: torch.Tensor) -> bool:
         """Whether all of ``t``'s memory lies in the block's: then a copy into it may be queued."""
         start = t.data_ptr()
-        end = start + _span(t) * t.element_size()
-        return any(a <= start and end <= b for a, b in self._spans)
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and start + _span(t) * t.element_size() <= self._ends[i]
 
     def queue(self, f: _File, offset: int, dst: torch.Tensor, src: Optional[torch.Tensor]) -> None:
         """Queue ``copy``'s read of ``src`` (None: ``dst`` takes the file's bytes as they are)."""
