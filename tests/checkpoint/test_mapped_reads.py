@@ -3,6 +3,7 @@ never read another file than the one mapped."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 
@@ -227,3 +228,74 @@ def test_a_sibling_file_is_opened_with_its_own_bytes_and_torch_load_values(tmp_p
         assert not torch.equal(got.float(), like[key].float()), key  # this file's bytes, not the sibling's
     assert load_tensors_like(other, first, like) is None  # another key: another pickle
     assert load_tensors_like(bigger, first, like) is None  # another shape
+
+
+@pytest.fixture
+def tall(tmp_path):
+    """A file with a matrix of more rows than one ``preadv`` takes buffers (Linux's ``IOV_MAX``, 1024)."""
+    torch.manual_seed(2)
+    path = tmp_path / "model_tp0_pp0.pt"
+    torch.save({"m": torch.randn(2500, 12)}, path)
+    return path, torch.load(path, weights_only=True)["m"]
+
+
+def test_rows_are_read_straight_into_their_places(tall, monkeypatch):
+    """Rows of one dtype (a column piece, or a piece joined into columns) are read by ``preadv`` into their
+    places, the file's bytes between them into scratch: no buffer copied afterwards; ``torch.load``'s values."""
+    path, expected = tall
+    m = load_tensors(path)["m"]
+    monkeypatch.setattr(mapped, "_read_rows", lambda *a: pytest.fail("read through a buffer"))
+    real, asked = mapped._LIBC_PREADV, []
+
+    def counted(fd, iov_address, count, offset):
+        iov = torch.frombuffer((ctypes.c_int64 * (2 * count)).from_address(iov_address), dtype=torch.int64)
+        asked.append(int(iov[1::2].sum()))
+        return real(fd, iov_address, count, offset)
+
+    monkeypatch.setattr(mapped, "_LIBC_PREADV", counted)
+    columns = mapped.copy(torch.empty(2500, 8), m[:, 2:10])  # from a strided piece of the file
+    assert torch.equal(columns, expected[:, 2:10])
+    # 512 rows (and the 511 gaps between them) a call, as IOV_MAX allows: the rows, and the gaps inside a call
+    assert len(asked) == 5 and sum(asked) == 2500 * 8 * 4 + (2500 - 5) * 4 * 4
+    joined = torch.full((2500, 20), float("nan"))
+    mapped.copy(joined[:, 4:16], m)  # into a strided place
+    assert torch.equal(joined[:, 4:16], expected) and joined[:, :4].isnan().all() and joined[:, 16:].isnan().all()
+    assert len(asked) == 5 + 3 and sum(asked[5:]) == 2500 * 12 * 4  # 1024 rows a call: no gaps
+    both = torch.full((2500, 10), float("nan"))
+    mapped.copy(both[:, 1:9], m[:, 2:10])
+    assert torch.equal(both[:, 1:9], expected[:, 2:10]) and both[:, 0].isnan().all() and both[:, 9].isnan().all()
+    assert _mapping_rss(m) == 0, "the mapping's pages were faulted in"
+
+
+def test_row_reads_cut_short_go_on_where_they_stopped(tall, monkeypatch):
+    """A short ``preadv`` of rows goes on from where it stopped, inside a row's buffer or at the next."""
+    path, expected = tall
+    m = load_tensors(path)["m"]
+    real = mapped._LIBC_PREADV
+
+    def at_most_1000_bytes(fd, iov_address, count, offset):
+        iov = torch.frombuffer((ctypes.c_int64 * (2 * count)).from_address(iov_address), dtype=torch.int64)
+        kept, room = 0, 1000
+        while kept < count and room > 0:
+            room -= int(iov[2 * kept + 1])
+            kept += 1
+        if room < 0:  # the last buffer taken is cut short: a copy of the list with its length cut
+            cut = iov[:2 * kept].clone()
+            cut[-1] += room
+            return real(fd, cut.data_ptr(), kept, offset)
+        return real(fd, iov_address, kept, offset)
+
+    monkeypatch.setattr(mapped, "_LIBC_PREADV", at_most_1000_bytes)
+    joined = torch.empty(2500, 20)
+    mapped.copy(joined[:, 4:16], m)  # rows of 48 bytes: cut inside one
+    assert torch.equal(joined[:, 4:16], expected)
+    columns = mapped.copy(torch.empty(2500, 8), m[:, 2:10])  # and inside the scratch between rows
+    assert torch.equal(columns, expected[:, 2:10])
+
+
+def test_a_failed_row_read_names_the_file(tall):
+    path, _ = tall
+    m = load_tensors(path)["m"]
+    os.truncate(path, 4096)  # the file loses its bytes after they were mapped
+    with pytest.raises(OSError, match=f"{path}: ended at byte .* short of a tensor"):
+        mapped.copy(torch.empty(2500, 8), m[:, 2:10])

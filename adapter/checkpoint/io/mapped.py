@@ -5,9 +5,10 @@ a page fault per 4 KiB page (a few pages more with the kernel's read-ahead). Cop
 way ran at a third to half the rate of ``read()`` of the same bytes on the bench machine, and joining a
 tensor's pieces from several files (a resharded load) is mostly such copies. So the files a reader maps are
 *tracked* (``track``, called by ``safe_load.load_tensors``): each keeps a descriptor of the very file it
-mapped, and ``copy(dst, src)`` reads a mapped ``src`` with ``os.preadv``: straight into ``dst`` where both are
-contiguous and alike, else into a buffer laid out like the file (a block of rows at a time) and copied from
-there. Anything else is ``dst.copy_(src)``. Inside a ``Reads`` block those reads run on threads, queued,
+mapped, and ``copy(dst, src)`` reads a mapped ``src`` with ``preadv``: straight into ``dst`` where both are
+contiguous and alike, or rows of one dtype (a column piece: each row read into its place), else into a
+buffer laid out like the file (a block of rows at a time) and copied from there. Anything else is
+``dst.copy_(src)``. Inside a ``Reads`` block those reads run on threads, queued,
 while the caller cuts the next tensors (a resume or a start from weights: memory nothing reads before the
 block ends).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import ctypes
+import errno
 import os
 import threading
 import weakref
@@ -43,6 +45,20 @@ _SPAN = 2
 _BLOCK = 256 << 10
 #: ``preadv``'s limit on buffers per call (Linux's ``IOV_MAX``)
 _IOV_MAX = 1024
+
+
+def _libc_preadv() -> Optional[Callable[..., int]]:
+    """libc's ``preadv``, for a list of buffers given as a tensor of addresses and lengths (``_scatter``)."""
+    try:
+        preadv = ctypes.CDLL(None, use_errno=True).preadv
+    except (OSError, TypeError, AttributeError):  # no libc of this kind: nothing is tracked there either
+        return None
+    preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    preadv.restype = ctypes.c_ssize_t
+    return preadv
+
+
+_LIBC_PREADV = _libc_preadv()
 
 
 class _File:
@@ -165,14 +181,72 @@ def copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     elif whole:
         _pread(f, [dst], offset)
     else:
-        _read_rows(f, offset, dst, src)
+        _read_strided(f, offset, dst, src)
     return dst
 
 
+def _read_strided(f: _File, offset: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``copy`` of a strided ``src`` (at ``offset`` in ``f``) or into a strided ``dst``: rows straight into
+    their places where both are rows of one dtype (``_scatter``), else through a buffer (``_read_rows``)."""
+    if _LIBC_PREADV is not None and dst.dtype == src.dtype and _rows(dst) and _rows(src):
+        _scatter(f, offset, dst, src)
+    else:
+        _read_rows(f, offset, dst, src)
+
+
+def _rows(t: torch.Tensor) -> bool:
+    """Whether ``t`` is rows (its first dimension) each contiguous, in order and apart in memory."""
+    return t.dim() >= 2 and t[0].is_contiguous() and t.stride(0) >= t[0].numel() > 0
+
+
+def _scatter(f: _File, offset: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Read rows ``src`` of the file into rows ``dst`` with ``preadv``, a buffer per row in its place in
+    ``dst`` and, between rows, the bytes of the file that ``src`` skips into one scratch buffer: no copy
+    after the read. A column piece of a weight (a tensor-parallel slice, or where such slices join) is such
+    rows; through a buffer, its bytes crossed memory twice more. The list of buffers is built as a tensor
+    (addresses and lengths, ``struct iovec``), not as a Python object per row."""
+    rows, size = dst.shape[0], dst[0].numel() * dst.element_size()
+    step, gap = dst.stride(0) * dst.element_size(), (src.stride(0) - src[0].numel()) * src.element_size()
+    scratch = torch.empty(gap, dtype=torch.uint8)
+    per = _IOV_MAX // 2 if gap else _IOV_MAX
+    for first in range(0, rows, per):
+        n = min(per, rows - first)
+        iov = torch.empty((n, 2 if gap else 1, 2), dtype=torch.int64)
+        iov[:, 0, 0] = torch.arange(first, first + n, dtype=torch.int64) * step + dst.data_ptr()
+        iov[:, 0, 1] = size
+        if gap:
+            iov[:, 1, 0], iov[:, 1, 1] = scratch.data_ptr(), gap
+        _preadv_iov(f, iov.view(-1, 2)[:-1] if gap else iov.view(-1, 2), offset + first * (size + gap))
+
+
+def _preadv_iov(f: _File, iov: torch.Tensor, offset: int) -> None:
+    """``preadv`` from ``offset`` into the buffers ``iov`` lists (rows of address, length), going on after a
+    short read from where it stopped."""
+    while iov.shape[0]:
+        got = _LIBC_PREADV(f.fd, iov.data_ptr(), iov.shape[0], offset)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:  # a signal came first: retried, as ``os.preadv`` does
+                continue
+            raise OSError(err, f"{f.path}: {os.strerror(err)}")
+        if got == 0:
+            raise OSError(f"{f.path}: ended at byte {offset}, {int(iov[:, 1].sum())} bytes short of a tensor")
+        offset += got
+        ends = iov[:, 1].cumsum(0)
+        done = int(torch.searchsorted(ends, got, right=True))  # buffers filled whole
+        if done < iov.shape[0]:
+            part = got - (int(ends[done - 1]) if done else 0)  # bytes already in the next one
+            iov = iov[done:].clone()
+            iov[0, 0] += part
+            iov[0, 1] -= part
+        else:
+            return
+
+
 def _read_rows(f: _File, offset: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``copy`` of a strided or other-dtype ``src`` (at ``offset`` in ``f``) into ``dst``: through a small
-    buffer laid out like the file, a block of rows at a time, not a buffer of the piece's size (joining a
-    256 MiB piece of columns added 2 MiB to the peak resident set instead of 258 MiB, in the same time)."""
+    """``copy`` of a strided ``src`` (at ``offset`` in ``f``) into ``dst`` of another dtype or layout: through a
+    small buffer laid out like the file, a block of rows at a time, not a buffer of the piece's size (joining
+    a 256 MiB piece of columns added 2 MiB to the peak resident set instead of 258 MiB, in the same time)."""
     span = _span(src)
     outer = src.dim() > 1 and src.stride(0) == max(src.stride()) > 0
     rows, row = (src.shape[0], src.stride(0)) if outer else (1, span)
@@ -272,7 +346,7 @@ def _run(batch: list[list]) -> None:
         if src is None:
             _pread(f, dsts, offset)
         else:
-            _read_rows(f, offset, dsts[0], src)
+            _read_strided(f, offset, dsts[0], src)
 
 
 def read(t: torch.Tensor) -> torch.Tensor:
