@@ -232,19 +232,23 @@ def test_a_sibling_file_is_opened_with_its_own_bytes_and_torch_load_values(tmp_p
 
 @pytest.fixture
 def tall(tmp_path):
-    """A file with a matrix of more rows than one ``preadv`` takes buffers (Linux's ``IOV_MAX``, 1024)."""
+    """A file with a matrix of more rows than one ``preadv`` takes buffers (Linux's ``IOV_MAX``, 1024), rows
+    of 1200 bytes."""
     torch.manual_seed(2)
     path = tmp_path / "model_tp0_pp0.pt"
-    torch.save({"m": torch.randn(2500, 12)}, path)
+    torch.save({"m": torch.randn(2500, 300)}, path)
     return path, torch.load(path, weights_only=True)["m"]
 
 
 def test_rows_are_read_straight_into_their_places(tall, monkeypatch):
     """Rows of one dtype (a column piece, or a piece joined into columns) are read by ``preadv`` into their
-    places, the file's bytes between them into scratch: no buffer copied afterwards; ``torch.load``'s values."""
+    places, the file's bytes between them into scratch: no buffer copied afterwards; ``torch.load``'s values.
+    Rows under 1 KiB go through the buffer."""
     path, expected = tall
     m = load_tensors(path)["m"]
-    monkeypatch.setattr(mapped, "_read_rows", lambda *a: pytest.fail("read through a buffer"))
+    buffered = []
+    read_rows = mapped._read_rows
+    monkeypatch.setattr(mapped, "_read_rows", lambda *a: buffered.append(a[2].shape) or read_rows(*a))
     real, asked = mapped._LIBC_PREADV, []
 
     def counted(fd, iov_address, count, offset):
@@ -253,18 +257,21 @@ def test_rows_are_read_straight_into_their_places(tall, monkeypatch):
         return real(fd, iov_address, count, offset)
 
     monkeypatch.setattr(mapped, "_LIBC_PREADV", counted)
-    columns = mapped.copy(torch.empty(2500, 8), m[:, 2:10])  # from a strided piece of the file
-    assert torch.equal(columns, expected[:, 2:10])
+    columns = mapped.copy(torch.empty(2500, 256), m[:, 20:276])  # from a strided piece of the file
+    assert torch.equal(columns, expected[:, 20:276])
     # 512 rows (and the 511 gaps between them) a call, as IOV_MAX allows: the rows, and the gaps inside a call
-    assert len(asked) == 5 and sum(asked) == 2500 * 8 * 4 + (2500 - 5) * 4 * 4
-    joined = torch.full((2500, 20), float("nan"))
-    mapped.copy(joined[:, 4:16], m)  # into a strided place
-    assert torch.equal(joined[:, 4:16], expected) and joined[:, :4].isnan().all() and joined[:, 16:].isnan().all()
-    assert len(asked) == 5 + 3 and sum(asked[5:]) == 2500 * 12 * 4  # 1024 rows a call: no gaps
-    both = torch.full((2500, 10), float("nan"))
-    mapped.copy(both[:, 1:9], m[:, 2:10])
-    assert torch.equal(both[:, 1:9], expected[:, 2:10]) and both[:, 0].isnan().all() and both[:, 9].isnan().all()
-    assert _mapping_rss(m) == 0, "the mapping's pages were faulted in"
+    assert len(asked) == 5 and sum(asked) == 2500 * 1024 + (2500 - 5) * 44 * 4
+    joined = torch.full((2500, 320), float("nan"))
+    mapped.copy(joined[:, 10:310], m)  # into a strided place
+    assert torch.equal(joined[:, 10:310], expected) and joined[:, :10].isnan().all() and joined[:, 310:].isnan().all()
+    assert len(asked) == 5 + 3 and sum(asked[5:]) == 2500 * 1200  # 1024 rows a call: no gaps
+    both = torch.full((2500, 260), float("nan"))
+    mapped.copy(both[:, 2:258], m[:, 20:276])
+    assert torch.equal(both[:, 2:258], expected[:, 20:276])
+    assert both[:, :2].isnan().all() and both[:, 258:].isnan().all()
+    assert buffered == [] and _mapping_rss(m) == 0, "through a buffer, or the mapping's pages faulted in"
+    short = mapped.copy(torch.empty(2500, 200), m[:, 50:250])  # rows of 800 bytes
+    assert torch.equal(short, expected[:, 50:250]) and buffered == [(2500, 200)] and len(asked) == 8 + 5
 
 
 def test_row_reads_cut_short_go_on_where_they_stopped(tall, monkeypatch):
@@ -286,11 +293,11 @@ def test_row_reads_cut_short_go_on_where_they_stopped(tall, monkeypatch):
         return real(fd, iov_address, kept, offset)
 
     monkeypatch.setattr(mapped, "_LIBC_PREADV", at_most_1000_bytes)
-    joined = torch.empty(2500, 20)
-    mapped.copy(joined[:, 4:16], m)  # rows of 48 bytes: cut inside one
-    assert torch.equal(joined[:, 4:16], expected)
-    columns = mapped.copy(torch.empty(2500, 8), m[:, 2:10])  # and inside the scratch between rows
-    assert torch.equal(columns, expected[:, 2:10])
+    joined = torch.empty(2500, 320)
+    mapped.copy(joined[:, 10:310], m)  # rows of 1200 bytes: cut inside each
+    assert torch.equal(joined[:, 10:310], expected)
+    columns = mapped.copy(torch.empty(2500, 256), m[:, 20:276])  # rows of 1024, and the 176 between
+    assert torch.equal(columns, expected[:, 20:276])
 
 
 def test_a_failed_row_read_names_the_file(tall):
@@ -298,4 +305,4 @@ def test_a_failed_row_read_names_the_file(tall):
     m = load_tensors(path)["m"]
     os.truncate(path, 4096)  # the file loses its bytes after they were mapped
     with pytest.raises(OSError, match=f"{path}: ended at byte .* short of a tensor"):
-        mapped.copy(torch.empty(2500, 8), m[:, 2:10])
+        mapped.copy(torch.empty(2500, 256), m[:, 20:276])
