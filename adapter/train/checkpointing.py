@@ -40,6 +40,7 @@ from adapter.checkpoint.storage import Location, ObjectStore, StorageError, pars
 from adapter.config.errors import ConfigError
 from adapter.config.schema import InternLMConfig
 from adapter.runtime.layout import ParallelLayout
+from adapter.train.internevo_state import unread_optimizer
 from adapter.train.preflight import check_readable, check_writable, on_rank0
 
 
@@ -189,11 +190,16 @@ class Checkpointer:
     def load_weights(self, plan: "ResumePlan", chunks: list) -> None:
         """Load ``plan``'s model into the chunks, at this run's layout whatever the saved one. Must run
         before the engine is built (``state_files.load_model_weights`` says why); a full resume's folder must
-        be complete. A full resume with the optimizer takes the weights from its fp32 master weights
-        instead (``state_files.weights_from_optimizer``), and reads no model file."""
+        be complete, and hold no optimizer files it cannot read where it restores the optimizer. A full resume
+        with the optimizer takes the weights from its fp32 master weights instead
+        (``state_files.weights_from_optimizer``), and reads no model file."""
         folder = self._materialise(plan.where)
         if plan.full and completed_step(folder) is None:
             raise ConfigError(plan.field, f"{plan.where}: not a complete checkpoint (no N.step marker)")
+        unread = unread_optimizer(folder) if plan.full and self.cfg.ckpt.load_optimizer else None
+        if unread is not None:
+            raise ConfigError(plan.field, f"{unread}; set ckpt.load_optimizer=False to resume its weights and "
+                                          "counters with a fresh optimizer")
         if not (plan.full and weights_from_optimizer(folder, self.cfg.ckpt.load_optimizer)):
             load_model_weights(folder, self.cfg, self.layout, chunks, plan.field)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ from adapter.config.schema import InternLMConfig, ModelConfig
 from adapter.train.optimizer_state import FOLDER, STEPS_FILE
 
 OPTIMIZER_FILE = re.compile(r"^optimizer_tp(\d+)_pp(\d+)_zo(\d+)\.pt$")
+#: InternEvo's other optimizer files, which are not read here: a weight-parallel (``isp``) run's, one per rank
+#: (``optimizer_tp{t}_wp{w}_pp{p}_dp{d}.pt``), and those of InternEvo versions after 0.5.2
+#: (``optimizer_wp{w}_pp{p}_zo{z}.pt``)
+UNREAD_OPTIMIZER_FILE = re.compile(r"^optimizer_(tp\d+_wp\d+_pp\d+_dp\d+|wp\d+_pp\d+_zo\d+)\.pt$")
 PARALLEL_MODE = "internlm.core.context.process_group_initializer.ParallelMode"
 
 
@@ -132,6 +136,17 @@ def by_size(params: list[Parameter]) -> list[Parameter]:
 
 def holds_optimizer(folder: Path) -> bool:
     return any(OPTIMIZER_FILE.match(p.name) for p in folder.iterdir())
+
+
+def unread_optimizer(folder: Path) -> Optional[str]:
+    """Where ``folder`` holds InternEvo optimizer files this adapter does not read (``UNREAD_OPTIMIZER_FILE``)
+    and none it reads, a line naming one; else None. Resumed as it is, such a run would start Adam afresh
+    while its counters go on."""
+    if holds_optimizer(folder):
+        return None
+    unread = next((p for p in sorted(folder.iterdir()) if UNREAD_OPTIMIZER_FILE.match(p.name)), None)
+    return None if unread is None else (f"{unread}: InternEvo's optimizer state of a weight-parallel (isp) run or "
+                                        "of a later InternEvo, which cannot be read here")
 
 
 def _load(path: Path, allowed: list) -> Any:

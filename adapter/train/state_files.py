@@ -185,13 +185,13 @@ def load_training_state(folder: Path, cfg: InternLMConfig, layout: ParallelLayou
     (``load_model_weights``, before the engine was built; ``weights_from_optimizer`` decides). ``folder`` is
     this adapter's checkpoint, at any layout, or one InternEvo wrote (``train.internevo_state``)."""
     from adapter.checkpoint.errors import CheckpointError
-    from adapter.train.internevo_state import holds_optimizer, sampler_state
+    from adapter.train.internevo_state import holds_optimizer, sampler_state, unread_optimizer
     from adapter.train.optimizer_state import load_optimizer_state
 
     internevo = holds_optimizer(folder)
     context = load_metadata(folder / "context.pt")
     try:
-        if internevo:
+        if internevo or unread_optimizer(folder) is not None:  # InternEvo's sampler, its optimizer read or not
             context["sampler"] = sampler_state(folder / "sampler.pt")
         else:
             context["sampler"] = torch.load(folder / "sampler.pt", weights_only=True)

@@ -29,7 +29,7 @@ import torch
 
 from adapter.checkpoint.errors import CheckpointError
 from adapter.checkpoint.io.safe_load import load_metadata
-from adapter.train.internevo_state import OPTIMIZER_FILE
+from adapter.train.internevo_state import OPTIMIZER_FILE, unread_optimizer
 from adapter.train.optimizer_state import FOLDER, STATES, STEPS_FILE
 from adapter.train.state_files import DEEPSPEED_TAG, completed_step
 
@@ -129,6 +129,9 @@ def read_state(folder: str | Path) -> TrainingState:
     state.info = {"kind": state.kind, "step": state.step}
     if state.kind == "weights-only":
         return state
+    unread = unread_optimizer(folder)
+    if unread is not None:
+        state.problems.append(f"{unread} (resume it with ckpt.load_optimizer=False, or convert with --weights-only)")
     state.info["complete"] = state.step is not None
     if state.step is None:
         state.problems.append(f"{folder}: no {{step}}.step marker: the save did not finish (interrupted, or still "

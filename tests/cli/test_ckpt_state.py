@@ -230,6 +230,23 @@ def test_earlier_versions_deepspeed_files_need_weights_only(capsys, tmp_path):
         ".internlm-adapter.json", "model_config.pt", "model_tp0_pp0.pt", "model_tp1_pp0.pt"]
 
 
+def test_optimizer_files_not_read_here_are_named_and_refused(capsys, tmp_path):
+    """InternEvo's optimizer files of a weight-parallel (isp) run: ``inspect`` names one as a problem (the folder
+    has InternEvo's context and sampler, so it is not weights only), ``convert`` of the training state refuses
+    in one line, and its weights still convert."""
+    folder = tmp_path / "4"
+    shutil.copytree(ZERO2, folder)
+    for z in range(2):
+        (folder / f"optimizer_tp0_pp0_zo{z}.pt").rename(folder / f"optimizer_tp0_wp0_pp0_dp{z}.pt")
+    problems = _inspect(capsys, folder)["state"]["problems"]
+    assert any(f"{folder / 'optimizer_tp0_wp0_pp0_dp0.pt'}: InternEvo's optimizer state" in p for p in problems)
+    rc, _, err = _run(capsys, "convert", folder, tmp_path / "out", "--to", "internevo", "--state", "adapter")
+    assert rc == 1 and err.count("\n") == 1 and "optimizer_tp0_wp0_pp0_dp0.pt" in err and "--weights-only" in err
+    assert not (tmp_path / "out").exists()
+    rc, _, err = _run(capsys, "convert", folder, tmp_path / "out", "--to", "internevo", "--weights-only")
+    assert rc == 0 and (tmp_path / "out" / "model_tp0_pp0.pt").is_file(), err
+
+
 def _vocab_201_training_folder(root: Path) -> Path:
     """An InternLM1 training checkpoint with a vocabulary of 201 whose state files are garbage: a refusal of
     the layout must come before any of them is read."""

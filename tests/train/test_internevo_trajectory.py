@@ -225,10 +225,22 @@ def two_processes(tmp_path_factory, random_weights):
     torch.save({**torch.load(exp_avg, weights_only=True), "layers.0.attention.stray.weight": torch.zeros(2)}, exp_avg)
     c["stray"] = write_config(ZERO2, root / "stray.py", root / "stray",
                               f'load_ckpt_info=dict(path="local:{stray}", content=("all",)),')
-    failing = [(str(c["damaged"]), str(root / "damaged")), (str(c["stray"]), str(root / "stray"))]
+    # and InternEvo's checkpoint with its optimizer files named as a weight-parallel (isp) run names them
+    isp = root / "isp_ckpt"
+    shutil.copytree(ZERO2 / "ckpt" / "4", isp)
+    for z in range(2):
+        (isp / f"optimizer_tp0_pp0_zo{z}.pt").rename(isp / f"optimizer_tp0_wp0_pp0_dp{z}.pt")
+    c["isp"] = write_config(ZERO2, root / "isp.py", root / "isp",
+                            f'load_ckpt_info=dict(path="local:{isp}", content=("all",), ckpt_type="internevo"),')
+    c["isp_fresh"] = write_config(ZERO2, root / "ispf.py", root / "isp_fresh",
+                                  f'load_ckpt_info=dict(path="local:{isp}", content=("all",), ckpt_type="internevo"), '
+                                  'load_optimizer=False,')
+    runs.append((str(c["isp_fresh"]), str(root / "isp_fresh"), None))
+    failing = [(str(c["damaged"]), str(root / "damaged")), (str(c["stray"]), str(root / "stray")),
+               (str(c["isp"]), str(root / "isp"))]
     errors = spawn(fixture_runs.train_runs, 2, runs, failing)
     return {"root": root, "configs": c, "damaged_errors": [e[0] for e in errors],
-            "stray_errors": [e[1] for e in errors]}
+            "stray_errors": [e[1] for e in errors], "isp_errors": [e[2] for e in errors]}
 
 
 # ---- InternEvo's own trajectories
@@ -256,6 +268,20 @@ def test_broken_optimizer_folder_stops_every_rank_naming_it(two_processes):
     for error in two_processes["stray_errors"]:
         assert "cannot resume" in error and "exp_avg/model_tp0_pp0.pt" in error, error
         assert "unexpected tensor layers.0.attention.stray.weight" in error, error
+
+
+@pytest.mark.multiproc
+def test_optimizer_files_not_read_here_stop_the_resume_naming_one(two_processes):
+    """A full resume of a folder whose optimizer state this adapter does not read (a weight-parallel run's
+    files) stops on every rank, naming a file and the way to keep its weights, instead of starting Adam
+    afresh while the counters go on."""
+    for error in two_processes["isp_errors"]:
+        assert "isp_ckpt/optimizer_tp0_wp0_pp0_dp0.pt" in error and "ckpt.load_optimizer=False" in error, error
+    # as it says: its weights, counters and InternEvo's sampler, Adam afresh; step 5's loss is InternEvo's (the
+    # step-4 weights on InternEvo's step-5 batches, before any update)
+    got, want = metrics(two_processes["root"] / "isp_fresh"), trajectory(ZERO2)[4]
+    assert [r["step"] for r in got] == [5, 6, 7, 8]
+    assert abs(got[0]["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), (got[0]["loss"], want["loss"])
 
 
 @pytest.mark.multiproc
