@@ -8,9 +8,8 @@ tensor's pieces from several files (a resharded load) is mostly such copies. So 
 mapped, and ``copy(dst, src)`` reads a mapped ``src`` with ``preadv``: straight into ``dst`` where both are
 contiguous and alike, or rows of one dtype (a column piece: each row read into its place), else into a
 buffer laid out like the file (a block of rows at a time) and copied from there. Anything else is
-``dst.copy_(src)``. Inside a ``Reads`` block those reads run on threads, queued,
-while the caller cuts the next tensors (a resume or a start from weights: memory nothing reads before the
-block ends).
+``dst.copy_(src)``. Inside a ``Reads`` block those reads run on threads, queued, while the caller cuts the
+next tensors (a resume or a start from weights: memory nothing reads before the block ends).
 
 Why it reads the right bytes: a file's place in memory is learnt from the kernel (the line of
 ``/proc/self/maps`` holding one of its tensors, whose device and inode must be the descriptor's), or from
@@ -249,9 +248,10 @@ def _preadv_iov(f: _File, iov: torch.Tensor, offset: int) -> None:
 
 
 def _read_rows(f: _File, offset: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``copy`` of a strided ``src`` (at ``offset`` in ``f``) into ``dst`` of another dtype or layout: through a
-    small buffer laid out like the file, a block of rows at a time, not a buffer of the piece's size (joining
-    a 256 MiB piece of columns added 2 MiB to the peak resident set instead of 258 MiB, in the same time)."""
+    """``copy`` of a strided ``src`` (at ``offset`` in ``f``) into ``dst`` where ``_scatter`` does not apply
+    (another dtype, a layout that is not rows, rows under ``_ROW_MIN``): through a small buffer laid out like
+    the file, a block of rows at a time, not a buffer of the piece's size (joining a 256 MiB piece of
+    columns added 2 MiB to the peak resident set instead of 258 MiB, in the same time)."""
     span = _span(src)
     outer = src.dim() > 1 and src.stride(0) == max(src.stride()) > 0
     rows, row = (src.shape[0], src.stride(0)) if outer else (1, span)
